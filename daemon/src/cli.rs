@@ -1,0 +1,101 @@
+//! The command line: `serve` runs the daemon; `pull`, `chat` and `status` are small tools
+//! around it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Settings};
+
+mod client;
+
+#[derive(Parser)]
+#[command(name = "phi3d", version, about = "Keeps a Phi-3 family model warm and serves it over gRPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon
+    Serve {
+        /// Config file [default: /etc/phi3d/phi3d.toml, if present]
+        #[arg(long, env = "PHI3D_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Download a catalogue model into the model directory
+    Pull {
+        /// Catalogue name, e.g. phi-3-mini-4k-instruct
+        #[arg(required_unless_present = "list")]
+        name: Option<String>,
+        /// List the catalogue instead
+        #[arg(long)]
+        list: bool,
+        /// Directory holding downloaded models
+        #[arg(long, env = "PHI3D_MODEL_DIR")]
+        model_dir: Option<PathBuf>,
+        /// Refuse to download (only checks that the model is present)
+        #[arg(long, env = "PHI3D_OFFLINE", num_args = 0..=1, default_missing_value = "true")]
+        offline: Option<bool>,
+    },
+    /// Chat with a running daemon; interactive when no prompt is given
+    Chat(client::ChatArgs),
+    /// Show what a running daemon is doing
+    Status(client::StatusArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, settings } => serve(config, settings),
+        Command::Pull { name, list, model_dir, offline } => pull(name, list, model_dir, offline),
+        Command::Chat(args) => runtime().and_then(|runtime| runtime.block_on(client::chat(args))),
+        Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
+    let explicit = config_path.is_some();
+    let path = config_path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let file = Settings::from_file(&path, explicit)?;
+    let config = Config::from_settings(file.overlay(flags))?;
+    crate::logging::init(&config.log);
+    runtime()?.block_on(crate::server::serve(config, crate::server::shutdown_signal()))
+}
+
+fn pull(name: Option<String>, list: bool, model_dir: Option<PathBuf>, offline: Option<bool>) -> anyhow::Result<()> {
+    if list {
+        for entry in crate::model::catalogue::entries() {
+            println!("{:<28} {:>7} ctx  {}  ({}/{})", entry.name, entry.context_length, entry.description, entry.repo, entry.file);
+        }
+        return Ok(());
+    }
+    let name = name.expect("clap requires a name unless --list");
+    let settings = Settings { model: Some(name.clone()), model_dir, offline, ..Settings::default() };
+    let config = Config::from_settings(settings)?;
+    crate::logging::init(&config.log);
+    let entry = match crate::model::ModelRef::parse(&name).map_err(anyhow::Error::msg)? {
+        crate::model::ModelRef::Catalogue(entry) => entry,
+        crate::model::ModelRef::File(_) => anyhow::bail!("pull takes a catalogue name, not a path (see `phi3d pull --list`)"),
+    };
+    let path = runtime()?
+        .block_on(crate::model::fetch(entry, &config.model_dir, config.offline))
+        .map_err(anyhow::Error::msg)?;
+    println!("{}", path.display());
+    Ok(())
+}

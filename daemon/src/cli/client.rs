@@ -1,0 +1,138 @@
+//! `phi3d chat` and `phi3d status`: small gRPC clients of a running daemon.
+
+use std::io::{BufRead, Write};
+
+use phi3d_proto::v1::admin_client::AdminClient;
+use phi3d_proto::v1::inference_client::InferenceClient;
+use phi3d_proto::v1::{ChatRequest, GenerationOptions, GetStatusRequest, Message, Role, StopReason, chat_event};
+use tonic::transport::Channel;
+
+const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// What to say; without it, an interactive conversation on stdin
+    prompt: Option<String>,
+    /// The daemon's address
+    #[arg(long, env = "PHI3D_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// A system message to start the conversation with
+    #[arg(long)]
+    system: Option<String>,
+    /// Longest reply in tokens (0: the daemon's default)
+    #[arg(long, default_value_t = 0)]
+    max_tokens: u32,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Print token counts and speed after each reply (on stderr)
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's address
+    #[arg(long, env = "PHI3D_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+        .map_err(|err| anyhow::anyhow!("address `{addr}`: {err}; use e.g. {DEFAULT_ADDR}"))?;
+    endpoint
+        .connect()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot reach phi3d at {addr}: {err}; is `phi3d serve` running?"))
+}
+
+pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let mut client = InferenceClient::new(connect(&args.addr).await?);
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(Message { role: Role::System as i32, content: system.clone() });
+    }
+    if let Some(prompt) = &args.prompt {
+        messages.push(Message { role: Role::User as i32, content: prompt.clone() });
+        turn(&mut client, &args, &mut messages).await?;
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            continue;
+        }
+        messages.push(Message { role: Role::User as i32, content: line.to_owned() });
+        turn(&mut client, &args, &mut messages).await?;
+    }
+}
+
+/// Streams one reply to stdout and appends it to the conversation.
+async fn turn(client: &mut InferenceClient<Channel>, args: &ChatArgs, messages: &mut Vec<Message>) -> anyhow::Result<()> {
+    let request = ChatRequest {
+        request_id: String::new(),
+        messages: messages.clone(),
+        options: Some(GenerationOptions {
+            max_tokens: args.max_tokens,
+            temperature: args.temperature,
+            seed: args.seed,
+            ..GenerationOptions::default()
+        }),
+    };
+    let mut stream = client.chat(request).await.map_err(status_error)?.into_inner();
+    let mut stdout = std::io::stdout();
+    while let Some(event) = stream.message().await.map_err(status_error)? {
+        match event.event {
+            Some(chat_event::Event::Delta(delta)) => {
+                stdout.write_all(delta.text.as_bytes())?;
+                stdout.flush()?;
+            }
+            Some(chat_event::Event::Done(done)) => {
+                writeln!(stdout)?;
+                if args.stats {
+                    let usage = done.usage.unwrap_or_default();
+                    let timings = done.timings.unwrap_or_default();
+                    eprintln!(
+                        "[{:?}: {} prompt + {} reply tokens, first token {:.0} ms, {:.1} tokens/s]",
+                        StopReason::try_from(done.stop_reason).unwrap_or(StopReason::Unspecified),
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        timings.first_token_ms,
+                        timings.tokens_per_second
+                    );
+                }
+                messages.push(Message { role: Role::Assistant as i32, content: done.text });
+            }
+            Some(chat_event::Event::Started(_)) | None => {}
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = AdminClient::new(connect(&args.addr).await?);
+    let status = client.get_status(GetStatusRequest {}).await.map_err(status_error)?.into_inner();
+    let model = status.model.unwrap_or_default();
+    println!("phi3d {}  up {}s", status.version, status.uptime_seconds);
+    if model.loaded {
+        println!("model      {} ({}, {} parameters)", model.name, model.architecture, model.parameters);
+        println!("file       {} ({} bytes)", model.path, model.size_bytes);
+        println!("context    {} tokens (trained {}), KV cache {} bytes", model.context_length, model.trained_context_length, status.kv_cache_bytes);
+    } else {
+        println!("model      {} loading, {}%", model.path, status.load_progress_percent);
+    }
+    println!("requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots);
+    Ok(())
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}

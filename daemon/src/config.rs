@@ -1,0 +1,276 @@
+//! Configuration: one [`Config`] built from the TOML file, then `PHI3D_*` environment
+//! variables, then command-line flags (each later source wins), validated once with errors that
+//! name the key and say how to fix it.
+//!
+//! [`Settings`] is the one list of keys: it is both the shape of the file (serde, unknown keys
+//! rejected) and the `serve` flags with their environment variables (clap), so the three
+//! sources cannot drift apart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where `serve` looks for its config file when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/phi3d/phi3d.toml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_CTX_SIZE: u32 = 4096;
+pub const DEFAULT_BATCH_SIZE: u32 = 512;
+pub const DEFAULT_QUEUE_SIZE: u32 = 16;
+pub const DEFAULT_MAX_TOKENS: u32 = 512;
+pub const DEFAULT_LOG: &str = "info";
+
+/// Every configuration key, each optional so that the sources can be layered.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// GGUF file path, or a catalogue name (see `phi3d pull --list`)
+    #[arg(long, env = "PHI3D_MODEL")]
+    pub model: Option<String>,
+    /// Directory holding downloaded models
+    #[arg(long, env = "PHI3D_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Address to listen on, HOST:PORT
+    #[arg(long, env = "PHI3D_LISTEN")]
+    pub listen: Option<String>,
+    /// Inference threads (default: physical cores)
+    #[arg(long, env = "PHI3D_THREADS")]
+    pub threads: Option<u32>,
+    /// Context size in tokens: the longest prompt + reply
+    #[arg(long, env = "PHI3D_CTX_SIZE")]
+    pub ctx_size: Option<u32>,
+    /// Prompt tokens decoded per step; cancellation is checked between steps
+    #[arg(long, env = "PHI3D_BATCH_SIZE")]
+    pub batch_size: Option<u32>,
+    /// Requests that may wait for the model; more get RESOURCE_EXHAUSTED
+    #[arg(long, env = "PHI3D_QUEUE_SIZE")]
+    pub queue_size: Option<u32>,
+    /// Reply length when a request does not set max_tokens
+    #[arg(long, env = "PHI3D_MAX_TOKENS")]
+    pub max_tokens: Option<u32>,
+    /// Lock the model in RAM (mlock) so it is never paged out
+    #[arg(long, env = "PHI3D_MLOCK", num_args = 0..=1, default_missing_value = "true")]
+    pub mlock: Option<bool>,
+    /// Never download a model
+    #[arg(long, env = "PHI3D_OFFLINE", num_args = 0..=1, default_missing_value = "true")]
+    pub offline: Option<bool>,
+    /// Log filter, e.g. "info" or "phi3d=debug,llama_cpp_2=info" (RUST_LOG wins)
+    #[arg(long, env = "PHI3D_LOG")]
+    pub log: Option<String>,
+}
+
+impl Settings {
+    /// Reads the file at `path`. A missing file is an error only when the user named it.
+    pub fn from_file(path: &Path, explicit: bool) -> Result<Settings, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Settings::default());
+            }
+            Err(err) => {
+                return Err(ConfigError(format!(
+                    "config file {}: {err}; pass --config PATH to an existing file",
+                    path.display()
+                )));
+            }
+        };
+        Self::parse(&text).map_err(|err| ConfigError(format!("config file {}: {err}", path.display())))
+    }
+
+    /// Parses the file key by key, so that every error can name its key and line (serde's
+    /// own errors for a whole struct name neither reliably).
+    fn parse(text: &str) -> Result<Settings, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|err| {
+            let line = err.span().map_or(1, |span| line_of(text, span.start));
+            format!("line {line}: {}", err.message().trim().replace('\n', " "))
+        })?;
+        for (key, value) in &table {
+            let line = key_line(text, key);
+            if !KEYS.contains(&key.as_str()) {
+                return Err(format!("line {line}: unknown key `{key}`; valid keys are {}", KEYS.join(", ")));
+            }
+            let single = toml::Table::from_iter([(key.clone(), value.clone())]);
+            if let Err(err) = single.try_into::<Settings>() {
+                return Err(format!("line {line}: {key}: {}", err.message().trim().replace('\n', " ")));
+            }
+        }
+        table.try_into().map_err(|err: toml::de::Error| err.message().trim().replace('\n', " "))
+    }
+
+    /// Layers `over` on top of `self`: every key `over` sets wins.
+    pub fn overlay(self, over: Settings) -> Settings {
+        Settings {
+            model: over.model.or(self.model),
+            model_dir: over.model_dir.or(self.model_dir),
+            listen: over.listen.or(self.listen),
+            threads: over.threads.or(self.threads),
+            ctx_size: over.ctx_size.or(self.ctx_size),
+            batch_size: over.batch_size.or(self.batch_size),
+            queue_size: over.queue_size.or(self.queue_size),
+            max_tokens: over.max_tokens.or(self.max_tokens),
+            mlock: over.mlock.or(self.mlock),
+            offline: over.offline.or(self.offline),
+            log: over.log.or(self.log),
+        }
+    }
+}
+
+/// The keys of the config file, in the order the README documents them.
+const KEYS: [&str; 11] = [
+    "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
+    "offline", "log",
+];
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line where `key` is assigned (the first such line; the config is flat).
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+                || line.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(1, |index| index + 1)
+}
+
+/// A configuration problem, already phrased as the one line the user sees.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A GGUF path or a catalogue name, resolved to a file by `model::resolve`.
+    pub model: String,
+    pub model_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub threads: u32,
+    pub ctx_size: u32,
+    pub batch_size: u32,
+    pub queue_size: u32,
+    pub max_tokens: u32,
+    pub mlock: bool,
+    pub offline: bool,
+    pub log: String,
+}
+
+impl Config {
+    pub fn from_settings(settings: Settings) -> Result<Config, ConfigError> {
+        let listen_text = settings.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text.parse().map_err(|_| {
+            ConfigError(format!(
+                "listen: `{listen_text}` is not an IP:PORT address; use e.g. 127.0.0.1:50051 \
+                 (or 0.0.0.0:50051 to serve the whole network)"
+            ))
+        })?;
+        let config = Config {
+            model: settings
+                .model
+                .unwrap_or_else(|| crate::model::catalogue::DEFAULT_MODEL.to_owned()),
+            model_dir: settings.model_dir.unwrap_or_else(default_model_dir),
+            listen,
+            threads: settings.threads.unwrap_or_else(|| num_cpus::get_physical() as u32),
+            ctx_size: settings.ctx_size.unwrap_or(DEFAULT_CTX_SIZE),
+            batch_size: settings.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
+            queue_size: settings.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+            max_tokens: settings.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            mlock: settings.mlock.unwrap_or(false),
+            offline: settings.offline.unwrap_or(false),
+            log: settings.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+        };
+        at_least("threads", config.threads, 1)?;
+        at_least("ctx_size", config.ctx_size, 64)?;
+        at_least("batch_size", config.batch_size, 1)?;
+        at_least("queue_size", config.queue_size, 1)?;
+        at_least("max_tokens", config.max_tokens, 1)?;
+        if config.model.trim().is_empty() {
+            return Err(ConfigError(
+                "model: empty; set a GGUF path or a catalogue name such as phi-3-mini-4k-instruct"
+                    .into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+fn at_least(key: &str, value: u32, min: u32) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError(format!("{key}: {value} is too small; it must be at least {min}")));
+    }
+    Ok(())
+}
+
+/// systemd's `StateDirectory=` when run as a service, else the user's cache directory.
+fn default_model_dir() -> PathBuf {
+    if let Some(state) = std::env::var_os("STATE_DIRECTORY") {
+        return PathBuf::from(state).join("models");
+    }
+    if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(cache).join("phi3d/models");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".cache/phi3d/models");
+    }
+    PathBuf::from("/var/lib/phi3d/models")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Settings::parse("ctx_size = 2048\nctx_sise = 4096\n").unwrap_err();
+        assert!(err.contains("unknown key `ctx_sise`"), "{err}");
+        assert!(err.starts_with("line 2:"), "{err}");
+        assert!(err.contains("ctx_size"), "the valid keys are listed: {err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Settings::parse("threads = 2\nctx_size = \"big\"\n").unwrap_err();
+        assert!(err.starts_with("line 2: ctx_size:"), "{err}");
+        assert!(err.contains("u32"), "{err}");
+        let err = Settings::parse("threads = 2\nctx_size = [\n").unwrap_err();
+        assert!(err.starts_with("line 2:") || err.starts_with("line 3:"), "{err}");
+    }
+
+    #[test]
+    fn every_key_is_accepted() {
+        let file = "model = \"m.gguf\"\nmodel_dir = \"/m\"\nlisten = \"127.0.0.1:1\"\nthreads = 1\nctx_size = 64\n\
+                    batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n";
+        let settings = Settings::parse(file).unwrap();
+        assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
+        assert_eq!(settings.log.as_deref(), Some("warn"));
+        assert_eq!(settings.mlock, Some(true));
+    }
+
+    #[test]
+    fn later_sources_win() {
+        let file = Settings::parse("ctx_size = 2048\nthreads = 3\n").unwrap();
+        let flags = Settings { ctx_size: Some(1024), ..Settings::default() };
+        let merged = file.overlay(flags);
+        assert_eq!(merged.ctx_size, Some(1024));
+        assert_eq!(merged.threads, Some(3));
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let config = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(config.ctx_size, DEFAULT_CTX_SIZE);
+        assert!(config.threads >= 1);
+    }
+
+    #[test]
+    fn bad_listen_names_the_key() {
+        let settings = Settings { listen: Some("localhost".into()), ..Settings::default() };
+        let err = Config::from_settings(settings).unwrap_err().to_string();
+        assert!(err.starts_with("listen:"), "{err}");
+    }
+}

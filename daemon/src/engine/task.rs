@@ -1,0 +1,114 @@
+//! A task: one generation request as the engine sees it, and the events it sends back.
+//!
+//! The service builds a [`Task`] from a validated request (the prompt is already tokenized and
+//! known to fit the context); the worker runs it in a slot and reports through `events`.
+//! Every task ends exactly once: with one [`Event::Done`] or one [`Event::Failed`].
+
+use std::time::Instant;
+
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One generation request, ready to run.
+pub struct Task {
+    pub request_id: String,
+    pub prompt: Vec<LlamaToken>,
+    pub params: GenerationParams,
+    /// Unbounded so that the worker never waits on a slow client; a reply is at most
+    /// `max_tokens` small events.
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Cancelled by `Cancel`, a deadline or shutdown; a closed `events` counts too.
+    pub cancel: CancellationToken,
+    pub enqueued_at: Instant,
+}
+
+impl Task {
+    /// Whether nobody wants the result any more.
+    pub fn is_abandoned(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
+}
+
+/// How to generate, with every default already applied and every value validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub max_tokens: u32,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables top-k.
+    pub top_k: u32,
+    pub min_p: f32,
+    /// 1 disables the penalty.
+    pub repeat_penalty: f32,
+    pub seed: u32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        // llama.cpp's own defaults.
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// What the worker tells the service about a task.
+#[derive(Debug)]
+pub enum Event {
+    /// Newly generated text: whole UTF-8 characters, never part of a stop string.
+    Delta(String),
+    Done(Completion),
+    Failed(EngineError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfGeneration,
+    StopSequence,
+    MaxTokens,
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub stop_reason: StopReason,
+    /// The concatenation of every `Delta` sent for this task.
+    pub text: String,
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub timings: Timings,
+}
+
+/// Milliseconds spent in each phase of a task.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    pub queued_ms: f64,
+    pub prompt_ms: f64,
+    pub first_token_ms: f64,
+    pub generation_ms: f64,
+    pub tokens_per_second: f64,
+}
+
+/// Why the engine could not finish a task.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("llama.cpp failed to decode: {0}")]
+    Decode(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}

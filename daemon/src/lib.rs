@@ -1,0 +1,11 @@
+//! phi3d: keeps a Phi-3 family model warm and serves it over gRPC.
+//!
+//! See ARCHITECTURE.md at the repository root for the code map.
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod logging;
+pub mod model;
+pub mod server;
+pub mod service;

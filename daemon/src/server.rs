@@ -1,0 +1,146 @@
+//! The daemon's life: resolve the model, listen, load in the background, serve, shut down.
+//!
+//! The listener is up before the model is loaded (a 2 GB model takes a while from an SD
+//! card): health answers NOT_SERVING and inference answers UNAVAILABLE with the load progress
+//! until the model is warm. One shutdown signal cancels every request, lets the streams end,
+//! stops the server and then the worker thread.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use phi3d_proto::v1::admin_server::AdminServer;
+use phi3d_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineConfig};
+use crate::service::admin::AdminService;
+use crate::service::inference::InferenceService;
+use crate::service::requests::Requests;
+use crate::service::validate::Defaults;
+
+/// The gRPC service names whose health follows the model.
+const MODEL_SERVICES: [&str; 2] = ["", "phi3d.v1.Inference"];
+
+/// How long shutdown waits for clients to disconnect once every request is cancelled.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves until `shutdown` completes; an error if the model cannot be loaded.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let model_path = crate::model::resolve(&config.model, &config.model_dir, config.offline)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(config.listen).await.map_err(|err| {
+        anyhow::anyhow!("listen: cannot bind {}: {err}; choose another address with --listen", config.listen)
+    })?;
+    tracing::info!(addr = %listener.local_addr()?, model = %model_path.display(), "listening");
+
+    let (engine, worker) = Engine::start(EngineConfig {
+        model_path: model_path.clone(),
+        ctx_size: config.ctx_size,
+        batch_size: config.batch_size,
+        threads: config.threads,
+        mlock: config.mlock,
+        queue_size: config.queue_size,
+        slots: 1,
+    })?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in MODEL_SERVICES {
+        health.set_service_status(service, ServingStatus::NotServing).await;
+    }
+    health.set_service_status("phi3d.v1.Admin", ServingStatus::Serving).await;
+
+    let requests = Arc::new(Requests::default());
+    let (load_failed_tx, load_failed) = tokio::sync::oneshot::channel();
+    let watch_engine = engine.clone();
+    tokio::spawn(async move {
+        match watch_engine.loaded().await {
+            Ok(model) => {
+                for service in MODEL_SERVICES {
+                    health.set_service_status(service, ServingStatus::Serving).await;
+                }
+                tracing::info!(model = %model.info.name, "serving");
+            }
+            Err(reason) => {
+                let _ = load_failed_tx.send(reason);
+            }
+        }
+    });
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(phi3d_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(phi3d_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let inference = InferenceService::new(engine.clone(), requests.clone(), Defaults { max_tokens: config.max_tokens });
+    let admin = AdminService::new(engine.clone(), model_path.display().to_string());
+    drop(engine);
+
+    // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
+    // the graceful shutdown does not wait on them.
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let stopper = stopping.clone();
+    let load_error = tokio::spawn(async move {
+        let load_error = tokio::select! {
+            () = shutdown => {
+                tracing::info!("shutting down");
+                None
+            }
+            Ok(reason) = load_failed => Some(reason),
+        };
+        requests.cancel_all();
+        stopper.cancel();
+        load_error
+    });
+
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(InferenceServer::new(inference))
+        .add_service(AdminServer::new(admin))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping.clone().cancelled_owned());
+    // A client that keeps its connection open must not hold the daemon up forever.
+    let drain_limit = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let drained = tokio::select! {
+        served = server => {
+            served?;
+            true
+        }
+        () = drain_limit => {
+            tracing::warn!("clients still connected after {DRAIN_TIMEOUT:?}; closing anyway");
+            false
+        }
+    };
+    if drained {
+        // Every engine handle went with the services, so the worker ends once its slots are
+        // free (their tasks were cancelled above).
+        tokio::task::spawn_blocking(move || worker.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?;
+    }
+    if let Some(reason) = load_error.await? {
+        anyhow::bail!(reason);
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

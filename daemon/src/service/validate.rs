@@ -1,0 +1,187 @@
+//! Checking requests before they become tasks: every out-of-range value is rejected with
+//! INVALID_ARGUMENT naming the field and what it accepts, and every default is applied here,
+//! so the engine only ever sees valid parameters.
+
+use std::time::Duration;
+
+use phi3d_proto::v1::{GenerationOptions, Message, Role};
+use tonic::Status;
+
+use crate::engine::task::{GenerationParams, SamplingParams};
+
+/// Server-side defaults that a request may leave unset.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub max_tokens: u32,
+}
+
+pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults) -> Result<GenerationParams, Status> {
+    let fallback = GenerationOptions::default();
+    let options = options.unwrap_or(&fallback);
+    let base = SamplingParams::default();
+    let temperature = options.temperature.unwrap_or(base.temperature);
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        return Err(invalid(format!("options.temperature must be >= 0 (0 is greedy), got {temperature}")));
+    }
+    let top_p = options.top_p.unwrap_or(base.top_p);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid(format!("options.top_p must be in (0, 1], got {top_p}")));
+    }
+    let min_p = options.min_p.unwrap_or(base.min_p);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(invalid(format!("options.min_p must be in [0, 1], got {min_p}")));
+    }
+    let repeat_penalty = options.repeat_penalty.unwrap_or(base.repeat_penalty);
+    if !(repeat_penalty > 0.0 && repeat_penalty.is_finite()) {
+        return Err(invalid(format!("options.repeat_penalty must be > 0 (1 disables it), got {repeat_penalty}")));
+    }
+    let top_k = options.top_k.unwrap_or(base.top_k);
+    if top_k > i32::MAX as u32 {
+        return Err(invalid(format!("options.top_k must be at most {}, got {top_k}", i32::MAX)));
+    }
+    if let Some(index) = options.stop.iter().position(String::is_empty) {
+        return Err(invalid(format!("options.stop[{index}] is empty; stop strings must have at least one character")));
+    }
+    let seed = match options.seed {
+        // llama.cpp seeds with 32 bits; fold so that every bit of the client's seed counts.
+        Some(seed) => (seed ^ (seed >> 32)) as u32,
+        None => rand::random(),
+    };
+    let max_tokens = if options.max_tokens == 0 { defaults.max_tokens } else { options.max_tokens };
+    Ok(GenerationParams {
+        max_tokens,
+        sampling: SamplingParams { temperature, top_p, top_k, min_p, repeat_penalty, seed },
+        stop: options.stop.clone(),
+        ignore_eos: options.ignore_eos,
+    })
+}
+
+/// The role names the chat template expects, one per message.
+pub fn chat_messages(messages: &[Message]) -> Result<Vec<(&'static str, &str)>, Status> {
+    if messages.is_empty() {
+        return Err(invalid("messages must not be empty; send at least one ROLE_USER message".into()));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(index, message)| {
+            let role = match Role::try_from(message.role) {
+                Ok(Role::System) => "system",
+                Ok(Role::User) => "user",
+                Ok(Role::Assistant) => "assistant",
+                Ok(Role::Tool) => "tool",
+                Ok(Role::Unspecified) | Err(_) => {
+                    return Err(invalid(format!(
+                        "messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL, got {}",
+                        message.role
+                    )));
+                }
+            };
+            if message.content.contains('\0') {
+                return Err(invalid(format!("messages[{index}].content contains a NUL character")));
+            }
+            Ok((role, message.content.as_str()))
+        })
+        .collect()
+}
+
+pub fn prompt(prompt: &str) -> Result<&str, Status> {
+    if prompt.is_empty() {
+        return Err(invalid("prompt must not be empty".into()));
+    }
+    Ok(prompt)
+}
+
+/// A prompt must leave room for at least one generated token; nothing is truncated.
+pub fn fits_context(prompt_tokens: usize, ctx_size: u32) -> Result<(), Status> {
+    if prompt_tokens + 1 > ctx_size as usize {
+        return Err(invalid(format!(
+            "the prompt is {prompt_tokens} tokens but the context holds {ctx_size} (ctx_size), \
+             including the reply; shorten the prompt or raise ctx_size"
+        )));
+    }
+    Ok(())
+}
+
+/// The client's deadline from the `grpc-timeout` header ("100m", "5S", ...).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn invalid(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: Defaults = Defaults { max_tokens: 77 };
+
+    fn rejects(options: GenerationOptions, field: &str) {
+        let status = generation_params(Some(&options), DEFAULTS).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+
+    #[test]
+    fn out_of_range_options_name_their_field() {
+        rejects(GenerationOptions { temperature: Some(-0.1), ..Default::default() }, "options.temperature");
+        rejects(GenerationOptions { temperature: Some(f32::NAN), ..Default::default() }, "options.temperature");
+        rejects(GenerationOptions { top_p: Some(0.0), ..Default::default() }, "options.top_p");
+        rejects(GenerationOptions { top_p: Some(1.5), ..Default::default() }, "options.top_p");
+        rejects(GenerationOptions { min_p: Some(-1.0), ..Default::default() }, "options.min_p");
+        rejects(GenerationOptions { repeat_penalty: Some(0.0), ..Default::default() }, "options.repeat_penalty");
+        rejects(GenerationOptions { stop: vec!["x".into(), String::new()], ..Default::default() }, "options.stop[1]");
+    }
+
+    #[test]
+    fn defaults_fill_what_the_request_leaves_out() {
+        let params = generation_params(None, DEFAULTS).unwrap();
+        assert_eq!(params.max_tokens, 77);
+        let options = GenerationOptions { max_tokens: 5, temperature: Some(0.0), seed: Some(9), ..Default::default() };
+        let params = generation_params(Some(&options), DEFAULTS).unwrap();
+        assert_eq!(params.max_tokens, 5);
+        assert_eq!(params.sampling.temperature, 0.0);
+        assert_eq!(params.sampling.seed, 9);
+    }
+
+    #[test]
+    fn messages_need_a_role() {
+        assert!(chat_messages(&[]).unwrap_err().message().contains("messages must not be empty"));
+        let messages = [
+            Message { role: Role::User as i32, content: "hi".into() },
+            Message { role: Role::Unspecified as i32, content: "x".into() },
+        ];
+        assert!(chat_messages(&messages).unwrap_err().message().contains("messages[1].role"));
+    }
+
+    #[test]
+    fn context_overflow_names_both_numbers() {
+        assert!(fits_context(4095, 4096).is_ok());
+        let message = fits_context(5000, 4096).unwrap_err().message().to_owned();
+        assert!(message.contains("5000") && message.contains("4096"), "{message}");
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_millis(250)));
+        metadata.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_secs(3)));
+        metadata.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&metadata), None);
+    }
+}

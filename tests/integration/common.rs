@@ -1,0 +1,81 @@
+//! Fixtures shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+
+use phi3d_proto::v1::{ChatEvent, ChatRequest, CompleteRequest, Done, GenerationOptions, Message, Role, chat_event};
+use phi3d_tests::harness::{Daemon, DaemonBuilder};
+use phi3d_tests::model_gen::{ModelSpec, ensure_model};
+use tonic::Status;
+use tonic::codec::Streaming;
+
+pub const PHI3D: &str = env!("CARGO_BIN_EXE_phi3d");
+
+/// The tiny generated Phi-3 model, written once per build directory.
+pub fn tiny_model() -> PathBuf {
+    ensure_model(Path::new(env!("CARGO_TARGET_TMPDIR")), &ModelSpec::tiny()).expect("generate the tiny model")
+}
+
+pub fn tiny_daemon() -> DaemonBuilder {
+    DaemonBuilder::new(PHI3D, tiny_model())
+}
+
+/// A daemon with the tiny model, SERVING.
+pub async fn daemon() -> Daemon {
+    tiny_daemon().start().await
+}
+
+pub fn user(text: &str) -> Message {
+    Message { role: Role::User as i32, content: text.to_owned() }
+}
+
+pub fn chat_request(text: &str, options: GenerationOptions) -> ChatRequest {
+    ChatRequest { request_id: String::new(), messages: vec![user(text)], options: Some(options) }
+}
+
+pub fn complete_request(prompt: &str, options: GenerationOptions) -> CompleteRequest {
+    CompleteRequest { request_id: String::new(), prompt: prompt.to_owned(), options: Some(options) }
+}
+
+/// Greedy decoding of exactly `max_tokens` tokens (end-of-generation ignored).
+pub fn exactly(max_tokens: u32) -> GenerationOptions {
+    GenerationOptions { max_tokens, temperature: Some(0.0), ignore_eos: true, ..GenerationOptions::default() }
+}
+
+/// A whole streamed reply.
+#[derive(Debug)]
+pub struct Reply {
+    pub events: Vec<ChatEvent>,
+    pub deltas: Vec<String>,
+    pub done: Done,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        self.deltas.concat()
+    }
+}
+
+/// Reads a stream to its end, checking the framing every stream must have: `started` first,
+/// `done` last and only once.
+pub async fn collect(mut stream: Streaming<ChatEvent>) -> Result<Reply, Status> {
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await? {
+        events.push(event);
+    }
+    assert!(
+        matches!(events.first().and_then(|event| event.event.as_ref()), Some(chat_event::Event::Started(_))),
+        "the first event must be `started`: {events:?}"
+    );
+    let mut deltas = Vec::new();
+    let mut done = None;
+    for event in &events[1..] {
+        assert!(done.is_none(), "`done` must be the last event: {events:?}");
+        match event.event.clone() {
+            Some(chat_event::Event::Delta(delta)) => deltas.push(delta.text),
+            Some(chat_event::Event::Done(end)) => done = Some(end),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    let done = done.unwrap_or_else(|| panic!("the stream ended without `done`: {events:?}"));
+    Ok(Reply { events, deltas, done })
+}

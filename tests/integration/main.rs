@@ -1,0 +1,11 @@
+//! Integration tests: each starts the real `phi3d` binary on a free loopback port with a
+//! generated model and talks to it over gRPC, as a client would.
+
+mod cancel;
+mod chat;
+mod common;
+mod config;
+mod download;
+mod errors;
+mod lifecycle;
+mod tokenizer;
