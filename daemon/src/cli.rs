@@ -1,5 +1,5 @@
-//! The command line: `serve` runs the daemon; `pull`, `chat` and `status` are small tools
-//! around it.
+//! The command line: `serve` runs the daemon; `pull`, `chat`, `status` and `tools` are small
+//! tools around it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +46,8 @@ enum Command {
     Chat(client::ChatArgs),
     /// Show what a running daemon is doing
     Status(client::StatusArgs),
+    /// List the tools a running daemon's plugins offer, with their sandbox protections
+    Tools(client::StatusArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -55,6 +57,7 @@ pub fn main() -> ExitCode {
         Command::Pull { name, list, model_dir, offline } => pull(name, list, model_dir, offline),
         Command::Chat(args) => runtime().and_then(|runtime| runtime.block_on(client::chat(args))),
         Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
+        Command::Tools(args) => runtime().and_then(|runtime| runtime.block_on(client::tools(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -54,9 +54,37 @@ pub struct Settings {
     /// Never download a model
     #[arg(long, env = "PHI3D_OFFLINE", num_args = 0..=1, default_missing_value = "true")]
     pub offline: Option<bool>,
-    /// Log filter, e.g. "info" or "phi3d=debug,llama_cpp_2=info" (RUST_LOG wins)
+    /// Log filter, e.g. "info" or "phi3d=debug,llama-cpp-2=info" (RUST_LOG wins)
     #[arg(long, env = "PHI3D_LOG")]
     pub log: Option<String>,
+    /// Directory of plugin manifests (*.toml), watched for changes
+    #[arg(long, env = "PHI3D_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Tool choice when a request leaves it unset: none, auto or required
+    #[arg(long, env = "PHI3D_TOOL_CHOICE", value_parser = ["none", "auto", "required"])]
+    pub tool_choice: Option<String>,
+    /// The `[sandbox]` table of the file; its keys are also flags.
+    #[arg(skip)]
+    pub sandbox: Option<SandboxSettings>,
+    /// strict: refuse to start a plugin whose manifest asks for protection the kernel cannot
+    /// give; best-effort: run it with a loud warning
+    #[arg(long = "sandbox-require", env = "PHI3D_SANDBOX_REQUIRE", value_parser = ["strict", "best-effort"])]
+    #[serde(skip)]
+    pub sandbox_require: Option<String>,
+}
+
+/// The `[sandbox]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    pub require: Option<SandboxRequire>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxRequire {
+    Strict,
+    BestEffort,
 }
 
 impl Settings {
@@ -111,26 +139,34 @@ impl Settings {
             mlock: over.mlock.or(self.mlock),
             offline: over.offline.or(self.offline),
             log: over.log.or(self.log),
+            plugins_dir: over.plugins_dir.or(self.plugins_dir),
+            tool_choice: over.tool_choice.or(self.tool_choice),
+            sandbox: over.sandbox.or(self.sandbox),
+            sandbox_require: over.sandbox_require.or(self.sandbox_require),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 11] = [
+const KEYS: [&str; 14] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
-    "offline", "log",
+    "offline", "log", "plugins_dir", "tool_choice", "sandbox",
 ];
+
+/// Where plugin manifests live unless configured.
+pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// The line where `key` is assigned (the first such line; the config is flat).
+/// The line where `key` is assigned or its table starts (the first such line).
 fn key_line(text: &str, key: &str) -> usize {
     text.lines()
         .position(|line| {
             let line = line.trim_start();
-            line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
+            line.trim_end() == format!("[{key}]")
+                || line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
                 || line.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with('='))
         })
         .map_or(1, |index| index + 1)
@@ -156,6 +192,9 @@ pub struct Config {
     pub mlock: bool,
     pub offline: bool,
     pub log: String,
+    pub plugins_dir: PathBuf,
+    pub tool_choice: phi3d_proto::v1::ToolChoice,
+    pub sandbox_require: SandboxRequire,
 }
 
 impl Config {
@@ -181,6 +220,21 @@ impl Config {
             mlock: settings.mlock.unwrap_or(false),
             offline: settings.offline.unwrap_or(false),
             log: settings.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
+            plugins_dir: settings.plugins_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS_DIR)),
+            tool_choice: match settings.tool_choice.as_deref() {
+                None | Some("none") => phi3d_proto::v1::ToolChoice::None,
+                Some("auto") => phi3d_proto::v1::ToolChoice::Auto,
+                Some("required") => phi3d_proto::v1::ToolChoice::Required,
+                Some(other) => {
+                    return Err(ConfigError(format!("tool_choice: `{other}` is not one of none, auto, required")));
+                }
+            },
+            // The flag (or its variable) wins over the file's [sandbox] table.
+            sandbox_require: match settings.sandbox_require.as_deref() {
+                Some("strict") => SandboxRequire::Strict,
+                Some(_) => SandboxRequire::BestEffort,
+                None => settings.sandbox.and_then(|sandbox| sandbox.require).unwrap_or(SandboxRequire::BestEffort),
+            },
         };
         at_least("threads", config.threads, 1)?;
         at_least("ctx_size", config.ctx_size, 64)?;
@@ -242,11 +296,17 @@ mod tests {
     #[test]
     fn every_key_is_accepted() {
         let file = "model = \"m.gguf\"\nmodel_dir = \"/m\"\nlisten = \"127.0.0.1:1\"\nthreads = 1\nctx_size = 64\n\
-                    batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n";
+                    batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
+                    plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
         assert_eq!(settings.mlock, Some(true));
+        let config = Config::from_settings(settings).unwrap();
+        assert_eq!(config.sandbox_require, SandboxRequire::Strict);
+        assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
+        let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
+        assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }
 
     #[test]

@@ -7,5 +7,8 @@ pub mod config;
 pub mod engine;
 pub mod logging;
 pub mod model;
+pub mod plugins;
+pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod tools;

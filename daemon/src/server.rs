@@ -11,10 +11,12 @@ use std::sync::Arc;
 use phi3d_proto::v1::admin_server::AdminServer;
 use phi3d_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
-use crate::config::Config;
+use crate::config::{Config, SandboxRequire};
+use crate::plugins::PluginRegistry;
+use crate::sandbox::{KernelSupport, Requirement};
 use crate::engine::{Engine, EngineConfig};
 use crate::service::admin::AdminService;
 use crate::service::inference::InferenceService;
@@ -36,6 +38,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         anyhow::anyhow!("listen: cannot bind {}: {err}; choose another address with --listen", config.listen)
     })?;
     tracing::info!(addr = %listener.local_addr()?, model = %model_path.display(), "listening");
+
+    let support = KernelSupport::probe();
+    tracing::info!(%support, "plugin sandbox");
+    let requirement = match config.sandbox_require {
+        SandboxRequire::Strict => Requirement::Strict,
+        SandboxRequire::BestEffort => Requirement::BestEffort,
+    };
+    let plugins = PluginRegistry::start(config.plugins_dir.clone(), support.clone(), requirement).await?;
 
     let (engine, worker) = Engine::start(EngineConfig {
         model_path: model_path.clone(),
@@ -79,8 +89,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let inference = InferenceService::new(engine.clone(), requests.clone(), Defaults { max_tokens: config.max_tokens });
-    let admin = AdminService::new(engine.clone(), model_path.display().to_string());
+    let inference = InferenceService::new(
+        engine.clone(),
+        requests.clone(),
+        Defaults { max_tokens: config.max_tokens },
+        plugins.clone(),
+        config.tool_choice,
+    );
+    let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
     drop(engine);
 
     // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
@@ -106,7 +122,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .add_service(reflection_alpha)
         .add_service(InferenceServer::new(inference))
         .add_service(AdminServer::new(admin))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping.clone().cancelled_owned());
+        // Streams are many small messages: without TCP_NODELAY each one may wait ~40 ms on
+        // the previous one's acknowledgement (measured: +20 ms on the first token).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopping.clone().cancelled_owned(),
+        );
     // A client that keeps its connection open must not hold the daemon up forever.
     let drain_limit = async {
         stopping.cancelled().await;
@@ -122,6 +143,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             false
         }
     };
+    // Plugins go first: a tool call still running must not keep a request alive.
+    plugins.shutdown().await;
     if drained {
         // Every engine handle went with the services, so the worker ends once its slots are
         // free (their tasks were cancelled above).

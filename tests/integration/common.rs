@@ -25,11 +25,11 @@ pub async fn daemon() -> Daemon {
 }
 
 pub fn user(text: &str) -> Message {
-    Message { role: Role::User as i32, content: text.to_owned() }
+    Message { role: Role::User as i32, content: text.to_owned(), ..Message::default() }
 }
 
 pub fn chat_request(text: &str, options: GenerationOptions) -> ChatRequest {
-    ChatRequest { request_id: String::new(), messages: vec![user(text)], options: Some(options) }
+    ChatRequest { request_id: String::new(), messages: vec![user(text)], options: Some(options), tools: None }
 }
 
 pub fn complete_request(prompt: &str, options: GenerationOptions) -> CompleteRequest {

@@ -22,20 +22,22 @@ async fn invalid_arguments_name_the_field() {
         (chat_request("hi", options(|o| o.min_p = Some(2.0))), "options.min_p"),
         (chat_request("hi", options(|o| o.repeat_penalty = Some(-1.0))), "options.repeat_penalty"),
         (chat_request("hi", options(|o| o.stop = vec![String::new()])), "options.stop[0]"),
-        (ChatRequest { request_id: String::new(), messages: vec![], options: None }, "messages must not be empty"),
+        (ChatRequest { request_id: String::new(), messages: vec![], options: None, tools: None }, "messages must not be empty"),
         (
             ChatRequest {
                 request_id: String::new(),
-                messages: vec![user("hi"), Message { role: Role::Unspecified as i32, content: "?".into() }],
+                messages: vec![user("hi"), Message { role: Role::Unspecified as i32, content: "?".into(), ..Message::default() }],
                 options: None,
+                tools: None,
             },
             "messages[1].role",
         ),
         (
             ChatRequest {
                 request_id: String::new(),
-                messages: vec![Message { role: 42, content: "?".into() }],
+                messages: vec![Message { role: 42, content: "?".into(), ..Message::default() }],
                 options: None,
+                tools: None,
             },
             "messages[0].role",
         ),

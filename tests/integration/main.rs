@@ -9,3 +9,5 @@ mod download;
 mod errors;
 mod lifecycle;
 mod tokenizer;
+mod plugins;
+mod tools;

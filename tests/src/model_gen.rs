@@ -53,7 +53,8 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    /// Two layers of width 64 (about 8 MB, nearly all of it the two vocabulary-sized matrices).
+    /// Two layers of width 64: about 9 MB, nearly all of it the two vocabulary-sized matrices and
+    /// the vocabulary itself.
     pub fn tiny() -> Self {
         Self {
             name: "phi3-test-tiny".into(),
@@ -162,15 +163,11 @@ fn plan(spec: &ModelSpec) -> anyhow::Result<GgufWriter> {
     let arch = |key: &str| format!("phi3.{key}");
     w.set("general.architecture", Value::str("phi3"));
     w.set("general.name", Value::str(&spec.name));
-    // llama_ftype: ALL_F32 = 0, MOSTLY_F16 = 1.
-    w.set(
-        "general.file_type",
-        Value::U32(if spec.weight_type == GgmlType::F16 {
-            1
-        } else {
-            0
-        }),
-    );
+    let llama_ftype = match spec.weight_type {
+        GgmlType::F16 => 1, // LLAMA_FTYPE_MOSTLY_F16
+        _ => 0,             // LLAMA_FTYPE_ALL_F32
+    };
+    w.set("general.file_type", Value::U32(llama_ftype));
     w.set(arch("context_length"), Value::U32(spec.context_length));
     w.set(
         arch("rope.scaling.original_context_length"),
@@ -318,6 +315,7 @@ pub fn write_model_with_progress(
     })?
     .into_inner()
     .map_err(|e| e.into_error())?
+    // Before the rename, so that a crash cannot leave an empty file under the final name.
     .sync_all()?;
     tmp.persist(path)
         .with_context(|| format!("renaming the model to {}", path.display()))?;
@@ -326,7 +324,8 @@ pub fn write_model_with_progress(
 
 /// Returns `<dir>/<spec.name>.gguf`, generating it unless a file made by this very generator
 /// from this very spec is already there. Safe to call from concurrent processes: each writes its
-/// own temporary file and renames it into place, and all of them write identical bytes.
+/// own temporary file and renames it into place, and all of them write identical bytes. (A
+/// vocabulary copied from a file is identified by the file's path, not its contents.)
 pub fn ensure_model(dir: &Path, spec: &ModelSpec) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("{}.gguf", spec.name));
     let current = GgufFile::open(&path).ok().is_some_and(|f| {
@@ -342,15 +341,16 @@ pub fn ensure_model(dir: &Path, spec: &ModelSpec) -> anyhow::Result<PathBuf> {
 /// Quantization types that [`quantize`] offers (the common ones for Phi-3-mini).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quantization {
+    /// `Q4_0`: 4.5 bits per weight in blocks of 32.
     Q4_0,
+    /// `Q4_K_M`: llama.cpp's mixed K-quant preset (mostly Q4_K, some Q6_K).
     Q4KM,
 }
 
 /// Quantizes `src` into `dst` (atomically, see [`temp_beside`]) with llama.cpp's own quantizer,
-/// on all cores. llama.cpp logs one
-/// line per tensor (to stderr unless a log callback is installed). Tensors whose rows do not
-/// split into the type's blocks (the tiny model's 64-wide rows with Q4_K) get llama.cpp's
-/// fallback type instead.
+/// on all cores. llama.cpp logs one line per tensor (to stderr unless a log callback is
+/// installed). Tensors whose rows do not split into the type's blocks (the tiny model's 64-wide
+/// rows with the 256-wide K-quants) get llama.cpp's fallback type instead.
 pub fn quantize(src: &Path, dst: &Path, quantization: Quantization) -> anyhow::Result<()> {
     let c_path = |p: &Path| {
         let s = p
@@ -436,7 +436,7 @@ mod tests {
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(256))
             .with_n_batch(256)
-            // More threads only add synchronisation for a model this small.
+            // Tests run in parallel on few cores, and the tiny model gains nothing from more.
             .with_n_threads(1)
             .with_n_threads_batch(1);
         let mut ctx = model.new_context(backend(), params).expect("context");

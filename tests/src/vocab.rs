@@ -2,8 +2,9 @@
 //! like Phi-3 without shipping Microsoft's 32,064-token vocabulary.
 //!
 //! The layout mirrors the real `tokenizer.*` keys of Phi-3-mini (a SentencePiece "llama" model
-//! with byte fallback): the same ids, texts, types and scores for every special and byte token,
-//! and the same special-token ids and flags, so that code under test sees `<s>` = 1,
+//! with byte fallback): the same ids, texts, types and scores for every special, byte and padding
+//! token (including the real file's quirks: `<unk>` is a control token, `</s>` a user-defined
+//! one), and the same special-token ids and flags, so that code under test sees `<s>` = 1,
 //! `<|endoftext|>` = 32000, `<|end|>` = 32007, `<|user|>` = 32010 and so on. Only the ordinary
 //! pieces (ids 259..32000) differ: common English words and subwords, then made-up filler words.
 //! Text therefore splits into different (usually more) pieces than with the real vocabulary, but
@@ -65,18 +66,18 @@ const WHITESPACE_SCORE: f32 = -1e9;
 const SPECIAL_SCORE: f32 = -1000.0;
 const PAD_SCORE: f32 = -10000.0;
 
-/// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+/// The `tokenizer.ggml.token_type` values used here (llama.cpp's `llama_token_type`, which also
+/// has 5 for unused tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenType {
     Normal = 1,
     Unknown = 2,
     Control = 3,
     UserDefined = 4,
-    Unused = 5,
     Byte = 6,
 }
 
-/// English words that become `▁word` and `▁Word` pieces.
+/// English words that become `▁word`, `▁Word` and `word` pieces.
 const WORDS: &str = "
 the of and to in is it that was for on are as with his they at be this from have or by one had
 not but what all were when we there can an your which their said if do will each about how up out
@@ -183,9 +184,9 @@ impl Vocab {
         self.types.push(ty);
     }
 
-    /// Every `tokenizer.*` key llama.cpp reads for a Phi-3 model, with the values Phi-3-mini has
-    /// (no `eot_token_id`: like the real file, it is left to llama.cpp, which recognises
-    /// `<|end|>` by its text and also stops on it).
+    /// Every `tokenizer.*` key llama.cpp reads for a Phi-3 model, with the values Phi-3-mini has.
+    /// Like the real file, there is no `eot_token_id`: llama.cpp finds one by its text
+    /// (`<|end|>` or `<|endoftext|>`, whichever its hash map yields first) and stops on both.
     pub fn metadata(&self) -> Vec<(String, Value)> {
         [
             ("tokenizer.ggml.model", Value::str("llama")),
@@ -244,6 +245,10 @@ fn ordinary_pieces(count: usize) -> Vec<String> {
     for word in WORDS.split_whitespace() {
         add_with_prefixes(&format!("{SPACE}{word}"), &mut multi);
         add_with_prefixes(&format!("{SPACE}{}", capitalize(word)), &mut multi);
+    }
+    // Bare words, for text glued to punctuation or other words ("(normal)", "myapple").
+    for word in WORDS.split_whitespace() {
+        add_with_prefixes(word, &mut multi);
     }
     for sub in SUBWORDS.split_whitespace() {
         add_with_prefixes(sub, &mut multi);

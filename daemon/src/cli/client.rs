@@ -4,7 +4,10 @@ use std::io::{BufRead, Write};
 
 use phi3d_proto::v1::admin_client::AdminClient;
 use phi3d_proto::v1::inference_client::InferenceClient;
-use phi3d_proto::v1::{ChatRequest, GenerationOptions, GetStatusRequest, Message, Role, StopReason, chat_event};
+use phi3d_proto::v1::{
+    ChatRequest, GenerationOptions, GetStatusRequest, ListToolsRequest, Message, Role, StopReason, ToolChoice, ToolOptions,
+    chat_event,
+};
 use tonic::transport::Channel;
 
 const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -29,6 +32,9 @@ pub struct ChatArgs {
     /// Print token counts and speed after each reply (on stderr)
     #[arg(long)]
     stats: bool,
+    /// Let the model call plugin tools: none, auto or required (default: the daemon's)
+    #[arg(long, value_parser = ["none", "auto", "required"])]
+    tools: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -51,10 +57,10 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let mut client = InferenceClient::new(connect(&args.addr).await?);
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
-        messages.push(Message { role: Role::System as i32, content: system.clone() });
+        messages.push(Message { role: Role::System as i32, content: system.clone(), ..Message::default() });
     }
     if let Some(prompt) = &args.prompt {
-        messages.push(Message { role: Role::User as i32, content: prompt.clone() });
+        messages.push(Message { role: Role::User as i32, content: prompt.clone(), ..Message::default() });
         turn(&mut client, &args, &mut messages).await?;
         return Ok(());
     }
@@ -70,7 +76,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         if line.is_empty() {
             continue;
         }
-        messages.push(Message { role: Role::User as i32, content: line.to_owned() });
+        messages.push(Message { role: Role::User as i32, content: line.to_owned(), ..Message::default() });
         turn(&mut client, &args, &mut messages).await?;
     }
 }
@@ -85,6 +91,14 @@ async fn turn(client: &mut InferenceClient<Channel>, args: &ChatArgs, messages: 
             temperature: args.temperature,
             seed: args.seed,
             ..GenerationOptions::default()
+        }),
+        tools: args.tools.as_deref().map(|choice| ToolOptions {
+            choice: match choice {
+                "none" => ToolChoice::None,
+                "required" => ToolChoice::Required,
+                _ => ToolChoice::Auto,
+            } as i32,
+            ..ToolOptions::default()
         }),
     };
     let mut stream = client.chat(request).await.map_err(status_error)?.into_inner();
@@ -109,7 +123,14 @@ async fn turn(client: &mut InferenceClient<Channel>, args: &ChatArgs, messages: 
                         timings.tokens_per_second
                     );
                 }
-                messages.push(Message { role: Role::Assistant as i32, content: done.text });
+                messages.push(Message { role: Role::Assistant as i32, content: done.text, ..Message::default() });
+            }
+            Some(chat_event::Event::ToolCall(call)) => {
+                eprintln!("[calling {} {}]", call.name, call.arguments_json);
+            }
+            Some(chat_event::Event::ToolResult(result)) => {
+                let outcome = if result.is_error { "failed" } else { "returned" };
+                eprintln!("[{} {outcome} in {:.0} ms: {}]", result.name, result.duration_ms, result.content);
             }
             Some(chat_event::Event::Started(_)) | None => {}
         }
@@ -130,6 +151,26 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("model      {} loading, {}%", model.path, status.load_progress_percent);
     }
     println!("requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots);
+    Ok(())
+}
+
+pub async fn tools(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = AdminClient::new(connect(&args.addr).await?);
+    let listing = client.list_tools(ListToolsRequest {}).await.map_err(status_error)?.into_inner();
+    println!("sandbox: {}", listing.sandbox_support);
+    if listing.tools.is_empty() {
+        println!("no tools (no plugin manifests in the plugins directory)");
+    }
+    for tool in listing.tools {
+        println!("\n{}  (plugin {})", tool.name, tool.plugin);
+        if !tool.description.is_empty() {
+            println!("  {}", tool.description);
+        }
+        println!("  arguments: {}", tool.input_schema_json);
+        for protection in tool.protections {
+            println!("  - {protection}");
+        }
+    }
     Ok(())
 }
 

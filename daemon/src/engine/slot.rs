@@ -52,9 +52,16 @@ impl Slot {
         self.busy.is_some()
     }
 
-    /// Takes a task; the caller has already cleared this sequence from the KV cache.
-    pub fn start(&mut self, task: Task, n_vocab: i32) {
-        let sampler = build_sampler(&task.params.sampling, n_vocab);
+    /// Takes a task; the caller has already cleared this sequence from the KV cache. A task
+    /// whose sampler cannot be built ends at once with `Failed`.
+    pub fn start(&mut self, task: Task, model: &LlamaModel) -> bool {
+        let sampler = match build_sampler(&task.params, model) {
+            Ok(sampler) => sampler,
+            Err(reason) => {
+                let _ = task.events.send(Event::Failed(EngineError::Grammar(reason)));
+                return false;
+            }
+        };
         let stop = StopMatcher::new(task.params.stop.clone());
         self.busy = Some(Busy {
             task,
@@ -71,6 +78,7 @@ impl Slot {
             prompt_done_at: None,
             first_token_at: None,
         });
+        true
     }
 
     /// Whether the client has gone or asked to stop.
@@ -136,7 +144,7 @@ impl Slot {
             return Some(StopReason::EndOfGeneration);
         }
         busy.completion_tokens += 1;
-        let piece = vocab.token_to_piece(token, false, None);
+        let piece = vocab.token_to_piece(token, busy.task.params.render_special_tokens, None);
         let text = busy.decoder.push(&piece);
         if busy.send_text(&text) {
             return Some(StopReason::StopSequence);

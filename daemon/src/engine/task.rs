@@ -37,6 +37,19 @@ pub struct GenerationParams {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Constrains what may be generated (tool calls); `None` for free text.
+    pub grammar: Option<Grammar>,
+    /// Stream special tokens as their text (Phi-4-mini's `<|tool_call|>` must be parsed).
+    pub render_special_tokens: bool,
+}
+
+/// A GBNF grammar (root rule `root`) for constrained generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grammar {
+    pub gbnf: String,
+    /// Lazy grammars apply only from this text on (e.g. Phi-4-mini's `<|tool_call|>`), so the
+    /// model may answer in free text instead.
+    pub trigger: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,4 +124,6 @@ pub enum EngineError {
     Decode(String),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("invalid grammar: {0}")]
+    Grammar(String),
 }

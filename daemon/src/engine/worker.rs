@@ -87,7 +87,7 @@ fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<L
     let loaded = loader::load_model(backend(), config, move |percent| {
         progress.send_replace(LoadState::Loading { percent });
         // A 2 GB model from an SD card takes a while: say how far it got, not every tick.
-        if percent >= last_logged + 10 || percent == 100 {
+        if percent >= last_logged + 10 || (percent == 100 && last_logged != 100) {
             last_logged = percent;
             tracing::info!(percent, "loading model");
         }
@@ -164,8 +164,9 @@ impl Worker<'_> {
         // A fresh sequence: nothing of the previous task may leak into this one.
         let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);
         tracing::debug!(request_id = %task.request_id, prompt_tokens = task.prompt.len(), slot = seq_id, "task started");
-        slot.start(task, self.model.model.n_vocab());
-        self.active.fetch_add(1, Ordering::SeqCst);
+        if slot.start(task, &self.model.model) {
+            self.active.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     fn drop_abandoned(&mut self) {
@@ -190,8 +191,8 @@ impl Worker<'_> {
             tracing::error!("decode failed: {err}");
             for index in 0..self.slots.len() {
                 if self.slots[index].is_busy() {
-                    self.slots[index].fail(EngineError::Decode(err.to_string()));
                     self.active.fetch_sub(1, Ordering::SeqCst);
+                    self.slots[index].fail(EngineError::Decode(err.to_string()));
                 }
             }
             return;
@@ -207,9 +208,11 @@ impl Worker<'_> {
         }
     }
 
+    /// The count drops before the client hears `Done`, so that a client never sees its own
+    /// finished request as still active.
     fn finish(&mut self, index: usize, reason: StopReason) {
-        self.slots[index].finish(reason);
         self.active.fetch_sub(1, Ordering::SeqCst);
+        self.slots[index].finish(reason);
     }
 
     fn active_slots(&self) -> usize {

@@ -75,11 +75,12 @@ impl HubOptions {
 /// Why a download failed; each message says what the user can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("cannot write to {}: {source}; check that the model directory is writable and has free space", path.display())]
+    // `error`, not `source`: the message already includes it, and a source would repeat it
+    // in `{:#}` renderings.
+    #[error("cannot use {}: {error}; check that the model directory is writable and has free space", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot set up an HTTP client: {detail}")]
     Client { detail: String },
@@ -167,7 +168,7 @@ pub async fn download(
     }
     let io_err = |path: &Path| {
         let path = path.to_owned();
-        move |source| HubError::Io { path, source }
+        move |error| HubError::Io { path, error }
     };
     tokio::fs::create_dir_all(model_dir)
         .await
@@ -366,7 +367,18 @@ async fn fetch(
     if have > 0 {
         request = request.header(RANGE, format!("bytes={have}-"));
     }
-    let mut response = send(request, &url, entry, opts).await?;
+    let mut response = match send(request, &url, entry, opts).await {
+        // The hub has no bytes past `have`, though its listing says the file is longer: the
+        // partial file cannot be trusted as a prefix, so start over next time.
+        Err(HubError::Status { status, .. }) if status == StatusCode::RANGE_NOT_SATISFIABLE => {
+            remove(part).await?;
+            return Err(HubError::BadResume {
+                file: entry.file.to_owned(),
+                content_range: status.to_string(),
+            });
+        }
+        result => result?,
+    };
 
     let resumed = have > 0 && response.status() == StatusCode::PARTIAL_CONTENT;
     if resumed {
@@ -392,9 +404,9 @@ async fn fetch(
     }
     let start = if resumed { have } else { 0 };
 
-    let io_err = |source| HubError::Io {
+    let io_err = |error| HubError::Io {
         path: part.to_owned(),
-        source,
+        error,
     };
     let file = tokio::fs::OpenOptions::new()
         .create(true)
@@ -442,7 +454,7 @@ async fn fetch(
             Err(e) => break Err(Stop::Failed(interrupted(written, error_chain(&e)))),
         }
     };
-    progress.finish(outcome.is_ok());
+    progress.finish();
     // Flush on every path: after an interruption the bytes received are what the next attempt
     // resumes from.
     let flushed = async {
@@ -485,7 +497,7 @@ async fn remove(path: &Path) -> Result<(), HubError> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HubError::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         }),
         _ => Ok(()),
     }
@@ -577,11 +589,15 @@ impl Progress {
                 Progress::Bar(bar)
             }
             ProgressStyle::LogLines => {
-                tracing::info!(
-                    "downloading {file}: {} to fetch of {}",
-                    human_bytes(total - start),
-                    human_bytes(total)
-                );
+                if start == 0 {
+                    tracing::info!("downloading {file} ({})", human_bytes(total));
+                } else {
+                    tracing::info!(
+                        "downloading the remaining {} of {file} ({})",
+                        human_bytes(total - start),
+                        human_bytes(total)
+                    );
+                }
                 let now = Instant::now();
                 Progress::Lines(LineProgress {
                     file: file.to_owned(),
@@ -610,12 +626,11 @@ impl Progress {
         }
     }
 
-    fn finish(self, complete: bool) {
-        match self {
-            Progress::Bar(bar) if complete => bar.finish(),
-            Progress::Bar(bar) => bar.abandon(),
-            // The last 10% step already logged 100% when the download completed.
-            Progress::Lines(_) => {}
+    fn finish(self) {
+        // Cleared, not left drawn: the line that follows (the result, or the error that says
+        // how far it got) would otherwise be appended to the bar's line.
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
         }
     }
 }

@@ -1,23 +1,28 @@
-//! The `phi3d.v1.Admin` service: what the daemon is running and how busy it is.
+//! The `phi3d.v1.Admin` service: what the daemon is running, how busy it is, and which tools
+//! its plugins offer under which protections.
 
 use std::time::Instant;
 
 use phi3d_proto::v1::admin_server::Admin;
-use phi3d_proto::v1::{GetStatusRequest, GetStatusResponse, ModelInfo};
+use phi3d_proto::v1::{GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, ModelInfo, ToolDescription};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, LoadState};
+use crate::plugins::PluginRegistry;
 
 pub struct AdminService {
     engine: Engine,
     started_at: Instant,
     /// What the configuration asked for, reported while the model is not loaded yet.
     model_path: String,
+    plugins: PluginRegistry,
+    /// What the kernel offers plugins, as probed at start-up.
+    sandbox_support: String,
 }
 
 impl AdminService {
-    pub fn new(engine: Engine, model_path: String) -> Self {
-        AdminService { engine, started_at: Instant::now(), model_path }
+    pub fn new(engine: Engine, model_path: String, plugins: PluginRegistry, sandbox_support: String) -> Self {
+        AdminService { engine, started_at: Instant::now(), model_path, plugins, sandbox_support }
     }
 }
 
@@ -53,6 +58,23 @@ impl Admin for AdminService {
             kv_cache_bytes,
             slots: self.engine.slots(),
         }))
+    }
+
+    async fn list_tools(&self, _: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
+        let tools = self
+            .plugins
+            .tools()
+            .await
+            .into_iter()
+            .map(|tool| ToolDescription {
+                name: tool.qualified_name,
+                plugin: tool.plugin,
+                description: tool.description,
+                input_schema_json: tool.input_schema.to_string(),
+                protections: tool.protections,
+            })
+            .collect();
+        Ok(Response::new(ListToolsResponse { tools, sandbox_support: self.sandbox_support.clone() }))
     }
 }
 

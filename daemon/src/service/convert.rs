@@ -9,12 +9,18 @@ pub fn chat_event(event: Event) -> Result<ChatEvent, Status> {
     let event = match event {
         Event::Delta(text) => chat_event::Event::Delta(pb::Delta { text }),
         Event::Done(completion) => chat_event::Event::Done(done(completion)),
-        Event::Failed(error) => return Err(status(error)),
+        Event::Failed(error) => return Err(engine_status(error)),
     };
     Ok(ChatEvent { event: Some(event) })
 }
 
-fn done(completion: Completion) -> pb::Done {
+pub fn started(request_id: &str, model: &str) -> ChatEvent {
+    ChatEvent {
+        event: Some(chat_event::Event::Started(pb::Started { request_id: request_id.to_owned(), model: model.to_owned() })),
+    }
+}
+
+pub fn done(completion: Completion) -> pb::Done {
     let timings = completion.timings;
     pb::Done {
         stop_reason: stop_reason(completion.stop_reason) as i32,
@@ -22,6 +28,7 @@ fn done(completion: Completion) -> pb::Done {
             prompt_tokens: completion.prompt_tokens,
             cached_prompt_tokens: completion.cached_prompt_tokens,
             completion_tokens: completion.completion_tokens,
+            generation_steps: 1,
         }),
         timings: Some(pb::Timings {
             queued_ms: timings.queued_ms,
@@ -34,7 +41,7 @@ fn done(completion: Completion) -> pb::Done {
     }
 }
 
-fn stop_reason(reason: StopReason) -> pb::StopReason {
+pub fn stop_reason(reason: StopReason) -> pb::StopReason {
     match reason {
         StopReason::EndOfGeneration => pb::StopReason::Eos,
         StopReason::StopSequence => pb::StopReason::StopSequence,
@@ -43,9 +50,9 @@ fn stop_reason(reason: StopReason) -> pb::StopReason {
     }
 }
 
-fn status(error: EngineError) -> Status {
+pub fn engine_status(error: EngineError) -> Status {
     match error {
-        EngineError::Decode(_) => Status::internal(error.to_string()),
+        EngineError::Decode(_) | EngineError::Grammar(_) => Status::internal(error.to_string()),
         EngineError::ShuttingDown => Status::unavailable(error.to_string()),
     }
 }

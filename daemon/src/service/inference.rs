@@ -4,26 +4,29 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use llama_cpp_2::model::LlamaChatMessage;
 use llama_cpp_2::token::LlamaToken;
 use phi3d_proto::v1::inference_server::Inference;
 use phi3d_proto::v1::{
-    CancelRequest, CancelResponse, ChatEvent, ChatRequest, CompleteRequest, TokenizeRequest,
-    TokenizeResponse, chat_event,
+    CancelRequest, CancelResponse, ChatEvent, ChatRequest, CompleteRequest, TokenizeRequest, TokenizeResponse,
+    ToolChoice,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::generation::RequestScope;
 use super::requests::Requests;
+use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
-use crate::engine::task::{Event, GenerationParams, StopReason, Task};
-use crate::engine::{Engine, LoadedModel, QueueError};
+use crate::engine::task::{Event, GenerationParams};
+use crate::engine::{Engine, LoadedModel};
+use crate::plugins::PluginRegistry;
+use crate::tools::ToolFormat;
+use crate::tools::agent::AgentTurn;
+use crate::tools::conversation::{TemplateTurn, render};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
@@ -31,11 +34,49 @@ pub struct InferenceService {
     engine: Engine,
     requests: Arc<Requests>,
     defaults: Defaults,
+    plugins: PluginRegistry,
+    default_tool_choice: ToolChoice,
 }
 
 impl InferenceService {
-    pub fn new(engine: Engine, requests: Arc<Requests>, defaults: Defaults) -> Self {
-        InferenceService { engine, requests, defaults }
+    pub fn new(
+        engine: Engine,
+        requests: Arc<Requests>,
+        defaults: Defaults,
+        plugins: PluginRegistry,
+        default_tool_choice: ToolChoice,
+    ) -> Self {
+        InferenceService { engine, requests, defaults, plugins, default_tool_choice }
+    }
+
+    /// A chat turn with tools: the agent loop runs in its own task and streams every step.
+    async fn tool_turn(
+        &self,
+        model: Arc<LoadedModel>,
+        request: ChatRequest,
+        plan: ToolPlan,
+        params: GenerationParams,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<EventStream, Status> {
+        let scope = RequestScope::begin(&self.requests, &request.request_id, deadline)?;
+        let turn = AgentTurn {
+            engine: self.engine.clone(),
+            format: ToolFormat::detect(&model),
+            model,
+            plugins: self.plugins.clone(),
+            tools: plan.tools,
+            messages: request.messages,
+            first_mode: plan.first_mode,
+            max_steps: plan.max_steps,
+            params,
+            scope,
+        };
+        // The first step is queued here, so that a full queue or a prompt too long is the
+        // request's status rather than an error inside the stream.
+        let first = turn.submit_step(&turn.first_mode)?;
+        let (sink, events) = mpsc::unbounded_channel();
+        tokio::spawn(turn.run(first, sink));
+        Ok(Box::pin(UnboundedReceiverStream::new(events)))
     }
 
     /// Queues a tokenized prompt and returns the stream of its events.
@@ -47,57 +88,16 @@ impl InferenceService {
         params: GenerationParams,
         deadline: Option<std::time::Duration>,
     ) -> Result<EventStream, Status> {
-        validate::fits_context(prompt.len(), model.info.context_length)?;
-        let registration = self.requests.register(request_id).ok_or_else(|| {
-            Status::already_exists(format!(
-                "request_id `{request_id}` is already in flight; use a unique id per request"
-            ))
-        })?;
-        let deadline_passed = Arc::new(AtomicBool::new(false));
-        if let Some(deadline) = deadline {
-            let cancel = registration.cancel.clone();
-            let passed = deadline_passed.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = tokio::time::sleep(deadline) => {
-                        passed.store(true, Ordering::SeqCst);
-                        cancel.cancel();
-                    }
-                    () = cancel.cancelled() => {}
-                }
-            });
-        }
-        let (events, receiver) = mpsc::unbounded_channel();
-        let task = Task {
-            request_id: registration.request_id.clone(),
-            prompt,
-            params,
-            events,
-            cancel: registration.cancel.clone(),
-            enqueued_at: Instant::now(),
-        };
-        self.engine.submit(task).map_err(|err| match err {
-            QueueError::Full { .. } => Status::resource_exhausted(err.to_string()),
-            QueueError::Closed => Status::unavailable(err.to_string()),
-        })?;
-        let started = ChatEvent {
-            event: Some(chat_event::Event::Started(phi3d_proto::v1::Started {
-                request_id: registration.request_id.clone(),
-                model: model.info.name.clone(),
-            })),
-        };
-        let events = UnboundedReceiverStream::new(receiver).map(move |event| {
-            // The registration lives exactly as long as the stream.
-            let _registration = &registration;
-            match event {
-                Event::Done(done) if done.stop_reason == StopReason::Cancelled && deadline_passed.load(Ordering::SeqCst) => {
-                    Err(Status::deadline_exceeded(format!(
-                        "the request's deadline passed after {} generated tokens",
-                        done.completion_tokens
-                    )))
-                }
-                event => convert::chat_event(event),
-            }
+        let scope = RequestScope::begin(&self.requests, request_id, deadline)?;
+        let receiver = scope.submit(&self.engine, model, prompt, params)?;
+        let started = convert::started(scope.request_id(), &model.info.name);
+        let events = UnboundedReceiverStream::new(receiver).map(move |event| match event {
+            // The scope (and with it the request's registration) lives as long as the stream.
+            Event::Done(done) => match scope.deadline_status(&done) {
+                Some(status) => Err(status),
+                None => convert::chat_event(Event::Done(done)),
+            },
+            event => convert::chat_event(event),
         });
         Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events)))
     }
@@ -125,18 +125,15 @@ impl Inference for InferenceService {
         let model = ready_model(&self.engine)?;
         let messages = validate::chat_messages(&request.messages)?;
         let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
-        let template = model.chat_template.as_ref().ok_or_else(|| {
-            Status::failed_precondition("the model has no chat template; use Complete with a raw prompt")
-        })?;
-        let chat = messages
-            .iter()
-            .map(|(role, content)| LlamaChatMessage::new((*role).to_owned(), (*content).to_owned()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| Status::invalid_argument(format!("messages: {err}")))?;
-        let prompt = model
-            .model
-            .apply_chat_template(template, &chat, true)
-            .map_err(|err| Status::invalid_argument(format!("the model's chat template cannot render these messages: {err}")))?;
+        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), self.default_tool_choice);
+        // Listing tools starts lazy plugins, so a plain chat does not ask.
+        let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
+        if let Some(plan) = tool_options::plan(request.tools.as_ref(), self.default_tool_choice, &plugin_tools)? {
+            return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline).await?));
+        }
+        let turns: Vec<TemplateTurn> =
+            messages.iter().map(|(role, content)| TemplateTurn::new(*role, *content)).collect();
+        let prompt = render(&model, &turns)?;
         let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
         let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
         Ok(Response::new(stream))

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod convert;
+pub mod generation;
 pub mod inference;
 pub mod requests;
+pub mod tool_options;
 pub mod validate;

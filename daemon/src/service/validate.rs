@@ -53,6 +53,8 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
         sampling: SamplingParams { temperature, top_p, top_k, min_p, repeat_penalty, seed },
         stop: options.stop.clone(),
         ignore_eos: options.ignore_eos,
+        grammar: None,
+        render_special_tokens: false,
     })
 }
 
@@ -161,8 +163,8 @@ mod tests {
     fn messages_need_a_role() {
         assert!(chat_messages(&[]).unwrap_err().message().contains("messages must not be empty"));
         let messages = [
-            Message { role: Role::User as i32, content: "hi".into() },
-            Message { role: Role::Unspecified as i32, content: "x".into() },
+            Message { role: Role::User as i32, content: "hi".into(), ..Message::default() },
+            Message { role: Role::Unspecified as i32, content: "x".into(), ..Message::default() },
         ];
         assert!(chat_messages(&messages).unwrap_err().message().contains("messages[1].role"));
     }

@@ -1,0 +1,668 @@
+//! One plugin manifest: a TOML file that says what to run and what it may touch.
+//!
+//! ```toml
+//! name = "clock"                    # optional; defaults to the file stem
+//! command = "phi3d-plugin-clock"    # absolute, relative to this file's folder, or a bare name
+//! args = []
+//! start = "lazy"                    # "lazy" (default) or "startup"
+//! [env]                             # the ONLY environment the plugin gets
+//! TZ = "Europe/Berlin"
+//! [permissions]                     # every default is the strictest
+//! read = []                         # paths readable (and executable)
+//! write = []                        # paths writable
+//! network = "none"                  # "none" | "loopback" | ["host:port", ...]
+//! memory_mb = 256
+//! cpu_seconds = 5
+//! timeout_seconds = 10              # wall clock per call
+//! max_output_bytes = 65536
+//! max_concurrent_calls = 1
+//! max_processes = 1
+//! max_open_files = 64
+//! max_file_size_mb = 0
+//! ```
+//!
+//! The table is walked by hand rather than derived with serde so that every error names the
+//! file and the dotted field (`clock.toml: permissions.network: ...`): an operator editing a
+//! manifest on a device sees exactly which line to fix. Unknown keys are rejected, because a
+//! misspelt permission silently falling back to a default is a security surprise.
+//!
+//! The command is resolved when the manifest is loaded, so a missing binary is reported at
+//! once instead of at the first tool call.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+/// A mebibyte: the unit of `memory_mb` and `max_file_size_mb`.
+const MIB: u64 = 1024 * 1024;
+
+/// A parsed and validated manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The plugin's name: the prefix of its tools' qualified names (`name.tool`).
+    pub name: String,
+    /// The resolved, absolute program to run.
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub start: StartMode,
+    /// The complete environment of the plugin; nothing is inherited from phi3d.
+    pub env: BTreeMap<String, String>,
+    pub permissions: Permissions,
+}
+
+/// When a plugin's process is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// At the first call or tool listing that needs it.
+    Lazy,
+    /// As soon as the manifest is loaded.
+    Startup,
+}
+
+/// What the sandboxed plugin may do, and the limits phi3d enforces around it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Readable (and executable) paths; relative ones were resolved against the manifest's folder.
+    pub read: Vec<PathBuf>,
+    /// Writable paths, resolved the same way.
+    pub write: Vec<PathBuf>,
+    pub network: Network,
+    pub memory_bytes: u64,
+    pub cpu_seconds: u64,
+    /// Wall-clock limit of one call (and of the start-up handshake).
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
+    pub max_concurrent_calls: usize,
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    pub max_file_bytes: u64,
+}
+
+/// The network a plugin may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    None,
+    Loopback,
+    /// Outgoing connections to exactly these endpoints.
+    Connect(Vec<Endpoint>),
+}
+
+/// One `host:port` a plugin may connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Default for Permissions {
+    /// The strictest settings: what a manifest without `[permissions]` gets.
+    fn default() -> Self {
+        Permissions {
+            read: Vec::new(),
+            write: Vec::new(),
+            network: Network::None,
+            memory_bytes: 256 * MIB,
+            cpu_seconds: 5,
+            timeout: Duration::from_secs(10),
+            max_output_bytes: 65536,
+            max_concurrent_calls: 1,
+            max_processes: 1,
+            max_open_files: 64,
+            max_file_bytes: 0,
+        }
+    }
+}
+
+/// Why a manifest was rejected: the file, the field (if one is to blame) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}{message}", file.display(), field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct ManifestError {
+    pub file: PathBuf,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// Where bare command names are looked for, in order, after the phi3d binary's own folder.
+#[derive(Debug, Clone, Default)]
+pub struct CommandSearch {
+    /// The folder of the running phi3d binary.
+    pub exe_dir: Option<PathBuf>,
+    /// The folders of `PATH`.
+    pub path: Vec<PathBuf>,
+}
+
+impl CommandSearch {
+    /// The search of the running process: `std::env::current_exe`'s folder, then `PATH`.
+    pub fn from_env() -> Self {
+        let exe_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+        CommandSearch { exe_dir, path }
+    }
+
+    fn find(&self, name: &str) -> Option<PathBuf> {
+        self.exe_dir
+            .iter()
+            .chain(self.path.iter())
+            .map(|dir| dir.join(name))
+            .find(|candidate| is_executable_file(candidate))
+    }
+}
+
+impl Manifest {
+    /// Reads and validates one manifest file.
+    pub fn load(file: &Path, search: &CommandSearch) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(file).map_err(|e| error(file, None, format!("cannot read: {e}")))?;
+        Manifest::parse(file, &text, search)
+    }
+
+    /// Validates the text of a manifest that lives (or would live) at `file`; the path gives the
+    /// default name and the folder relative paths are resolved against.
+    pub fn parse(file: &Path, text: &str, search: &CommandSearch) -> Result<Manifest, ManifestError> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            // The error's own Display is a multi-line snippet; one log line reads better.
+            let line = e.span().map_or(1, |span| text[..span.start].matches('\n').count() + 1);
+            error(file, None, format!("invalid TOML at line {line}: {}", e.message().trim()))
+        })?;
+        let folder = file.parent().unwrap_or(Path::new("."));
+        let mut top = Fields::new(file, None, table);
+
+        let name = match top.take("name") {
+            Some(value) => top.string("name", value)?,
+            None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        validate_name(&name).map_err(|m| top.err("name", m))?;
+
+        let command = match top.take("command") {
+            Some(value) => top.string("command", value)?,
+            None => return Err(top.err("command", "missing; say which program to run".into())),
+        };
+        let command = resolve_command(&command, folder, search).map_err(|m| top.err("command", m))?;
+
+        let args = match top.take("args") {
+            Some(value) => top.strings("args", value)?,
+            None => Vec::new(),
+        };
+
+        let start = match top.take("start") {
+            None => StartMode::Lazy,
+            Some(Value::String(s)) if s == "lazy" => StartMode::Lazy,
+            Some(Value::String(s)) if s == "startup" => StartMode::Startup,
+            Some(other) => {
+                return Err(top.err("start", format!("expected \"lazy\" or \"startup\", got {}", show(&other))));
+            }
+        };
+
+        let env = match top.take("env") {
+            Some(value) => parse_env(&top.table("env", value)?)?,
+            None => BTreeMap::new(),
+        };
+
+        let permissions = match top.take("permissions") {
+            Some(value) => parse_permissions(top.table("permissions", value)?, folder)?,
+            None => Permissions::default(),
+        };
+
+        top.finish()?;
+        Ok(Manifest { file: file.to_path_buf(), name, command, args, start, env, permissions })
+    }
+}
+
+fn parse_env(fields: &Fields) -> Result<BTreeMap<String, String>, ManifestError> {
+    let mut env = BTreeMap::new();
+    for (key, value) in &fields.table {
+        let field = format!("env.{key}");
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(fields.err_at(&field, "a variable name must be non-empty and hold no '=' or NUL".into()));
+        }
+        let Value::String(value) = value else {
+            return Err(fields.err_at(&field, format!("expected a string, got {}", show(value))));
+        };
+        if value.contains('\0') {
+            return Err(fields.err_at(&field, "a value must not hold NUL".into()));
+        }
+        env.insert(key.clone(), value.clone());
+    }
+    Ok(env)
+}
+
+fn parse_permissions(mut p: Fields, folder: &Path) -> Result<Permissions, ManifestError> {
+    let defaults = Permissions::default();
+    let paths = |p: &Fields, key: &str, value: Value| -> Result<Vec<PathBuf>, ManifestError> {
+        let list = p.strings(key, value)?;
+        list.into_iter()
+            .map(|s| {
+                if s.is_empty() || s.contains('\0') {
+                    Err(p.err(key, format!("{s:?} is not a path")))
+                } else {
+                    Ok(folder.join(s))
+                }
+            })
+            .collect()
+    };
+    let read = match p.take("read") {
+        Some(value) => paths(&p, "read", value)?,
+        None => defaults.read,
+    };
+    let write = match p.take("write") {
+        Some(value) => paths(&p, "write", value)?,
+        None => defaults.write,
+    };
+    let network = match p.take("network") {
+        Some(value) => parse_network(&p, value)?,
+        None => defaults.network,
+    };
+    let memory_mb = p.number("memory_mb", 1, 1 << 20)?;
+    let cpu_seconds = p.number("cpu_seconds", 1, 86_400)?;
+    let timeout_seconds = p.number("timeout_seconds", 1, 86_400)?;
+    let max_output_bytes = p.number("max_output_bytes", 1, 1 << 30)?;
+    let max_concurrent_calls = p.number("max_concurrent_calls", 1, 1024)?;
+    let max_processes = p.number("max_processes", 1, 1 << 16)?;
+    let max_open_files = p.number("max_open_files", 1, 1 << 20)?;
+    let max_file_size_mb = p.number("max_file_size_mb", 0, 1 << 20)?;
+    p.finish()?;
+    Ok(Permissions {
+        read,
+        write,
+        network,
+        memory_bytes: memory_mb.map_or(defaults.memory_bytes, |mb| mb * MIB),
+        cpu_seconds: cpu_seconds.unwrap_or(defaults.cpu_seconds),
+        timeout: timeout_seconds.map_or(defaults.timeout, Duration::from_secs),
+        max_output_bytes: max_output_bytes.map_or(defaults.max_output_bytes, |n| n as usize),
+        max_concurrent_calls: max_concurrent_calls.map_or(defaults.max_concurrent_calls, |n| n as usize),
+        max_processes: max_processes.unwrap_or(defaults.max_processes),
+        max_open_files: max_open_files.unwrap_or(defaults.max_open_files),
+        max_file_bytes: max_file_size_mb.map_or(defaults.max_file_bytes, |mb| mb * MIB),
+    })
+}
+
+fn parse_network(p: &Fields, value: Value) -> Result<Network, ManifestError> {
+    let expected =
+        || p.err("network", format!("expected \"none\", \"loopback\" or a list of host:port, got {}", show(&value)));
+    match &value {
+        Value::String(s) if s == "none" => Ok(Network::None),
+        Value::String(s) if s == "loopback" => Ok(Network::Loopback),
+        Value::Array(items) => {
+            let mut endpoints = Vec::with_capacity(items.len());
+            for item in items {
+                let Value::String(s) = item else { return Err(expected()) };
+                let endpoint = parse_endpoint(s)
+                    .ok_or_else(|| p.err("network", format!("{s:?} is not host:port (port 1 to 65535)")))?;
+                endpoints.push(endpoint);
+            }
+            Ok(Network::Connect(endpoints))
+        }
+        _ => Err(expected()),
+    }
+}
+
+/// `host:port`, with IPv6 hosts in brackets (`[::1]:8123`).
+fn parse_endpoint(s: &str) -> Option<Endpoint> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    let port: u16 = port.parse().ok()?;
+    let host_ok =
+        !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    (host_ok && port != 0).then(|| Endpoint { host: host.to_string(), port })
+}
+
+/// Plugin names become the prefix of `plugin.tool`, so they may not hold a dot, and they show
+/// up in logs and prompts, so they stay short and plain.
+fn validate_name(name: &str) -> Result<(), String> {
+    let plain = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if name.is_empty() || name.len() > 64 || !plain {
+        return Err(format!("{name:?} is not a plugin name: use 1 to 64 letters, digits, '_' or '-'"));
+    }
+    Ok(())
+}
+
+fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Result<PathBuf, String> {
+    if command.is_empty() || command.contains('\0') {
+        return Err(format!("{command:?} is not a program"));
+    }
+    let path = Path::new(command);
+    let resolved = if path.is_absolute() {
+        path.to_path_buf()
+    } else if command.contains('/') {
+        folder.join(path)
+    } else {
+        return search.find(command).ok_or_else(|| {
+            let beside = search.exe_dir.as_ref().map(|d| format!("{} or ", d.display())).unwrap_or_default();
+            format!("cannot find {command:?} in {beside}PATH")
+        });
+    };
+    if is_executable_file(&resolved) {
+        Ok(resolved)
+    } else {
+        Err(format!("{} is not an executable file", resolved.display()))
+    }
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// A value as the operator wrote it, for "got ..." in messages.
+fn show(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("{s:?}"),
+        Value::Table(_) => "a table".into(),
+        other => other.to_string(),
+    }
+}
+
+fn error(file: &Path, field: Option<&str>, message: String) -> ManifestError {
+    ManifestError { file: file.to_path_buf(), field: field.map(str::to_string), message }
+}
+
+/// The keys of one table, taken one by one so that what is left at the end is unknown.
+struct Fields<'a> {
+    file: &'a Path,
+    /// The dotted prefix of this table's keys (`permissions`), `None` at the top.
+    prefix: Option<&'static str>,
+    table: Table,
+}
+
+impl<'a> Fields<'a> {
+    fn new(file: &'a Path, prefix: Option<&'static str>, table: Table) -> Self {
+        Fields { file, prefix, table }
+    }
+
+    fn path(&self, key: &str) -> String {
+        match self.prefix {
+            Some(prefix) => format!("{prefix}.{key}"),
+            None => key.to_string(),
+        }
+    }
+
+    fn err(&self, key: &str, message: String) -> ManifestError {
+        error(self.file, Some(&self.path(key)), message)
+    }
+
+    /// An error for a field path already complete (used where keys are data, as in `[env]`).
+    fn err_at(&self, field: &str, message: String) -> ManifestError {
+        error(self.file, Some(field), message)
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.table.remove(key)
+    }
+
+    fn string(&self, key: &str, value: Value) -> Result<String, ManifestError> {
+        match value {
+            Value::String(s) => Ok(s),
+            other => Err(self.err(key, format!("expected a string, got {}", show(&other)))),
+        }
+    }
+
+    fn strings(&self, key: &str, value: Value) -> Result<Vec<String>, ManifestError> {
+        let not_list = |v: &Value| self.err(key, format!("expected a list of strings, got {}", show(v)));
+        let Value::Array(items) = &value else { return Err(not_list(&value)) };
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(not_list(&value)),
+            })
+            .collect()
+    }
+
+    fn table(&self, key: &'static str, value: Value) -> Result<Fields<'a>, ManifestError> {
+        match value {
+            Value::Table(table) => Ok(Fields::new(self.file, Some(key), table)),
+            other => Err(self.err(key, format!("expected a table, got {}", show(&other)))),
+        }
+    }
+
+    /// An optional whole number within `min..=max`.
+    fn number(&mut self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ManifestError> {
+        let Some(value) = self.take(key) else { return Ok(None) };
+        match value {
+            Value::Integer(n) if (min as i64..=max as i64).contains(&n) => Ok(Some(n as u64)),
+            other => Err(self.err(key, format!("expected a whole number from {min} to {max}, got {}", show(&other)))),
+        }
+    }
+
+    /// Rejects whatever key nobody took.
+    fn finish(self) -> Result<(), ManifestError> {
+        match self.table.keys().next() {
+            None => Ok(()),
+            Some(key) => Err(self.err(key, "unknown key".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder holding an executable `tool` and a search that finds bare `tool` there.
+    struct Setup {
+        dir: tempfile::TempDir,
+        search: CommandSearch,
+    }
+
+    fn setup() -> Setup {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let search = CommandSearch { exe_dir: Some(dir.path().to_path_buf()), path: Vec::new() };
+        Setup { dir, search }
+    }
+
+    impl Setup {
+        fn parse(&self, text: &str) -> Result<Manifest, ManifestError> {
+            Manifest::parse(&self.dir.path().join("clock.toml"), text, &self.search)
+        }
+
+        fn error(&self, text: &str) -> (Option<String>, String) {
+            let e = self.parse(text).expect_err("the manifest should be rejected");
+            assert_eq!(e.file, self.dir.path().join("clock.toml"));
+            assert!(e.to_string().starts_with(&self.dir.path().join("clock.toml").display().to_string()));
+            (e.field, e.message)
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_strictest() {
+        let s = setup();
+        let m = s.parse("command = \"tool\"").unwrap();
+        assert_eq!(m.name, "clock");
+        assert_eq!(m.command, s.dir.path().join("tool"));
+        assert!(m.args.is_empty());
+        assert_eq!(m.start, StartMode::Lazy);
+        assert!(m.env.is_empty());
+        assert_eq!(m.permissions, Permissions::default());
+        let p = &m.permissions;
+        assert_eq!(p.network, Network::None);
+        assert_eq!(p.memory_bytes, 256 * MIB);
+        assert_eq!(p.timeout, Duration::from_secs(10));
+        assert_eq!(p.max_output_bytes, 65536);
+        assert_eq!((p.max_concurrent_calls, p.max_processes, p.max_open_files), (1, 1, 64));
+        assert_eq!((p.cpu_seconds, p.max_file_bytes), (5, 0));
+    }
+
+    #[test]
+    fn every_field() {
+        let s = setup();
+        let m = s
+            .parse(
+                r#"
+                name = "my-clock_2"
+                command = "./tool"
+                args = ["--fast", "x"]
+                start = "startup"
+                [env]
+                TZ = "Europe/Berlin"
+                [permissions]
+                read = ["/usr/share/zoneinfo", "data"]
+                write = ["/tmp/x"]
+                network = ["localhost:8123", "[::1]:443", "example.com:80"]
+                memory_mb = 64
+                cpu_seconds = 2
+                timeout_seconds = 3
+                max_output_bytes = 100
+                max_concurrent_calls = 4
+                max_processes = 8
+                max_open_files = 16
+                max_file_size_mb = 1
+                "#,
+            )
+            .unwrap();
+        assert_eq!(m.name, "my-clock_2");
+        assert_eq!(m.command, s.dir.path().join("./tool"));
+        assert_eq!(m.args, ["--fast", "x"]);
+        assert_eq!(m.start, StartMode::Startup);
+        assert_eq!(m.env["TZ"], "Europe/Berlin");
+        let p = &m.permissions;
+        assert_eq!(p.read, [PathBuf::from("/usr/share/zoneinfo"), s.dir.path().join("data")]);
+        assert_eq!(p.write, [PathBuf::from("/tmp/x")]);
+        let endpoint = |host: &str, port| Endpoint { host: host.into(), port };
+        assert_eq!(
+            p.network,
+            Network::Connect(vec![endpoint("localhost", 8123), endpoint("::1", 443), endpoint("example.com", 80)])
+        );
+        assert_eq!(p.memory_bytes, 64 * MIB);
+        assert_eq!(p.cpu_seconds, 2);
+        assert_eq!(p.timeout, Duration::from_secs(3));
+        assert_eq!(p.max_output_bytes, 100);
+        assert_eq!(p.max_concurrent_calls, 4);
+        assert_eq!(p.max_processes, 8);
+        assert_eq!(p.max_open_files, 16);
+        assert_eq!(p.max_file_bytes, MIB);
+    }
+
+    #[test]
+    fn network_loopback_and_none() {
+        let s = setup();
+        let net = |v: &str| {
+            s.parse(&format!("command = \"tool\"\n[permissions]\nnetwork = {v}")).unwrap().permissions.network
+        };
+        assert_eq!(net("\"loopback\""), Network::Loopback);
+        assert_eq!(net("\"none\""), Network::None);
+        assert_eq!(net("[]"), Network::Connect(Vec::new()));
+    }
+
+    #[test]
+    fn command_lookup() {
+        let s = setup();
+        let absolute = s.dir.path().join("tool");
+        let m = s.parse(&format!("command = {:?}", absolute.display().to_string())).unwrap();
+        assert_eq!(m.command, absolute);
+
+        // A bare name falls back to PATH when it is not next to phi3d.
+        let on_path =
+            CommandSearch { exe_dir: Some(PathBuf::from("/nonexistent")), path: vec![s.dir.path().to_path_buf()] };
+        let m = Manifest::parse(&s.dir.path().join("a.toml"), "command = \"tool\"", &on_path).unwrap();
+        assert_eq!(m.command, absolute);
+
+        let (field, message) = s.error("command = \"no-such-tool\"");
+        assert_eq!(field.as_deref(), Some("command"));
+        assert!(message.contains("cannot find \"no-such-tool\""), "{message}");
+
+        let (field, message) = s.error("command = \"./missing\"");
+        assert_eq!(field.as_deref(), Some("command"));
+        assert!(message.contains("is not an executable file"), "{message}");
+
+        // A file without an execute bit is not a program.
+        std::fs::write(s.dir.path().join("plain"), "").unwrap();
+        let (_, message) = s.error("command = \"./plain\"");
+        assert!(message.contains("is not an executable file"), "{message}");
+    }
+
+    #[test]
+    fn load_reads_the_file() {
+        let s = setup();
+        let file = s.dir.path().join("weather.toml");
+        std::fs::write(&file, "command = \"tool\"").unwrap();
+        assert_eq!(Manifest::load(&file, &s.search).unwrap().name, "weather");
+
+        let e = Manifest::load(&s.dir.path().join("gone.toml"), &s.search).unwrap_err();
+        assert!(e.message.starts_with("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let s = setup();
+        let cases: &[(&str, &str, &str)] = &[
+            ("command = \"tool\"\nnetwork = 1", "network", "unknown key"),
+            ("command = \"tool\"\n[permissions]\nreed = []", "permissions.reed", "unknown key"),
+            ("args = []", "command", "missing"),
+            ("command = 5", "command", "expected a string, got 5"),
+            ("command = \"\"", "command", "is not a program"),
+            ("name = \"a.b\"\ncommand = \"tool\"", "name", "is not a plugin name"),
+            ("name = \"\"\ncommand = \"tool\"", "name", "is not a plugin name"),
+            ("name = 1\ncommand = \"tool\"", "name", "expected a string"),
+            ("command = \"tool\"\nargs = \"-x\"", "args", "expected a list of strings"),
+            ("command = \"tool\"\nargs = [1]", "args", "expected a list of strings"),
+            ("command = \"tool\"\nstart = \"later\"", "start", "expected \"lazy\" or \"startup\", got \"later\""),
+            ("command = \"tool\"\nenv = 1", "env", "expected a table"),
+            ("command = \"tool\"\n[env]\nTZ = 1", "env.TZ", "expected a string, got 1"),
+            ("command = \"tool\"\npermissions = []", "permissions", "expected a table"),
+            ("command = \"tool\"\n[permissions]\nread = \"/\"", "permissions.read", "expected a list of strings"),
+            ("command = \"tool\"\n[permissions]\nwrite = [\"\"]", "permissions.write", "is not a path"),
+            (
+                "command = \"tool\"\n[permissions]\nnetwork = 5",
+                "permissions.network",
+                "expected \"none\", \"loopback\" or a list of host:port, got 5",
+            ),
+            (
+                "command = \"tool\"\n[permissions]\nnetwork = \"all\"",
+                "permissions.network",
+                "expected \"none\", \"loopback\" or a list of host:port, got \"all\"",
+            ),
+            ("command = \"tool\"\n[permissions]\nnetwork = [1]", "permissions.network", "expected \"none\""),
+            ("command = \"tool\"\n[permissions]\nnetwork = [\"host\"]", "permissions.network", "is not host:port"),
+            ("command = \"tool\"\n[permissions]\nnetwork = [\"host:0\"]", "permissions.network", "is not host:port"),
+            ("command = \"tool\"\n[permissions]\nnetwork = [\"::1:80\"]", "permissions.network", "is not host:port"),
+            ("command = \"tool\"\n[permissions]\nnetwork = [\"a b:80\"]", "permissions.network", "is not host:port"),
+            ("command = \"tool\"\n[permissions]\nmemory_mb = 0", "permissions.memory_mb", "from 1 to"),
+            ("command = \"tool\"\n[permissions]\ncpu_seconds = -1", "permissions.cpu_seconds", "got -1"),
+            ("command = \"tool\"\n[permissions]\ntimeout_seconds = 1.5", "permissions.timeout_seconds", "got 1.5"),
+            (
+                "command = \"tool\"\n[permissions]\nmax_output_bytes = \"1k\"",
+                "permissions.max_output_bytes",
+                "got \"1k\"",
+            ),
+            (
+                "command = \"tool\"\n[permissions]\nmax_concurrent_calls = 0",
+                "permissions.max_concurrent_calls",
+                "from 1",
+            ),
+            ("command = \"tool\"\n[permissions]\nmax_processes = 0", "permissions.max_processes", "from 1"),
+            ("command = \"tool\"\n[permissions]\nmax_open_files = 0", "permissions.max_open_files", "from 1"),
+            ("command = \"tool\"\n[permissions]\nmax_file_size_mb = -2", "permissions.max_file_size_mb", "from 0"),
+        ];
+        for (text, field, message) in cases {
+            let (got_field, got_message) = s.error(text);
+            assert_eq!(got_field.as_deref(), Some(*field), "{text}");
+            assert!(got_message.contains(message), "{text}: {got_message}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file() {
+        let s = setup();
+        let (field, message) = s.error("command = ");
+        assert_eq!(field, None);
+        assert!(message.starts_with("invalid TOML"), "{message}");
+    }
+
+    #[test]
+    fn error_display() {
+        let e = error(Path::new("clock.toml"), Some("permissions.network"), "bad".into());
+        assert_eq!(e.to_string(), "clock.toml: permissions.network: bad");
+        let e = error(Path::new("clock.toml"), None, "cannot read".into());
+        assert_eq!(e.to_string(), "clock.toml: cannot read");
+    }
+}

@@ -1,0 +1,238 @@
+//! Confinement of plugin processes: what the kernel offers ([`KernelSupport`]), what a plugin
+//! may do ([`Policy`]), and [`confine`], which sets up a `tokio::process::Command` so that the
+//! child is locked down before it execs the plugin.
+//!
+//! The layers, each in its own module, and the order the child applies them in:
+//!
+//! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps.
+//! 2. [`netns`]: a private network namespace when the plugin needs no network or only
+//!    loopback, with `lo` brought up for the latter.
+//! 3. [`identity`]: when phi3d is root, the plugin drops to `nobody` (after the namespace, which
+//!    needed root); then `no_new_privs`, which Landlock and seccomp both require.
+//! 4. [`landlock_rules`]: the filesystem (and, from Landlock ABI 4, TCP) allow-list.
+//! 5. [`seccomp`]: a deny-list of system calls no tool needs, installed last so that the steps
+//!    above may still use `unshare` and friends.
+//!
+//! Everything is built in the parent; the child only makes system calls (see [`child`]). A
+//! step that fails in the child makes `spawn` fail, so a plugin never runs with less than the
+//! [`Protections`] that `confine` returned.
+
+mod child;
+mod identity;
+mod landlock_rules;
+mod netns;
+mod policy;
+mod probe;
+mod protections;
+mod rlimits;
+mod seccomp;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, plugin_uid};
+pub use policy::{HostPort, NetworkPolicy, Policy, Requirement};
+pub use probe::KernelSupport;
+pub use protections::{
+    LandlockProtection, NamespaceProtection, Protections, Rlimit, SeccompProtection, UserProtection,
+};
+
+/// The `PATH` a plugin gets when its policy sets none: enough to find the usual tools, and
+/// nothing under a user's home or `/usr/local`.
+pub const DEFAULT_PATH: &str = "/usr/bin:/bin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("the kernel cannot give {}", .0.join("; "))]
+    Unavailable(Vec<String>),
+    #[error("cannot open {} for the sandbox rules: {source}", path.display())]
+    Path { path: PathBuf, source: io::Error },
+    #[error("cannot find the executable {} (looked in PATH={path})", program.display())]
+    Executable { program: PathBuf, path: String },
+    #[error("invalid environment variable name {0:?}")]
+    EnvName(String),
+    #[error("building the Landlock ruleset failed: {0}")]
+    Landlock(#[from] landlock::RulesetError),
+    #[error("building the seccomp filter failed: {0}")]
+    Seccomp(#[from] seccompiler::BackendError),
+}
+
+/// Sets `command` up to run confined by `policy`, as far as `support` says the kernel can.
+///
+/// The environment is replaced by the policy's (plus `PATH`=[`DEFAULT_PATH`] if it sets none),
+/// the child gets its own process group (see [`kill_group`]) and is killed when its handle is
+/// dropped, and the layers listed in the module documentation are applied between fork and
+/// exec. With [`Requirement::Strict`] anything the policy implies but the kernel cannot give is
+/// an error naming it and `command` is left untouched; with [`Requirement::BestEffort`] it is
+/// listed in [`Protections::missing`] for the caller to warn about.
+pub fn confine(
+    command: &mut Command,
+    policy: &Policy,
+    support: &KernelSupport,
+    requirement: Requirement,
+) -> Result<Protections, SandboxError> {
+    let env = environment(policy)?;
+    let search_path = env.iter().find(|(name, _)| name == "PATH").map_or(DEFAULT_PATH, |(_, value)| value.as_str());
+    let executable = resolve_executable(command.as_std(), search_path)?;
+    let mut missing = Vec::new();
+
+    let limits = rlimits::Limits::prepare(policy);
+    let identity = identity::Identity::prepare(support.running_as_root, policy.run_as);
+
+    let wants_namespace = matches!(policy.network, NetworkPolicy::None | NetworkPolicy::Loopback);
+    let namespace = (wants_namespace && support.network_namespaces)
+        .then(|| netns::NetNamespace::prepare(support.running_as_root, policy.network == NetworkPolicy::Loopback));
+
+    let landlock = match support.landlock_abi {
+        Some(abi) => Some(landlock_rules::prepare(policy, abi, &executable)?),
+        None => {
+            let why = support.landlock_unavailable.as_deref().unwrap_or("unavailable");
+            missing.push(format!("filesystem confinement (Landlock: {why})"));
+            None
+        }
+    };
+
+    let unix_sockets_only = policy.network == NetworkPolicy::None;
+    let seccomp = if !support.seccomp {
+        missing.push("system call filtering (the kernel has no seccomp filters)".to_owned());
+        None
+    } else {
+        match seccomp::build(unix_sockets_only)? {
+            Some(filters) => Some(filters),
+            None => {
+                missing.push(format!("system call filtering (no seccomp filter for {})", std::env::consts::ARCH));
+                None
+            }
+        }
+    };
+
+    let tcp_ports_filtered = landlock.as_ref().is_some_and(|(_, report)| report.tcp_connect_ports.is_some());
+    match &policy.network {
+        NetworkPolicy::None if namespace.is_none() && seccomp.is_none() => missing.push(
+            "network isolation (no network namespace and no seccomp; Landlock alone would block only TCP)".to_owned(),
+        ),
+        NetworkPolicy::Loopback if namespace.is_none() => {
+            missing.push("loopback-only network (needs a network namespace)".to_owned())
+        }
+        NetworkPolicy::Connect(_) if !tcp_ports_filtered => {
+            let abi = support.landlock_abi.map_or_else(|| "none".to_owned(), |abi| abi.to_string());
+            missing.push(format!("TCP port filtering (needs Landlock ABI 4 or later; the kernel has {abi})"))
+        }
+        _ => {}
+    }
+
+    if requirement == Requirement::Strict && !missing.is_empty() {
+        return Err(SandboxError::Unavailable(missing));
+    }
+
+    let protections = Protections {
+        no_new_privs: true,
+        env_scrubbed: true,
+        env_vars: env.iter().map(|(name, _)| name.clone()).collect(),
+        own_process_group: true,
+        rlimits: limits.report(),
+        user: identity.report(),
+        landlock: landlock.as_ref().map(|(_, report)| report.clone()),
+        seccomp: seccomp.as_ref().map(seccomp::Filters::report),
+        network_namespace: namespace.as_ref().map(netns::NetNamespace::report),
+        missing,
+    };
+
+    command.env_clear().envs(env).process_group(0).kill_on_drop(true);
+    let steps = ChildSteps { limits, namespace, identity, landlock: landlock.map(|(rules, _)| rules), seccomp };
+    // SAFETY: `ChildSteps::run` only makes async-signal-safe system calls on data prepared
+    // above; it allocates nothing and takes no locks (see `child`).
+    unsafe {
+        command.pre_exec(move || steps.run());
+    }
+    Ok(protections)
+}
+
+/// SIGKILLs every process in the group `pgid`: a plugin and whatever it left running.
+///
+/// Call it before the group leader is reaped, or while other members may still be alive: once
+/// the whole group is gone its id can be reused. Refuses (and logs) ids that would hit phi3d
+/// itself or everything (0, 1, negative, phi3d's own group).
+pub fn kill_group(pgid: i32) {
+    // SAFETY: getpgrp has no preconditions.
+    if pgid <= 1 || pgid == unsafe { libc::getpgrp() } {
+        tracing::error!(pgid, "refusing to kill this process group: it is not a plugin's");
+        return;
+    }
+    // SAFETY: killpg only sends a signal.
+    if unsafe { libc::killpg(pgid, libc::SIGKILL) } != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, %error, "killing the plugin's process group failed");
+        }
+    }
+}
+
+/// The layers the child applies, in order, between fork and exec.
+struct ChildSteps {
+    limits: rlimits::Limits,
+    namespace: Option<netns::NetNamespace>,
+    identity: identity::Identity,
+    landlock: Option<landlock_rules::Rules>,
+    seccomp: Option<seccomp::Filters>,
+}
+
+impl ChildSteps {
+    fn run(&self) -> io::Result<()> {
+        let result = (|| {
+            self.limits.apply()?;
+            if let Some(namespace) = &self.namespace {
+                namespace.enter()?;
+            }
+            self.identity.apply()?;
+            identity::set_no_new_privs()?;
+            if let Some(landlock) = &self.landlock {
+                landlock.restrict()?;
+            }
+            if let Some(seccomp) = &self.seccomp {
+                seccomp.apply()?;
+            }
+            Ok(())
+        })();
+        result.map_err(child::StepError::into_io)
+    }
+}
+
+/// The policy's environment plus the default `PATH`, with names the kernel would mangle refused.
+fn environment(policy: &Policy) -> Result<Vec<(String, String)>, SandboxError> {
+    let mut env = policy.env.clone();
+    if let Some((name, _)) =
+        env.iter().find(|(name, value)| name.is_empty() || name.contains(['=', '\0']) || value.contains('\0'))
+    {
+        return Err(SandboxError::EnvName(name.clone()));
+    }
+    if !env.iter().any(|(name, _)| name == "PATH") {
+        env.push(("PATH".to_owned(), DEFAULT_PATH.to_owned()));
+    }
+    Ok(env)
+}
+
+/// The file `command` will exec, found the way `execvp` will find it, so that Landlock can
+/// allow executing exactly that file.
+fn resolve_executable(command: &std::process::Command, search_path: &str) -> Result<PathBuf, SandboxError> {
+    let program = Path::new(command.get_program());
+    let not_found = || SandboxError::Executable { program: program.to_owned(), path: search_path.to_owned() };
+    let candidate = if program.as_os_str().as_bytes().contains(&b'/') {
+        match command.get_current_dir() {
+            Some(dir) if program.is_relative() => dir.join(program),
+            _ => program.to_owned(),
+        }
+    } else {
+        std::env::split_paths(OsStr::new(search_path))
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+            .ok_or_else(not_found)?
+    };
+    candidate.canonicalize().map_err(|_| not_found())
+}

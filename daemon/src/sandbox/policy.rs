@@ -1,0 +1,86 @@
+//! What a plugin may do: the [`Policy`] its manifest asks for, and how hard to insist on it
+//! ([`Requirement`]) when the kernel cannot enforce all of it.
+//!
+//! A policy only grants. The filesystem outside the listed paths (and the few system files
+//! any program needs to start) is off limits, and every resource is bounded: there is no
+//! "unlimited", because a plugin is untrusted code.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// The confinement of one plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Files and directory trees the plugin may read and execute.
+    pub read_paths: Vec<PathBuf>,
+    /// Files and directory trees the plugin may read and change, but not execute from, so that
+    /// it cannot write itself a program and run it.
+    pub write_paths: Vec<PathBuf>,
+    pub network: NetworkPolicy,
+    /// Address space (RLIMIT_AS): virtual memory, which is more than the memory in use.
+    pub memory_bytes: u64,
+    /// CPU time over the plugin's whole life (RLIMIT_CPU), not per call.
+    pub cpu_seconds: u64,
+    /// Processes and threads (RLIMIT_NPROC). The kernel counts every one owned by the plugin's
+    /// uid, which is why each plugin gets a uid of its own when phi3d is root (`run_as`).
+    pub max_processes: u64,
+    pub max_open_files: u64,
+    /// Largest file the plugin may write (RLIMIT_FSIZE).
+    pub max_file_bytes: u64,
+    /// The plugin's whole environment: phi3d's own is never passed on.
+    pub env: Vec<(String, String)>,
+    /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::plugin_uid`]).
+    pub run_as: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum NetworkPolicy {
+    /// No network at all.
+    None,
+    /// Only the plugin's own loopback interface, in a network namespace of its own.
+    Loopback,
+    /// TCP connections to these endpoints. Landlock filters by port only, so the host is not
+    /// enforced: any host on a listed port is reachable.
+    Connect(Vec<HostPort>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+/// What to do when the kernel cannot enforce the whole policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Requirement {
+    /// Refuse to run the plugin.
+    Strict,
+    /// Run it with what the kernel can give, and report what is missing.
+    BestEffort,
+}
+
+impl NetworkPolicy {
+    /// The distinct ports a [`NetworkPolicy::Connect`] lists, in order; none for the others.
+    pub fn connect_ports(&self) -> Vec<u16> {
+        let NetworkPolicy::Connect(endpoints) = self else { return Vec::new() };
+        let mut ports: Vec<u16> = endpoints.iter().map(|endpoint| endpoint.port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_ports_are_sorted_and_distinct() {
+        let endpoint = |host: &str, port| HostPort { host: host.to_owned(), port };
+        let network = NetworkPolicy::Connect(vec![endpoint("b", 443), endpoint("a", 80), endpoint("c", 443)]);
+        assert_eq!(network.connect_ports(), [80, 443]);
+        assert!(NetworkPolicy::Loopback.connect_ports().is_empty());
+        assert!(NetworkPolicy::None.connect_ports().is_empty());
+    }
+}

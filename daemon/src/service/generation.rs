@@ -1,0 +1,84 @@
+//! One request's life on the async side: registering its id, enforcing its deadline, and
+//! submitting generation steps to the engine. Shared by plain chats and tool turns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::requests::{Registration, Requests};
+use super::validate;
+use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
+use crate::engine::{Engine, LoadedModel, QueueError};
+
+/// A request in flight. Dropping it unregisters the id.
+pub struct RequestScope {
+    pub registration: Registration,
+    deadline_passed: Arc<AtomicBool>,
+}
+
+impl RequestScope {
+    /// Registers the id and arms the client's deadline, if it sent one.
+    pub fn begin(requests: &Arc<Requests>, request_id: &str, deadline: Option<Duration>) -> Result<RequestScope, Status> {
+        let registration = requests.register(request_id).ok_or_else(|| {
+            Status::already_exists(format!("request_id `{request_id}` is already in flight; use a unique id per request"))
+        })?;
+        let deadline_passed = Arc::new(AtomicBool::new(false));
+        if let Some(deadline) = deadline {
+            let cancel = registration.cancel.clone();
+            let passed = deadline_passed.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(deadline) => {
+                        passed.store(true, Ordering::SeqCst);
+                        cancel.cancel();
+                    }
+                    () = cancel.cancelled() => {}
+                }
+            });
+        }
+        Ok(RequestScope { registration, deadline_passed })
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.registration.request_id
+    }
+
+    /// Queues one generation step; its events arrive on the returned channel.
+    pub fn submit(
+        &self,
+        engine: &Engine,
+        model: &LoadedModel,
+        prompt: Vec<LlamaToken>,
+        params: GenerationParams,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
+        validate::fits_context(prompt.len(), model.info.context_length)?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let task = Task {
+            request_id: self.registration.request_id.clone(),
+            prompt,
+            params,
+            events,
+            cancel: self.registration.cancel.clone(),
+            enqueued_at: Instant::now(),
+        };
+        engine.submit(task).map_err(|err| match err {
+            QueueError::Full { .. } => Status::resource_exhausted(err.to_string()),
+            QueueError::Closed => Status::unavailable(err.to_string()),
+        })?;
+        Ok(receiver)
+    }
+
+    /// A cancelled completion caused by the deadline is DEADLINE_EXCEEDED for the client.
+    pub fn deadline_status(&self, completion: &Completion) -> Option<Status> {
+        (completion.stop_reason == StopReason::Cancelled && self.deadline_passed.load(Ordering::SeqCst)).then(|| {
+            Status::deadline_exceeded(format!(
+                "the request's deadline passed after {} generated tokens",
+                completion.completion_tokens
+            ))
+        })
+    }
+}

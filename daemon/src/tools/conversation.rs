@@ -1,0 +1,179 @@
+//! A chat request's messages as the turns the model's chat template renders: in a tool turn,
+//! the tools are offered in the system message, earlier calls are written back as the model
+//! would have written them, and results are given in the format's result turn.
+
+use phi3d_proto::v1::{Message, Role};
+use tonic::Status;
+
+use super::toolset::{OfferedTool, StepMode};
+use crate::engine::LoadedModel;
+use super::{ParsedCall, ToolFormat};
+
+/// One message for the chat template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateTurn {
+    pub role: String,
+    pub content: String,
+}
+
+impl TemplateTurn {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        TemplateTurn { role: role.into(), content: content.into() }
+    }
+}
+
+/// The turns of a tool conversation in `mode`. Errors are INVALID_ARGUMENT messages naming the
+/// field.
+pub fn tool_turns(
+    messages: &[Message],
+    format: ToolFormat,
+    tools: &[OfferedTool],
+    mode: &StepMode,
+) -> Result<Vec<TemplateTurn>, String> {
+    let offer = format.system_text(tools, mode);
+    let mut turns = Vec::with_capacity(messages.len() + 1);
+    let mut offered = offer.is_empty();
+    for (index, message) in messages.iter().enumerate() {
+        match Role::try_from(message.role) {
+            Ok(Role::System) if !offered => {
+                turns.push(TemplateTurn::new("system", format!("{}{}{offer}", message.content, format.separator())));
+                offered = true;
+            }
+            Ok(Role::System) => turns.push(TemplateTurn::new("system", message.content.clone())),
+            Ok(Role::User) => turns.push(TemplateTurn::new("user", message.content.clone())),
+            Ok(Role::Assistant) => {
+                let calls = message
+                    .tool_calls
+                    .iter()
+                    .enumerate()
+                    .map(|(call_index, call)| {
+                        let arguments = serde_json::from_str(&call.arguments_json).map_err(|err| {
+                            format!("messages[{index}].tool_calls[{call_index}].arguments_json is not JSON: {err}")
+                        })?;
+                        Ok(ParsedCall { name: call.name.clone(), arguments })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                let content = if calls.is_empty() {
+                    format.render_answer(&message.content)
+                } else {
+                    format!("{}{}", message.content, format.render_calls(&calls))
+                };
+                turns.push(TemplateTurn::new("assistant", content));
+            }
+            Ok(Role::Tool) => {
+                let name = call_name(&messages[..index], &message.tool_call_id).ok_or_else(|| {
+                    format!(
+                        "messages[{index}].tool_call_id `{}` answers no tool call of an earlier assistant message",
+                        message.tool_call_id
+                    )
+                })?;
+                let (role, content) = format.result_turn(name, &message.content, false);
+                turns.push(TemplateTurn::new(role, content));
+            }
+            Ok(Role::Unspecified) | Err(_) => {
+                return Err(format!("messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"));
+            }
+        }
+    }
+    if !offered {
+        turns.insert(0, TemplateTurn::new("system", offer));
+    }
+    Ok(turns)
+}
+
+/// The chat template's rendering of `turns`, ready for the assistant to speak.
+pub fn render(model: &LoadedModel, turns: &[TemplateTurn]) -> Result<String, Status> {
+    let template = model
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| Status::failed_precondition("the model has no chat template; use Complete with a raw prompt"))?;
+    let chat = turns
+        .iter()
+        .map(|turn| llama_cpp_2::model::LlamaChatMessage::new(turn.role.clone(), turn.content.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| Status::invalid_argument(format!("messages: {err}")))?;
+    model
+        .model
+        .apply_chat_template(template, &chat, true)
+        .map_err(|err| Status::invalid_argument(format!("the model's chat template cannot render these messages: {err}")))
+}
+
+/// The name of the call `id` among the assistant messages before a tool message.
+fn call_name<'a>(earlier: &'a [Message], id: &str) -> Option<&'a str> {
+    if id.is_empty() {
+        return None;
+    }
+    earlier
+        .iter()
+        .rev()
+        .flat_map(|message| message.tool_calls.iter())
+        .find(|call| call.id == id)
+        .map(|call| call.name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use phi3d_proto::v1::ToolCall;
+    use serde_json::json;
+
+    use super::*;
+    use crate::tools::toolset::ToolSide;
+
+    fn message(role: Role, content: &str) -> Message {
+        Message { role: role as i32, content: content.into(), ..Message::default() }
+    }
+
+    fn tools() -> Vec<OfferedTool> {
+        vec![OfferedTool::new("lights.off".into(), "off".into(), json!({"type": "object"}), ToolSide::Client).unwrap()]
+    }
+
+    #[test]
+    fn tools_join_the_system_message_or_get_one() {
+        let turns = tool_turns(&[message(Role::User, "hi")], ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
+        assert_eq!(turns[0].role, "system");
+        assert!(turns[0].content.contains("lights.off"));
+        let turns = tool_turns(
+            &[message(Role::System, "Be brief."), message(Role::User, "hi")],
+            ToolFormat::Generic,
+            &tools(),
+            &StepMode::Auto,
+        )
+        .unwrap();
+        assert_eq!(turns.len(), 2);
+        assert!(turns[0].content.starts_with("Be brief.\n\nRespond with one JSON object"), "{}", turns[0].content);
+    }
+
+    #[test]
+    fn a_client_round_trip_renders_call_and_result() {
+        let call = ToolCall { id: "call-1".into(), name: "lights.off".into(), arguments_json: "{\"room\":\"hall\"}".into(), client_side: true };
+        let messages = [
+            message(Role::User, "lights off"),
+            Message { role: Role::Assistant as i32, tool_calls: vec![call], ..Message::default() },
+            Message { role: Role::Tool as i32, content: "done".into(), tool_call_id: "call-1".into(), ..Message::default() },
+        ];
+        let turns = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
+        assert_eq!(turns[2].content, "{\"tool_call\":{\"name\":\"lights.off\",\"arguments\":{\"room\":\"hall\"}}}");
+        assert_eq!(turns[3].role, "user");
+        assert!(turns[3].content.contains("tool_response") && turns[3].content.contains("done"));
+        let turns = tool_turns(&messages, ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
+        assert!(turns[2].content.starts_with("<|tool_call|>"));
+        assert_eq!(turns[3].role, "tool_response");
+    }
+
+    #[test]
+    fn a_result_must_answer_a_call() {
+        let messages = [
+            message(Role::User, "x"),
+            Message { role: Role::Tool as i32, content: "?".into(), tool_call_id: "nope".into(), ..Message::default() },
+        ];
+        let error = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap_err();
+        assert!(error.starts_with("messages[1].tool_call_id `nope`"), "{error}");
+        let bad_json = [Message {
+            role: Role::Assistant as i32,
+            tool_calls: vec![ToolCall { id: "a".into(), name: "x".into(), arguments_json: "{".into(), client_side: false }],
+            ..Message::default()
+        }];
+        let error = tool_turns(&bad_json, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap_err();
+        assert!(error.starts_with("messages[0].tool_calls[0].arguments_json"), "{error}");
+    }
+}

@@ -1,0 +1,145 @@
+//! Tool calling: how tools are offered to the model, how its calls are constrained and parsed,
+//! and the agent loop that runs them (generate → call → result → generate).
+//!
+//! Two prompt formats: Phi-4-mini's native one ([`phi4`]) for models that have the
+//! `<|tool_call|>` token, and the generic JSON one ([`generic`]) for Phi-3 / Phi-3.5 and every
+//! other model. Both are driven through [`ToolFormat`], so the loop does not care which.
+
+pub mod agent;
+pub mod conversation;
+pub mod generic;
+pub mod phi4;
+pub mod toolset;
+
+use serde_json::Value;
+
+use crate::engine::LoadedModel;
+use crate::engine::task::Grammar;
+use toolset::{OfferedTool, StepMode};
+
+/// A call the model made, before validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedCall {
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// What one generation step amounted to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelReply {
+    Answer(String),
+    Calls(Vec<ParsedCall>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    Generic,
+    Phi4Native,
+}
+
+impl ToolFormat {
+    /// Phi-4-mini's format when the vocabulary has its call token, else the generic one.
+    pub fn detect(model: &LoadedModel) -> ToolFormat {
+        let vocab = model.model.vocab();
+        let tokens = vocab.tokenize(phi4::CALL_OPEN.as_bytes(), false, true);
+        if tokens.len() == 1 { ToolFormat::Phi4Native } else { ToolFormat::Generic }
+    }
+
+    /// Text added to the system message to offer the tools.
+    pub fn system_text(self, tools: &[OfferedTool], mode: &StepMode) -> String {
+        match self {
+            ToolFormat::Generic => generic::system_instruction(tools, mode),
+            ToolFormat::Phi4Native => phi4::system_addition(tools, mode),
+        }
+    }
+
+    /// How the system text joins the user's own system message.
+    pub fn separator(self) -> &'static str {
+        match self {
+            ToolFormat::Generic => "\n\n",
+            ToolFormat::Phi4Native => "",
+        }
+    }
+
+    pub fn grammar(self, tools: &[OfferedTool], mode: &StepMode) -> Result<Option<Grammar>, String> {
+        match self {
+            ToolFormat::Generic => {
+                let schema = generic::reply_schema(tools, mode);
+                Ok(Some(Grammar { gbnf: schema_grammar(&schema)?, trigger: None }))
+            }
+            ToolFormat::Phi4Native => {
+                Ok(phi4::grammar(tools, mode)?.map(|(gbnf, trigger)| Grammar { gbnf, trigger }))
+            }
+        }
+    }
+
+    /// The call tokens must come out as text for the native format to be parsed.
+    pub fn renders_special_tokens(self) -> bool {
+        self == ToolFormat::Phi4Native
+    }
+
+    pub fn parse(self, text: &str) -> Result<ModelReply, String> {
+        match self {
+            ToolFormat::Generic => generic::parse_reply(text),
+            ToolFormat::Phi4Native => phi4::parse_reply(text),
+        }
+    }
+
+    pub fn stream(self) -> ReplyStream {
+        match self {
+            ToolFormat::Generic => ReplyStream::Generic(generic::ResponseStream::default()),
+            ToolFormat::Phi4Native => ReplyStream::Phi4(phi4::AnswerStream::default()),
+        }
+    }
+
+    /// An assistant turn that made calls, as the model would have written it.
+    pub fn render_calls(self, calls: &[ParsedCall]) -> String {
+        match self {
+            ToolFormat::Generic => calls.iter().map(|call| generic::render_call(&call.name, &call.arguments)).collect::<Vec<_>>().join("\n"),
+            ToolFormat::Phi4Native => phi4::render_calls(calls),
+        }
+    }
+
+    /// An assistant answer, as the model would have written it.
+    pub fn render_answer(self, text: &str) -> String {
+        match self {
+            ToolFormat::Generic => generic::render_response(text),
+            ToolFormat::Phi4Native => text.to_owned(),
+        }
+    }
+
+    /// The role and content of the turn that gives a tool's result to the model.
+    pub fn result_turn(self, name: &str, content: &str, is_error: bool) -> (&'static str, String) {
+        match self {
+            ToolFormat::Generic => ("user", generic::render_result(name, content, is_error)),
+            ToolFormat::Phi4Native => (phi4::RESULT_ROLE, phi4::render_result(name, content, is_error)),
+        }
+    }
+}
+
+/// llama.cpp's grammar for a JSON schema, without its optional whitespace: on a small device
+/// every token counts, and a small model given the choice may fill its budget with newlines
+/// and indentation instead of finishing the call.
+pub fn schema_grammar(schema: &Value) -> Result<String, String> {
+    let gbnf = llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|err| err.to_string())?;
+    Ok(gbnf
+        .lines()
+        .map(|line| if line.starts_with("space ::=") { "space ::= \" \"?" } else { line })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Follows a reply as it is generated, handing out the text meant for the user.
+pub enum ReplyStream {
+    Generic(generic::ResponseStream),
+    Phi4(phi4::AnswerStream),
+}
+
+impl ReplyStream {
+    pub fn push(&mut self, text: &str) -> String {
+        match self {
+            ReplyStream::Generic(stream) => stream.push(text),
+            ReplyStream::Phi4(stream) => stream.push(text),
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Phi-4-mini's native tool-call format.
+//!
+//! Tools are declared in the system turn as `<|tool|>[...]<|/tool|>`, the model calls them as
+//! `<|tool_call|>[{"name": ..., "arguments": ...}]<|/tool_call|>`, and results come back in a
+//! `<|tool_response|>` turn. In AUTO mode the grammar is lazy: the model writes free text until
+//! it emits `<|tool_call|>`, and only from there is it held to the offered tools' schemas.
+
+use serde_json::{Value, json};
+
+use super::toolset::{OfferedTool, StepMode, call_schema, callable};
+use super::{ModelReply, ParsedCall};
+
+pub const CALL_OPEN: &str = "<|tool_call|>";
+pub const CALL_CLOSE: &str = "<|/tool_call|>";
+/// The role whose turn carries a tool's result.
+pub const RESULT_ROLE: &str = "tool_response";
+
+/// What is appended to the system message: the tool declarations.
+pub fn system_addition(tools: &[OfferedTool], mode: &StepMode) -> String {
+    let described: Vec<Value> = callable(tools, mode).into_iter().map(|(_, tool)| tool.describe()).collect();
+    if described.is_empty() {
+        return String::new();
+    }
+    format!("<|tool|>{}<|/tool|>", Value::Array(described))
+}
+
+/// The GBNF grammar for `mode` and the text that switches it on (`None`: from the start);
+/// `None` altogether when the model answers freely.
+pub fn grammar(tools: &[OfferedTool], mode: &StepMode) -> Result<Option<(String, Option<String>)>, String> {
+    if *mode == StepMode::AnswerOnly {
+        return Ok(None);
+    }
+    let mut defs = serde_json::Map::new();
+    let calls: Vec<Value> =
+        callable(tools, mode).into_iter().map(|(index, tool)| call_schema(tool, index, &mut defs)).collect();
+    let mut schema = json!({ "type": "array", "items": { "anyOf": calls }, "minItems": 1 });
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
+    }
+    let calls_grammar = super::schema_grammar(&schema)?;
+    // The converter names its start rule `root`; the call list becomes a rule of ours, framed
+    // by the call tokens.
+    let calls_grammar = calls_grammar.replacen("root ::=", "tool-calls ::=", 1);
+    let gbnf = format!("root ::= \"{CALL_OPEN}\" tool-calls \"{CALL_CLOSE}\"\n{calls_grammar}");
+    let trigger = (*mode == StepMode::Auto).then(|| CALL_OPEN.to_owned());
+    Ok(Some((gbnf, trigger)))
+}
+
+pub fn render_calls(calls: &[ParsedCall]) -> String {
+    let list: Vec<Value> = calls.iter().map(|call| json!({ "name": call.name, "arguments": call.arguments })).collect();
+    format!("{CALL_OPEN}{}{CALL_CLOSE}", Value::Array(list))
+}
+
+pub fn render_result(name: &str, content: &str, is_error: bool) -> String {
+    let key = if is_error { "error" } else { "content" };
+    json!({ "name": name, key: content }).to_string()
+}
+
+/// Parses a whole reply: free text, or text followed by a call block.
+pub fn parse_reply(text: &str) -> Result<ModelReply, String> {
+    let Some(start) = text.find(CALL_OPEN) else {
+        return Ok(ModelReply::Answer(text.to_owned()));
+    };
+    let block = &text[start + CALL_OPEN.len()..];
+    let block = block
+        .find(CALL_CLOSE)
+        .map(|end| &block[..end])
+        .ok_or_else(|| format!("the call block has no closing {CALL_CLOSE}"))?;
+    let value: Value =
+        serde_json::from_str(block.trim()).map_err(|err| format!("the call block is not valid JSON ({err})"))?;
+    let items = match value {
+        Value::Array(items) => items,
+        single @ Value::Object(_) => vec![single],
+        _ => return Err("the call block must hold a list of calls".into()),
+    };
+    let calls = items
+        .into_iter()
+        .map(|item| {
+            let name = item
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| "every call needs a string \"name\"".to_owned())?;
+            Ok(ParsedCall { name: name.to_owned(), arguments: item.get("arguments").cloned().unwrap_or_else(|| json!({})) })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if calls.is_empty() {
+        return Err("the call block is empty".into());
+    }
+    Ok(ModelReply::Calls(calls))
+}
+
+/// Streams the free text of a reply, stopping at the call block.
+#[derive(Debug, Default)]
+pub struct AnswerStream {
+    in_call: bool,
+}
+
+impl AnswerStream {
+    pub fn push(&mut self, text: &str) -> String {
+        if self.in_call {
+            return String::new();
+        }
+        // `<|tool_call|>` is one special token, so it never arrives split.
+        match text.find(CALL_OPEN) {
+            Some(start) => {
+                self.in_call = true;
+                text[..start].to_owned()
+            }
+            None => text.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tools::toolset::ToolSide;
+
+    fn tools() -> Vec<OfferedTool> {
+        vec![
+            OfferedTool::new("clock.now".into(), "time".into(), json!({"type": "object", "properties": {"zone": {"type": "string"}}}), ToolSide::Plugin)
+                .unwrap(),
+        ]
+    }
+
+    #[test]
+    fn declares_tools_in_the_system_turn() {
+        let text = system_addition(&tools(), &StepMode::Auto);
+        assert!(text.starts_with("<|tool|>[") && text.ends_with("]<|/tool|>"), "{text}");
+        assert!(system_addition(&tools(), &StepMode::AnswerOnly).is_empty());
+    }
+
+    #[test]
+    fn auto_grammars_are_lazy_and_required_ones_are_not() {
+        let (gbnf, trigger) = grammar(&tools(), &StepMode::Auto).unwrap().unwrap();
+        assert_eq!(trigger.as_deref(), Some(CALL_OPEN));
+        assert!(gbnf.starts_with("root ::= \"<|tool_call|>\" tool-calls \"<|/tool_call|>\""), "{gbnf}");
+        assert_eq!(gbnf.matches("root ::=").count(), 1, "{gbnf}");
+        let (_, trigger) = grammar(&tools(), &StepMode::Required).unwrap().unwrap();
+        assert!(trigger.is_none());
+        assert!(grammar(&tools(), &StepMode::AnswerOnly).unwrap().is_none());
+    }
+
+    #[test]
+    fn parses_text_and_call_blocks() {
+        assert_eq!(parse_reply("It is noon.").unwrap(), ModelReply::Answer("It is noon.".into()));
+        let reply = parse_reply("Let me look.<|tool_call|>[{\"name\": \"clock.now\", \"arguments\": {\"zone\": \"UTC\"}}]<|/tool_call|>").unwrap();
+        assert_eq!(reply, ModelReply::Calls(vec![ParsedCall { name: "clock.now".into(), arguments: json!({"zone": "UTC"}) }]));
+        assert!(parse_reply("<|tool_call|>[{\"name\": \"clock.now\"").unwrap_err().contains("closing"));
+        assert!(parse_reply("<|tool_call|>[]<|/tool_call|>").unwrap_err().contains("empty"));
+        assert!(parse_reply("<|tool_call|>{\"arguments\": {}}<|/tool_call|>").unwrap_err().contains("name"));
+    }
+
+    #[test]
+    fn streams_text_until_the_call() {
+        let mut stream = AnswerStream::default();
+        assert_eq!(stream.push("Let me "), "Let me ");
+        assert_eq!(stream.push("look.<|tool_call|>[{"), "look.");
+        assert_eq!(stream.push("\"name\""), "");
+    }
+
+    #[test]
+    fn renders_calls_back_into_the_conversation() {
+        let text = render_calls(&[ParsedCall { name: "clock.now".into(), arguments: json!({}) }]);
+        assert_eq!(parse_reply(&text).unwrap(), ModelReply::Calls(vec![ParsedCall { name: "clock.now".into(), arguments: json!({}) }]));
+    }
+}

@@ -1,0 +1,465 @@
+//! Tool plugins end to end: real child processes under the real sandbox, speaking MCP over
+//! stdio, managed by `PluginRegistry`, including plugins that misbehave on purpose
+//! (`tests/fixtures/plugins/mcp_server.py` documents each tool).
+//!
+//! Manifests are written at test time into a temporary plugins folder, with the paths of the
+//! Python interpreter found on this machine, so the fixtures work on any checkout.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use phi3d::plugins::{PluginRegistry, ToolInfo, ToolOutcome};
+use phi3d::sandbox::{KernelSupport, Requirement};
+use serde_json::json;
+
+/// The fixture MCP server.
+fn server_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/plugins/mcp_server.py").canonicalize().unwrap()
+}
+
+/// A Python 3 the sandboxed plugin can run, and what it must be allowed to read.
+struct Python {
+    exe: PathBuf,
+    read: Vec<PathBuf>,
+}
+
+fn python() -> &'static Python {
+    static PYTHON: OnceLock<Python> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        // When phi3d runs as root, plugins run as an unprivileged user, which cannot enter a
+        // Python installed under /root (pyenv): prefer the system's.
+        let exe = ["/usr/bin/python3", "/usr/local/bin/python3"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        let out = std::process::Command::new(&exe)
+            .args(["-c", "import os, sys; print(os.path.realpath(sys.executable)); print(sys.prefix); print(sys.base_prefix); print(sys.exec_prefix)"])
+            .output()
+            .expect("python3 is needed for the plugin tests");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut lines = text.lines().map(PathBuf::from);
+        let exe = lines.next().expect("python3 printed its executable");
+        let mut read: Vec<PathBuf> = lines.collect();
+        // The interpreter's shared libraries, and the fixture itself.
+        read.extend(["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib"].map(PathBuf::from));
+        read.push(server_script().parent().unwrap().to_path_buf());
+        read.retain(|p| p.exists());
+        read.sort();
+        read.dedup();
+        Python { exe, read }
+    })
+}
+
+/// A manifest running the fixture server with `args`, plus extra `[permissions]` lines.
+///
+/// Run as root, the sandbox gives each plugin name a uid of its own, and RLIMIT_NPROC counts
+/// all processes of that uid. The tests run plugins of the same name (`t`) side by side, so a
+/// small `max_processes` would make them fail to start (EAGAIN): the default here is generous
+/// unless a test sets it.
+pub(crate) fn manifest(args: &[&str], permissions: &str) -> String {
+    let python = python();
+    let processes = if permissions.contains("max_processes") { "" } else { "max_processes = 10000\n" };
+    let mut all_args = vec![server_script().display().to_string()];
+    all_args.extend(args.iter().map(|a| a.to_string()));
+    let read: Vec<String> = python.read.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        "command = {:?}\nargs = {:?}\n[env]\nGREETING = \"hello\"\n[permissions]\nread = {:?}\n{processes}{permissions}\n",
+        python.exe.display().to_string(),
+        all_args,
+        read
+    )
+}
+
+/// A temporary plugins folder.
+struct Plugins {
+    dir: tempfile::TempDir,
+}
+
+impl Plugins {
+    fn new() -> Self {
+        Plugins { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn write(&self, file: &str, text: &str) {
+        // Write then rename, as a package manager would, so a half-written file is never seen.
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join(file)).unwrap();
+    }
+
+    fn remove(&self, file: &str) {
+        std::fs::remove_file(self.dir.path().join(file)).unwrap();
+    }
+
+    async fn start(&self) -> PluginRegistry {
+        PluginRegistry::start(self.dir.path().to_path_buf(), KernelSupport::probe(), Requirement::BestEffort)
+            .await
+            .expect("the registry starts")
+    }
+}
+
+/// One registry with one plugin `t` running the fixture with `args` and `permissions`.
+async fn one_plugin(args: &[&str], permissions: &str) -> (Plugins, PluginRegistry) {
+    let plugins = Plugins::new();
+    plugins.write("t.toml", &manifest(args, permissions));
+    let registry = plugins.start().await;
+    (plugins, registry)
+}
+
+fn names(tools: &[ToolInfo]) -> Vec<&str> {
+    tools.iter().map(|t| t.qualified_name.as_str()).collect()
+}
+
+/// Polls `registry.tools()` until `check` holds (hot reload is asynchronous).
+async fn eventually(registry: &PluginRegistry, what: &str, check: impl Fn(&[ToolInfo]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tools = registry.tools().await;
+        if check(&tools) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: tools are still {:?}", names(&tools));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ok(outcome: &ToolOutcome) -> &str {
+    assert!(!outcome.is_error, "the call failed: {}", outcome.content);
+    &outcome.content
+}
+
+fn err(outcome: &ToolOutcome) -> &str {
+    assert!(outcome.is_error, "the call should have failed, got: {}", outcome.content);
+    &outcome.content
+}
+
+/// Live (not zombie) processes whose command line holds `marker`.
+fn live_processes(marker: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if !String::from_utf8_lossy(&cmdline).contains(marker) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if state.is_some_and(|s| s != 'Z') {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+async fn wait_until_no_process(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !live_processes(marker).is_empty() {
+        assert!(Instant::now() < deadline, "processes {:?} of {marker} outlived their plugin", live_processes(marker));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn marker(name: &str) -> String {
+    format!("--marker={name}-{}-{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_well_behaved_plugin_lists_and_answers() {
+    let (_dir, registry) = one_plugin(&["--tools=echo,env,fail"], "").await;
+    let tools = registry.tools().await;
+    assert_eq!(names(&tools), ["t.echo", "t.env", "t.fail"]);
+    let echo = &tools[0];
+    assert_eq!((echo.plugin.as_str(), echo.name.as_str()), ("t", "echo"));
+    assert_eq!(echo.description, "the echo test tool");
+    assert_eq!(echo.input_schema["type"], "object");
+    assert!(!echo.protections.is_empty());
+
+    let outcome = registry.call("t.echo", json!({"text": "hi there"})).await;
+    assert_eq!(ok(&outcome), "hi there");
+    assert!(outcome.duration > Duration::ZERO);
+
+    // The manifest's [env] is all it gets (PATH is the sandbox's default, LC_CTYPE Python's own).
+    let env: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(ok(&registry.call("t.env", json!({})).await)).unwrap();
+    assert_eq!(env["GREETING"], "hello");
+    for name in env.keys() {
+        assert!(["GREETING", "PATH", "LC_CTYPE"].contains(&name.as_str()), "leaked variable {name}");
+    }
+
+    // A tool's own error result is an error outcome.
+    assert_eq!(err(&registry.call("t.fail", json!({})).await), "it went wrong");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tools_and_bad_arguments_are_errors_naming_the_tools() {
+    let (_dir, registry) = one_plugin(&["--tools=echo"], "").await;
+    for name in ["t.nope", "nope.echo", "echo", ""] {
+        let message = err(&registry.call(name, json!({})).await).to_string();
+        assert!(message.contains("there is no tool") && message.contains("t.echo"), "{message}");
+    }
+    let message = err(&registry.call("t.echo", json!([1, 2])).await).to_string();
+    assert!(message.contains("must be a JSON object"), "{message}");
+    // Null arguments are no arguments.
+    assert_eq!(ok(&registry.call("t.echo", serde_json::Value::Null).await), "");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_timeout_is_stopped_and_the_others_carry_on() {
+    let plugins = Plugins::new();
+    plugins.write("t.toml", &manifest(&["--tools=echo,spin,silent"], "timeout_seconds = 1\ncpu_seconds = 30"));
+    plugins.write("other.toml", &manifest(&["--tools=echo"], ""));
+    let registry = plugins.start().await;
+    registry.tools().await;
+
+    for tool in ["t.spin", "t.silent"] {
+        let started = Instant::now();
+        let (stuck, other) =
+            tokio::join!(registry.call(tool, json!({})), registry.call("other.echo", json!({"text": "still here"})));
+        let message = err(&stuck);
+        assert_eq!(message, format!("the tool {tool} did not answer within 1 s and was stopped"));
+        assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+        assert_eq!(ok(&other), "still here");
+        // The plugin is started again for the next call (after a 1 s backoff, within its timeout).
+        assert_eq!(ok(&registry.call("t.echo", json!({"text": "back"})).await), "back");
+    }
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_mid_call_is_an_error_with_the_exit_and_stderr_and_the_plugin_restarts() {
+    let (_dir, registry) = one_plugin(&["--tools=echo,crash"], "timeout_seconds = 5").await;
+    let message = err(&registry.call("t.crash", json!({})).await).to_string();
+    assert!(message.contains("stopped during the call to t.crash"), "{message}");
+    assert!(message.contains("exited with status 3"), "{message}");
+    assert!(message.contains("about to crash"), "{message}");
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "again"})).await), "again");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_rpc_is_treated_as_a_crash() {
+    let (_dir, registry) = one_plugin(&["--tools=echo,garbage"], "timeout_seconds = 5").await;
+    let message = err(&registry.call("t.garbage", json!({})).await).to_string();
+    assert!(message.contains("malformed JSON-RPC") && message.contains("this is not JSON-RPC"), "{message}");
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "fine"})).await), "fine");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_output_is_cut_and_the_cut_reported() {
+    let (_dir, registry) = one_plugin(&["--tools=huge"], "max_output_bytes = 1000").await;
+    let outcome = registry.call("t.huge", json!({"bytes": 200_000})).await;
+    let text = err(&outcome);
+    assert!(text.starts_with(&"x".repeat(1000)), "{}", &text[..50]);
+    assert!(text.ends_with("\n[output cut at 1000 bytes]"), "{}", &text[text.len() - 50..]);
+    assert_eq!(text.len(), 1000 + "\n[output cut at 1000 bytes]".len());
+    // A small result is not cut.
+    assert_eq!(ok(&registry.call("t.huge", json!({"bytes": 10})).await), "xxxxxxxxxx");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_without_newlines_cannot_exhaust_memory() {
+    let (_dir, registry) = one_plugin(&["--tools=echo,flood"], "max_output_bytes = 1000\ntimeout_seconds = 20").await;
+    let started = Instant::now();
+    let message = err(&registry.call("t.flood", json!({"bytes": 256 << 20})).await).to_string();
+    assert!(message.contains("longer than 1048576 bytes"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "ok"})).await), "ok");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_never_completes_the_handshake_is_reported() {
+    let plugins = Plugins::new();
+    plugins.write("hang.toml", &manifest(&["--hang-init"], "timeout_seconds = 1"));
+    plugins.write("junk.toml", &manifest(&["--garbage-init"], "timeout_seconds = 1"));
+    plugins.write("good.toml", &manifest(&["--tools=echo"], ""));
+    let registry = plugins.start().await;
+    assert_eq!(names(&registry.tools().await), ["good.echo"]);
+    let message = err(&registry.call("hang.echo", json!({})).await).to_string();
+    assert!(message.contains("did not complete the MCP handshake within 1 s"), "{message}");
+    let message = err(&registry.call("junk.echo", json!({})).await).to_string();
+    assert!(message.contains("malformed JSON-RPC"), "{message}");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_plugin_kills_what_it_left_running() {
+    let marker = marker("background");
+    // Processes are counted per user across all plugins, so leave room for the other tests'.
+    let (plugins, registry) = one_plugin(&["--tools=background", &marker], "max_processes = 10000").await;
+    assert_eq!(ok(&registry.call("t.background", json!({})).await), "started");
+    assert_eq!(live_processes(&marker).len(), 2, "the plugin and its background child");
+
+    // Unloading the plugin stops its whole process group.
+    plugins.remove("t.toml");
+    wait_until_no_process(&marker).await;
+    eventually(&registry, "the plugin is unloaded", |tools| tools.is_empty()).await;
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_every_plugin() {
+    let marker = marker("shutdown");
+    let plugins = Plugins::new();
+    plugins.write("a.toml", &manifest(&["--tools=background", &marker], "max_processes = 10000"));
+    plugins.write("b.toml", &manifest(&["--tools=echo", &marker], ""));
+    let registry = plugins.start().await;
+    assert_eq!(ok(&registry.call("a.background", json!({})).await), "started");
+    registry.tools().await;
+    assert_eq!(live_processes(&marker).len(), 3);
+    registry.shutdown().await;
+    wait_until_no_process(&marker).await;
+    assert!(err(&registry.call("b.echo", json!({})).await).contains("shutting down"));
+    assert!(registry.tools().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_registry_stops_its_plugins() {
+    let marker = marker("dropped");
+    let (_plugins, registry) = one_plugin(&["--tools=echo", &marker], "").await;
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "x"})).await), "x");
+    assert_eq!(live_processes(&marker).len(), 1);
+    drop(registry);
+    wait_until_no_process(&marker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_is_contained() {
+    let marker = marker("forkbomb");
+    // A name no other test uses, so that no other plugin shares its uid and process count.
+    let plugins = Plugins::new();
+    plugins.write("bomb.toml", &manifest(&["--tools=forkbomb", &marker], "max_processes = 5"));
+    let registry = plugins.start().await;
+    let text = ok(&registry.call("bomb.forkbomb", json!({"count": 200})).await).to_string();
+    let forked: u32 = text.strip_prefix("forked ").unwrap().parse().unwrap();
+    assert!(forked < 5, "{forked} forks got past max_processes = 5");
+    registry.shutdown().await;
+    wait_until_no_process(&marker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_is_contained() {
+    let (_dir, registry) = one_plugin(&["--tools=echo,hog"], "memory_mb = 256").await;
+    assert_eq!(err(&registry.call("t.hog", json!({"mb": 2048})).await), "MemoryError");
+    // Within its limit it works, and the plugin survived.
+    assert_eq!(ok(&registry.call("t.hog", json!({"mb": 16})).await), "allocated");
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "alive"})).await), "alive");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_tool_list_is_picked_up() {
+    let (_dir, registry) = one_plugin(&["--tools=grow"], "").await;
+    assert_eq!(names(&registry.tools().await), ["t.grow"]);
+    assert_eq!(ok(&registry.call("t.grow", json!({})).await), "grew");
+    eventually(&registry, "the new tool is listed", |tools| names(tools) == ["t.grow", "t.grown"]).await;
+    assert_eq!(ok(&registry.call("t.grown", json!({})).await), "I am new");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_are_limited() {
+    let (_dir, registry) = one_plugin(&["--tools=slow"], "timeout_seconds = 5\nmax_concurrent_calls = 1").await;
+    registry.tools().await;
+    let started = Instant::now();
+    let (a, b) =
+        tokio::join!(registry.call("t.slow", json!({"seconds": 1})), registry.call("t.slow", json!({"seconds": 1})));
+    assert_eq!((ok(&a), ok(&b)), ("done", "done"));
+    assert!(started.elapsed() >= Duration::from_secs(2), "the calls overlapped: {:?}", started.elapsed());
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_plugins_start_at_once_and_lazy_ones_when_needed() {
+    let lazy = marker("lazy");
+    let eager = marker("eager");
+    let plugins = Plugins::new();
+    plugins.write("lazy.toml", &manifest(&["--tools=echo", &lazy], ""));
+    plugins.write("eager.toml", &format!("start = \"startup\"\n{}", manifest(&["--tools=echo", &eager], "")));
+    let registry = plugins.start().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while live_processes(&eager).is_empty() {
+        assert!(Instant::now() < deadline, "the startup plugin did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(live_processes(&lazy).is_empty(), "the lazy plugin started before it was needed");
+    assert_eq!(names(&registry.tools().await), ["eager.echo", "lazy.echo"]);
+    assert_eq!(live_processes(&lazy).len(), 1);
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_are_hot_reloaded() {
+    let plugins = Plugins::new();
+    let registry = plugins.start().await;
+    assert!(registry.tools().await.is_empty());
+
+    // Added: its tools appear.
+    plugins.write("a.toml", &manifest(&["--tools=echo"], ""));
+    eventually(&registry, "a added", |tools| names(tools) == ["a.echo"]).await;
+
+    // Changed: restarted with the new tool list.
+    plugins.write("a.toml", &manifest(&["--tools=echo,fail"], ""));
+    eventually(&registry, "a changed", |tools| names(tools) == ["a.echo", "a.fail"]).await;
+
+    // A bad manifest is rejected and the others are untouched.
+    plugins.write("bad.toml", "command = \"/bin/true\"\n[permissions]\nnetwork = 5\n");
+    plugins.write("b.toml", &manifest(&["--tools=echo"], ""));
+    eventually(&registry, "b added", |tools| names(tools) == ["a.echo", "a.fail", "b.echo"]).await;
+
+    // A manifest that turns bad keeps its running version.
+    plugins.write("a.toml", "command = 5");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(names(&registry.tools().await), ["a.echo", "a.fail", "b.echo"]);
+    assert_eq!(ok(&registry.call("a.echo", json!({"text": "kept"})).await), "kept");
+
+    // A second manifest claiming a loaded name is rejected.
+    plugins.write("z.toml", &format!("name = \"b\"\n{}", manifest(&["--tools=fail"], "")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(names(&registry.tools().await), ["a.echo", "a.fail", "b.echo"]);
+
+    // Removed: gone.
+    plugins.remove("a.toml");
+    eventually(&registry, "a removed", |tools| names(tools) == ["b.echo"]).await;
+    let message = err(&registry.call("a.echo", json!({})).await).to_string();
+    assert!(message.contains("there is no tool") && message.contains("b.echo"), "{message}");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lets_calls_in_flight_finish() {
+    let (plugins, registry) = one_plugin(&["--tools=slow"], "timeout_seconds = 10").await;
+    registry.tools().await;
+    let call = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.call("t.slow", json!({"seconds": 2})).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    plugins.write("t.toml", &manifest(&["--tools=slow,echo"], "timeout_seconds = 10"));
+    eventually(&registry, "t changed", |tools| names(tools) == ["t.echo", "t.slow"]).await;
+    assert_eq!(ok(&call.await.unwrap()), "done");
+    registry.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_plugins_folder_means_no_tools() {
+    let registry = PluginRegistry::start(
+        PathBuf::from("/nonexistent/phi3d/plugins.d"),
+        KernelSupport::probe(),
+        Requirement::BestEffort,
+    )
+    .await
+    .unwrap();
+    assert!(registry.tools().await.is_empty());
+    assert!(err(&registry.call("clock.now", json!({})).await).contains("no tools are available"));
+}

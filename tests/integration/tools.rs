@@ -1,0 +1,334 @@
+//! Tool calling end to end: the real daemon, the generated tiny model, the bundled clock
+//! plugin in its sandbox, and client tools.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use phi3d_proto::v1::{
+    ChatEvent, ChatRequest, ClientTool, Done, GenerationOptions, ListToolsRequest, Message, Role, StopReason,
+    ToolCall, ToolChoice, ToolOptions, ToolResult, chat_event,
+};
+use phi3d_tests::harness::Daemon;
+use tonic::Status;
+
+use crate::common::{PHI3D, chat_request, collect, exactly, tiny_daemon, user};
+
+/// The bundled clock plugin, built beside the daemon by `cargo test --workspace`.
+fn clock_binary() -> PathBuf {
+    let binary = Path::new(PHI3D).with_file_name("phi3d-plugin-clock");
+    assert!(binary.is_file(), "{} is missing; run the tests with `cargo test --release --workspace`", binary.display());
+    binary
+}
+
+/// The bundled manifest's permissions, except the process limit: the kernel counts processes
+/// per uid, and the test daemons running in parallel all run this plugin under one uid.
+fn clock_manifest(name: &str) -> String {
+    format!(
+        "name = \"{name}\"\ncommand = \"{}\"\nstart = \"startup\"\n[env]\nTZ = \"UTC\"\n[permissions]\n\
+         read = [\"/usr/share/zoneinfo\", \"/etc/localtime\"]\nmax_processes = 64\n",
+        clock_binary().display()
+    )
+}
+
+/// A daemon whose plugins folder holds the clock plugin.
+async fn daemon_with_clock(plugins: &Path) -> Daemon {
+    std::fs::write(plugins.join("clock.toml"), clock_manifest("clock")).unwrap();
+    tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await
+}
+
+/// `max_tokens` is per step; the tiny model spells a call out nearly one character per token,
+/// so a call needs over a hundred.
+fn tool_request(text: &str, tools: ToolOptions, max_tokens: u32) -> ChatRequest {
+    ChatRequest {
+        request_id: String::new(),
+        messages: vec![user(text)],
+        options: Some(GenerationOptions { max_tokens, temperature: Some(0.7), seed: Some(11), ..Default::default() }),
+        tools: Some(tools),
+    }
+}
+
+/// The events of a tool turn, sorted by kind.
+#[derive(Debug, Default)]
+struct Turn {
+    calls: Vec<ToolCall>,
+    results: Vec<ToolResult>,
+    deltas: Vec<String>,
+    done: Option<Done>,
+    order: Vec<&'static str>,
+}
+
+async fn run(daemon: &Daemon, request: ChatRequest) -> Result<Turn, Status> {
+    let mut stream = daemon.inference().await.chat(request).await?.into_inner();
+    let mut turn = Turn::default();
+    while let Some(ChatEvent { event }) = stream.message().await? {
+        match event.expect("an event") {
+            chat_event::Event::Started(_) => turn.order.push("started"),
+            chat_event::Event::Delta(delta) => {
+                turn.order.push("delta");
+                turn.deltas.push(delta.text);
+            }
+            chat_event::Event::ToolCall(call) => {
+                turn.order.push("call");
+                turn.calls.push(call);
+            }
+            chat_event::Event::ToolResult(result) => {
+                turn.order.push("result");
+                turn.results.push(result);
+            }
+            chat_event::Event::Done(done) => {
+                turn.order.push("done");
+                turn.done = Some(done);
+            }
+        }
+    }
+    assert_eq!(turn.order.first(), Some(&"started"), "{turn:?}");
+    assert_eq!(turn.order.last(), Some(&"done"), "{turn:?}");
+    Ok(turn)
+}
+
+fn schema_of(daemon_tools: &[phi3d_proto::v1::ToolDescription], name: &str) -> serde_json::Value {
+    let tool = daemon_tools.iter().find(|tool| tool.name == name).unwrap_or_else(|| panic!("{name} in {daemon_tools:?}"));
+    serde_json::from_str(&tool.input_schema_json).unwrap()
+}
+
+#[tokio::test]
+async fn a_forced_call_is_valid_runs_in_the_plugin_and_feeds_the_model() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_clock(plugins.path()).await;
+    let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
+    let schema = schema_of(&listing.tools, "clock.now");
+    let tools = ToolOptions { force: "clock.now".into(), max_steps: 1, ..Default::default() };
+    let turn = run(&daemon, tool_request("What time is it?", tools, 160)).await.unwrap();
+
+    assert_eq!(turn.calls.len(), 1, "{turn:?}");
+    let call = &turn.calls[0];
+    assert_eq!(call.name, "clock.now");
+    assert!(!call.client_side);
+    let arguments: serde_json::Value = serde_json::from_str(&call.arguments_json).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    assert!(validator.is_valid(&arguments), "the grammar kept the call valid: {arguments} against {schema}");
+
+    assert_eq!(turn.results.len(), 1, "{turn:?}");
+    let result = &turn.results[0];
+    assert_eq!(result.id, call.id);
+    // The arguments are valid, but a random model may well name a time zone that does not
+    // exist: then the plugin itself says so.
+    if result.is_error {
+        assert!(result.content.contains("time zone"), "the plugin ran and explained: {result:?}\n{}", daemon.stderr());
+    } else {
+        assert!(result.content.contains(&chrono_year()), "the clock answered with today's date: {result:?}");
+    }
+    assert_eq!(&turn.order[..3], &["started", "call", "result"]);
+
+    // max_steps 1: the model was run again with the result and had to answer in words.
+    let done = turn.done.unwrap();
+    assert_eq!(done.usage.unwrap().generation_steps, 2);
+    assert_ne!(done.stop_reason, StopReason::ToolCalls as i32);
+    assert_eq!(done.text, turn.deltas.concat());
+}
+
+/// The current year, as the clock plugin prints it.
+fn chrono_year() -> String {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // Days since 1970 to a year is plenty precise except on New Year's Eve; 365.2425 days a year.
+    (1970 + (seconds as f64 / 86_400.0 / 365.2425) as u64).to_string()
+}
+
+/// A daemon whose plugins folder holds the test MCP server with the given tools (their
+/// argument schemas are empty objects, so every call the grammar allows is short).
+async fn daemon_with_fixture(plugins: &Path, tools: &str, permissions: &str) -> Daemon {
+    let manifest = crate::plugins::manifest(&[&format!("--tools={tools}")], permissions);
+    std::fs::write(plugins.join("fixture.toml"), manifest).unwrap();
+    tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await
+}
+
+#[tokio::test]
+async fn required_calls_a_tool_first_and_none_never_does() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_fixture(plugins.path(), "echo", "").await;
+    let required = ToolOptions { choice: ToolChoice::Required as i32, max_steps: 1, ..Default::default() };
+    let turn = run(&daemon, tool_request("echo?", required, 160)).await.unwrap();
+    assert_eq!(turn.order[1], "call", "{turn:?}");
+    assert_eq!(turn.calls[0].name, "fixture.echo");
+    assert!(!turn.results[0].is_error, "{turn:?}");
+
+    let none = ToolOptions { choice: ToolChoice::None as i32, ..Default::default() };
+    let turn = run(&daemon, tool_request("echo?", none, 16)).await.unwrap();
+    assert!(turn.calls.is_empty() && turn.results.is_empty(), "{turn:?}");
+    assert_eq!(turn.done.unwrap().usage.unwrap().generation_steps, 1);
+}
+
+#[tokio::test]
+async fn max_steps_bounds_the_round_trips() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_fixture(plugins.path(), "echo", "").await;
+    for max_steps in [1, 3] {
+        let tools = ToolOptions { choice: ToolChoice::Required as i32, max_steps, ..Default::default() };
+        let turn = run(&daemon, tool_request("echo?", tools, 160)).await.unwrap();
+        let steps = turn.done.as_ref().unwrap().usage.unwrap().generation_steps;
+        assert!(!turn.calls.is_empty(), "{turn:?}");
+        assert!(turn.calls.len() <= max_steps as usize, "{max_steps}: {turn:?}");
+        assert_eq!(steps as usize, turn.calls.len() + 1, "one step per call plus the answer: {turn:?}");
+        assert_eq!(turn.calls.len(), turn.results.len());
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_that_never_answers_is_an_error_result_and_nothing_else_stalls() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_fixture(plugins.path(), "spin,echo", "timeout_seconds = 2\n").await;
+    let started = Instant::now();
+    let tools = ToolOptions { force: "fixture.spin".into(), max_steps: 1, ..Default::default() };
+    let hung = tokio::spawn({
+        let request = tool_request("spin", tools, 160);
+        let url = daemon.url();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut client = phi3d_proto::v1::inference_client::InferenceClient::new(channel);
+            let mut stream = client.chat(request).await.unwrap().into_inner();
+            let mut results = Vec::new();
+            while let Some(ChatEvent { event }) = stream.message().await.unwrap() {
+                if let Some(chat_event::Event::ToolResult(result)) = event {
+                    results.push(result);
+                }
+            }
+            results
+        }
+    });
+    // While the plugin spins, the model serves other requests.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = daemon.inference().await;
+    let reply = collect(client.chat(chat_request("meanwhile", exactly(4))).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(reply.done.usage.unwrap().completion_tokens, 4);
+    assert!(started.elapsed() < Duration::from_secs(2), "the other request waited for the plugin");
+
+    let results = hung.await.unwrap();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(results[0].is_error, "{results:?}");
+    assert!(results[0].content.contains("2 s") || results[0].content.contains("did not answer"), "{results:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "the turn ended soon after the timeout");
+}
+
+fn light_tool() -> ClientTool {
+    ClientTool {
+        name: "set_light".into(),
+        description: "Switch a light".into(),
+        parameters_json: r#"{"type":"object","properties":{"room":{"enum":["hall","kitchen"]},"on":{"type":"boolean"}},"required":["room","on"]}"#.into(),
+    }
+}
+
+#[tokio::test]
+async fn client_tools_round_trip_with_their_call_id() {
+    let daemon = tiny_daemon().start().await;
+    let tools = ToolOptions { force: "set_light".into(), client_tools: vec![light_tool()], ..Default::default() };
+    let turn = run(&daemon, tool_request("hall light on", tools.clone(), 160)).await.unwrap();
+    assert_eq!(turn.calls.len(), 1, "{turn:?}");
+    let call = turn.calls[0].clone();
+    assert!(call.client_side);
+    assert!(turn.results.is_empty(), "phi3d does not run client tools");
+    assert_eq!(turn.done.unwrap().stop_reason, StopReason::ToolCalls as i32);
+
+    // The client ran it and sends the result back with the call's id.
+    let history = vec![
+        user("hall light on"),
+        Message { role: Role::Assistant as i32, tool_calls: vec![call.clone()], ..Default::default() },
+        Message { role: Role::Tool as i32, content: "the hall light is on".into(), tool_call_id: call.id.clone(), ..Default::default() },
+    ];
+    let answer_only = ToolOptions { client_tools: vec![light_tool()], choice: ToolChoice::Auto as i32, max_steps: 1, ..Default::default() };
+    let request = ChatRequest { messages: history.clone(), tools: Some(answer_only.clone()), ..tool_request("", ToolOptions::default(), 32) };
+    let turn = run(&daemon, request).await.unwrap();
+    assert!(turn.done.is_some());
+
+    let mut wrong = history;
+    wrong[2].tool_call_id = "call-unknown".into();
+    let request = ChatRequest { messages: wrong, tools: Some(answer_only), ..tool_request("", ToolOptions::default(), 32) };
+    let status = run(&daemon, request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("messages[2].tool_call_id"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn tool_options_are_checked() {
+    let daemon = tiny_daemon().start().await;
+    let cases = [
+        (ToolOptions { force: "nope".into(), client_tools: vec![light_tool()], ..Default::default() }, "tools.force"),
+        (ToolOptions { choice: ToolChoice::Required as i32, ..Default::default() }, "no tool is offered"),
+        (ToolOptions { allow: vec!["clock.now".into()], choice: ToolChoice::Auto as i32, ..Default::default() }, "tools.allow[0]"),
+        (
+            ToolOptions {
+                client_tools: vec![ClientTool { name: "x".into(), parameters_json: "{".into(), ..Default::default() }],
+                choice: ToolChoice::Auto as i32,
+                ..Default::default()
+            },
+            "tools.client_tools[0].parameters_json",
+        ),
+        (ToolOptions { choice: ToolChoice::None as i32, force: "set_light".into(), ..Default::default() }, "tools.force"),
+    ];
+    for (tools, field) in cases {
+        let status = run(&daemon, tool_request("x", tools, 8)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {}", status.message());
+    }
+}
+
+#[tokio::test]
+async fn list_tools_reports_schemas_and_protections() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_clock(plugins.path()).await;
+    let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
+    assert!(!listing.sandbox_support.is_empty());
+    let now = listing.tools.iter().find(|tool| tool.name == "clock.now").expect("clock.now listed");
+    assert_eq!(now.plugin, "clock");
+    assert!(!now.description.is_empty());
+    assert_eq!(schema_of(&listing.tools, "clock.now")["type"], "object");
+    let protections = now.protections.join("\n");
+    assert!(protections.contains("no_new_privs") || protections.contains("no new privileges"), "{protections}");
+
+    let output = phi3d_tests::harness::run(Path::new(PHI3D), &["tools", "--addr", &daemon.url()], &[]);
+    assert!(output.status.success());
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("clock.now") && printed.contains("plugin clock"), "{printed}");
+}
+
+#[tokio::test]
+async fn plugins_come_and_go_while_requests_run() {
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.path().to_str().unwrap()).start().await;
+    let mut admin = daemon.admin().await;
+    let names = |listing: phi3d_proto::v1::ListToolsResponse| -> Vec<String> { listing.tools.into_iter().map(|tool| tool.name).collect() };
+    assert!(names(admin.list_tools(ListToolsRequest {}).await.unwrap().into_inner()).is_empty());
+
+    // A long generation keeps running through every change.
+    let mut client = daemon.inference().await;
+    let long = client.complete(crate::common::complete_request("go on", exactly(3000))).await.unwrap().into_inner();
+    let running = tokio::spawn(collect(long));
+
+    let wait_for = |want: &'static str, present: bool| {
+        let mut admin = admin.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let tools = admin.list_tools(ListToolsRequest {}).await.unwrap().into_inner().tools;
+                if tools.iter().any(|tool| tool.name == want) == present {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{want} present={present} not reached: {tools:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    std::fs::write(plugins.path().join("clock.toml"), clock_manifest("clock")).unwrap();
+    wait_for("clock.now", true).await;
+    std::fs::write(plugins.path().join("clock.toml"), clock_manifest("time")).unwrap();
+    wait_for("time.now", true).await;
+    wait_for("clock.now", false).await;
+    std::fs::write(plugins.path().join("broken.toml"), "command = 5\n").unwrap();
+    std::fs::remove_file(plugins.path().join("clock.toml")).unwrap();
+    wait_for("time.now", false).await;
+    assert!(daemon.stderr().contains("broken.toml"), "a bad manifest is logged with its file");
+
+    let reply = running.await.unwrap().unwrap();
+    assert_eq!(reply.done.usage.unwrap().completion_tokens, 3000);
+    let reply = collect(client.chat(chat_request("still here?", exactly(3))).await.unwrap().into_inner()).await.unwrap();
+    assert_eq!(reply.done.usage.unwrap().completion_tokens, 3);
+}
