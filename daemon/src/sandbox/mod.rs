@@ -7,7 +7,7 @@
 //! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps.
 //! 2. [`netns`]: a private network namespace when the plugin needs no network or only
 //!    loopback, with `lo` brought up for the latter.
-//! 3. [`identity`]: when phi3d is root, the plugin drops to `nobody` (after the namespace, which
+//! 3. [`identity`]: when phi3d is root, the plugin drops to a uid of its own (after the namespace, which
 //!    needed root); then `no_new_privs`, which Landlock and seccomp both require.
 //! 4. [`landlock_rules`]: the filesystem (and, from Landlock ABI 4, TCP) allow-list.
 //! 5. [`seccomp`]: a deny-list of system calls no tool needs, installed last so that the steps
