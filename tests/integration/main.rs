@@ -3,6 +3,7 @@
 
 mod cancel;
 mod chat;
+mod cli;
 mod common;
 mod config;
 mod download;
