@@ -9,6 +9,7 @@ use phi3d_proto::v1::{
     ToolCall, ToolChoice, ToolOptions, ToolResult, chat_event,
 };
 use phi3d_tests::harness::Daemon;
+use phi3d_tests::model_gen::{ModelSpec, VocabSource, ensure_model};
 use tonic::Status;
 
 use crate::common::{PHI3D, chat_request, collect, exactly, tiny_daemon, user};
@@ -331,4 +332,42 @@ async fn plugins_come_and_go_while_requests_run() {
     assert_eq!(reply.done.usage.unwrap().completion_tokens, 3000);
     let reply = collect(client.chat(chat_request("still here?", exactly(3))).await.unwrap().into_inner()).await.unwrap();
     assert_eq!(reply.done.usage.unwrap().completion_tokens, 3);
+}
+
+/// A tiny model whose vocabulary has Phi-4-mini's tool tags, so phi3d uses the native format.
+fn tool_tag_model() -> PathBuf {
+    let spec = ModelSpec {
+        name: "phi3-test-tiny-tooltags".into(),
+        vocab: VocabSource::Phi3StyleWithToolTags,
+        ..ModelSpec::tiny()
+    };
+    ensure_model(Path::new(env!("CARGO_TARGET_TMPDIR")), &spec).unwrap()
+}
+
+#[tokio::test]
+async fn models_with_tool_tags_call_in_their_native_format() {
+    let daemon = phi3d_tests::harness::DaemonBuilder::new(PHI3D, tool_tag_model()).start().await;
+    let tokens = daemon
+        .inference()
+        .await
+        .tokenize(phi3d_proto::v1::TokenizeRequest { text: "<|tool_call|>".into(), add_special: false, parse_special: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(tokens.len(), 1, "the call tag is one special token");
+
+    let tools = ToolOptions { force: "set_light".into(), client_tools: vec![light_tool()], ..Default::default() };
+    let turn = run(&daemon, tool_request("hall light on", tools, 200)).await.unwrap();
+    // The native format allows several calls in one block.
+    assert!(!turn.calls.is_empty(), "{turn:?}");
+    for call in &turn.calls {
+        assert_eq!(call.name, "set_light");
+        assert!(call.client_side, "valid against its schema: {call:?}");
+        let arguments: serde_json::Value = serde_json::from_str(&call.arguments_json).unwrap();
+        assert!(["hall", "kitchen"].contains(&arguments["room"].as_str().unwrap()), "{arguments}");
+        assert!(arguments["on"].is_boolean(), "{arguments}");
+    }
+    assert!(turn.deltas.concat().is_empty(), "the call block is not streamed as text: {turn:?}");
+    assert_eq!(turn.done.unwrap().stop_reason, StopReason::ToolCalls as i32);
 }

@@ -23,6 +23,8 @@ use crate::vocab::Vocab;
 pub enum VocabSource {
     /// The generated Phi-3-style vocabulary of [`crate::vocab`].
     Phi3Style,
+    /// The same with Phi-4-mini's tool tags as special tokens ([`Vocab::phi3_with_tool_tags`]).
+    Phi3StyleWithToolTags,
     /// Every `tokenizer.*` key of this GGUF file, e.g. a real Phi-3 vocabulary.
     CopyFrom(PathBuf),
 }
@@ -144,6 +146,7 @@ fn plan(spec: &ModelSpec) -> anyhow::Result<GgufWriter> {
     spec.validate()?;
     let tokenizer = match &spec.vocab {
         VocabSource::Phi3Style => Vocab::phi3().metadata(),
+        VocabSource::Phi3StyleWithToolTags => Vocab::phi3_with_tool_tags().metadata(),
         VocabSource::CopyFrom(path) => {
             let file = GgufFile::open(path)?;
             file.metadata

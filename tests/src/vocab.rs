@@ -32,6 +32,12 @@ const FIRST_PIECE: usize = FIRST_BYTE + 256;
 /// Ids from here on are Phi-3's added tokens (specials and padding).
 const FIRST_ADDED: usize = 32000;
 
+/// Phi-4-mini's tool tags, for [`Vocab::phi3_with_tool_tags`].
+pub const PHI4_TOOL_TAGS: [&str; 5] = ["<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>"];
+
+/// The first `[PAD<id>]` token, after the Phi-3 added tokens.
+const FIRST_PAD: usize = 32011;
+
 /// The Phi-3 added tokens at 32000..=32010; the rest up to `N_VOCAB` are `[PAD<id>]`.
 const ADDED_SPECIALS: [&str; 11] = [
     "<|endoftext|>",
@@ -174,6 +180,19 @@ impl Vocab {
                 PAD_SCORE,
                 TokenType::Unknown,
             );
+        }
+        v
+    }
+
+    /// The Phi-3-style vocabulary with Phi-4-mini's tool tags in place of the first padding
+    /// tokens, as special tokens: a model with it uses phi3d's native tool-call format.
+    pub fn phi3_with_tool_tags() -> Self {
+        let mut v = Self::phi3();
+        for (offset, tag) in PHI4_TOOL_TAGS.iter().enumerate() {
+            let id = FIRST_PAD + offset;
+            v.tokens[id] = (*tag).to_owned();
+            v.scores[id] = SPECIAL_SCORE;
+            v.types[id] = TokenType::UserDefined;
         }
         v
     }

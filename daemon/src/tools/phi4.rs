@@ -8,6 +8,7 @@
 use serde_json::{Value, json};
 
 use super::toolset::{OfferedTool, StepMode, call_schema, callable};
+use crate::engine::stop::{StopMatcher, StopStep};
 use super::{ModelReply, ParsedCall};
 
 pub const CALL_OPEN: &str = "<|tool_call|>";
@@ -89,24 +90,23 @@ pub fn parse_reply(text: &str) -> Result<ModelReply, String> {
     Ok(ModelReply::Calls(calls))
 }
 
-/// Streams the free text of a reply, stopping at the call block.
-#[derive(Debug, Default)]
+/// Streams the free text of a reply, stopping at the call block. The call tag is one special
+/// token when the model chooses it, but a grammar may also spell it out character by
+/// character, so a possible start of the tag is held back like a stop string.
 pub struct AnswerStream {
-    in_call: bool,
+    text: StopMatcher,
+}
+
+impl Default for AnswerStream {
+    fn default() -> Self {
+        AnswerStream { text: StopMatcher::new(vec![CALL_OPEN.to_owned()]) }
+    }
 }
 
 impl AnswerStream {
     pub fn push(&mut self, text: &str) -> String {
-        if self.in_call {
-            return String::new();
-        }
-        // `<|tool_call|>` is one special token, so it never arrives split.
-        match text.find(CALL_OPEN) {
-            Some(start) => {
-                self.in_call = true;
-                text[..start].to_owned()
-            }
-            None => text.to_owned(),
+        match self.text.push(text) {
+            StopStep::Continue { emit } | StopStep::Stopped { emit } => emit,
         }
     }
 }
@@ -157,6 +157,14 @@ mod tests {
         assert_eq!(stream.push("Let me "), "Let me ");
         assert_eq!(stream.push("look.<|tool_call|>[{"), "look.");
         assert_eq!(stream.push("\"name\""), "");
+    }
+
+    #[test]
+    fn a_tag_spelled_out_is_not_streamed() {
+        let mut stream = AnswerStream::default();
+        let pieces = ["Hi", " <", "|", "too", "l_call", "|>", "[{"];
+        let streamed: String = pieces.iter().map(|piece| stream.push(piece)).collect();
+        assert_eq!(streamed, "Hi ");
     }
 
     #[test]
