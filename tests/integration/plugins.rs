@@ -5,12 +5,13 @@
 //! Manifests are written at test time into a temporary plugins folder, with the paths of the
 //! Python interpreter found on this machine, so the fixtures work on any checkout.
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use phi3d::plugins::{PluginRegistry, ToolInfo, ToolOutcome};
-use phi3d::sandbox::{KernelSupport, Requirement};
+use phi3d::sandbox::{KernelSupport, Requirement, plugin_uid};
 use serde_json::json;
 
 /// The fixture MCP server.
@@ -59,11 +60,18 @@ fn python() -> &'static Python {
 /// small `max_processes` would make them fail to start (EAGAIN): the default here is generous
 /// unless a test sets it.
 pub(crate) fn manifest(args: &[&str], permissions: &str) -> String {
+    manifest_reading(args, &[], permissions)
+}
+
+/// [`manifest`], with `extra_read` readable besides what Python needs (`[permissions]` can
+/// hold only one `read` list, so it cannot come in `permissions`).
+fn manifest_reading(args: &[&str], extra_read: &[&Path], permissions: &str) -> String {
     let python = python();
     let processes = if permissions.contains("max_processes") { "" } else { "max_processes = 10000\n" };
     let mut all_args = vec![server_script().display().to_string()];
     all_args.extend(args.iter().map(|a| a.to_string()));
-    let read: Vec<String> = python.read.iter().map(|p| p.display().to_string()).collect();
+    let read = python.read.iter().map(PathBuf::as_path).chain(extra_read.iter().copied());
+    let read: Vec<String> = read.map(|p| p.display().to_string()).collect();
     format!(
         "command = {:?}\nargs = {:?}\n[env]\nGREETING = \"hello\"\n[permissions]\nread = {:?}\n{processes}{permissions}\n",
         python.exe.display().to_string(),
@@ -462,4 +470,165 @@ async fn a_missing_plugins_folder_means_no_tools() {
     .unwrap();
     assert!(registry.tools().await.is_empty());
     assert!(err(&registry.call("clock.now", json!({})).await).contains("no tools are available"));
+}
+
+/// A temporary directory with `mode`, and a file `file` in it holding `text` that anyone may
+/// read: file permissions then allow what the tests try, so only the sandbox can deny it.
+fn open_dir(mode: u32, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+    let file = dir.path().join("file.txt");
+    std::fs::write(&file, text).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (dir, file)
+}
+
+/// Asserts that `outcome` is an error whose text holds `denied` and returns the text.
+fn denied(outcome: &ToolOutcome, denied: &str) -> String {
+    let message = err(outcome);
+    assert!(message.contains(denied), "expected {denied:?} in: {message}");
+    message.to_string()
+}
+
+/// Calls `other.echo`, to show that a hostile plugin did not take the registry down with it.
+async fn others_carry_on(registry: &PluginRegistry) {
+    assert_eq!(ok(&registry.call("other.echo", json!({"text": "still here"})).await), "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_outside_the_read_paths_is_denied() {
+    let marker = marker("read");
+    let (inside, inside_file) = open_dir(0o755, "readable by the plugin");
+    let (_outside, outside_file) = open_dir(0o755, "not for the plugin");
+    let plugins = Plugins::new();
+    plugins.write("t.toml", &manifest_reading(&["--tools=echo,read", &marker], &[inside.path()], ""));
+    plugins.write("other.toml", &manifest(&["--tools=echo", &marker], ""));
+    let registry = plugins.start().await;
+
+    // Secrets: /etc/shadow is also closed to the plugin's uid, /etc/passwd is world-readable but
+    // outside what the sandbox grants of /etc, like the temporary file.
+    for path in ["/etc/shadow", "/etc/passwd", outside_file.to_str().unwrap()] {
+        if !Path::new(path).exists() {
+            eprintln!("SKIPPED reading {path}: this machine has no such file");
+            continue;
+        }
+        let message = denied(&registry.call("t.read", json!({"path": path})).await, "Permission denied (EACCES)");
+        assert!(message.starts_with(&format!("cannot read {path}:")), "{message}");
+        assert!(!message.contains("not for the plugin") && !message.contains("root:"), "{message}");
+    }
+    // The positive control: a file in a `read` path.
+    assert_eq!(ok(&registry.call("t.read", json!({"path": inside_file})).await), "readable by the plugin");
+
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "alive"})).await), "alive");
+    others_carry_on(&registry).await;
+    registry.shutdown().await;
+    wait_until_no_process(&marker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_outside_the_write_paths_is_denied() {
+    let marker = marker("write");
+    // World-writable, since the plugin runs as a uid of its own when the tests run as root.
+    let (writable, _) = open_dir(0o777, "");
+    let (elsewhere, elsewhere_file) = open_dir(0o777, "untouched");
+    let write = format!("write = [{:?}]\n", writable.path().display().to_string());
+    let plugins = Plugins::new();
+    plugins.write("t.toml", &manifest(&["--tools=echo,write", &marker], &format!("{write}max_file_size_mb = 1")));
+    // The strict default max_file_size_mb = 0: a write path alone does not let it write a byte.
+    plugins.write("nofiles.toml", &manifest(&["--tools=write", &marker], &write));
+    plugins.write("other.toml", &manifest(&["--tools=echo", &marker], ""));
+    let registry = plugins.start().await;
+
+    // A new file and an existing one outside the write paths, and a read-only system tree.
+    let new_file = elsewhere.path().join("new.txt");
+    for path in [new_file.as_path(), elsewhere_file.as_path(), Path::new("/usr/phi3d-plugin-test.txt")] {
+        let outcome = registry.call("t.write", json!({"path": path, "text": "overwritten"})).await;
+        let message = denied(&outcome, "Permission denied (EACCES)");
+        assert!(message.starts_with(&format!("cannot write {}:", path.display())), "{message}");
+    }
+    assert!(!new_file.exists() && !Path::new("/usr/phi3d-plugin-test.txt").exists());
+    assert_eq!(std::fs::read_to_string(&elsewhere_file).unwrap(), "untouched");
+
+    // The positive control: a file in a `write` path.
+    let written = writable.path().join("out.txt");
+    let outcome = registry.call("t.write", json!({"path": written, "text": "from the plugin"})).await;
+    assert_eq!(ok(&outcome), format!("wrote {}", written.display()));
+    assert_eq!(std::fs::read_to_string(&written).unwrap(), "from the plugin");
+    if KernelSupport::probe().running_as_root {
+        assert_eq!(std::fs::metadata(&written).unwrap().uid(), plugin_uid("t"), "the plugin ran as its own uid");
+    }
+
+    let too_big = writable.path().join("too-big.txt");
+    denied(&registry.call("nofiles.write", json!({"path": too_big, "text": "x"})).await, "File too large (EFBIG)");
+    assert_eq!(std::fs::metadata(&too_big).map(|m| m.len()).unwrap_or(0), 0);
+
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "alive"})).await), "alive");
+    others_carry_on(&registry).await;
+    registry.shutdown().await;
+    wait_until_no_process(&marker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_beyond_the_network_permission_is_denied() {
+    let support = KernelSupport::probe();
+    let marker = marker("connect");
+    // A listener the plugin would reach if nothing stopped it, and another port to allow instead.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let other_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other_listener.local_addr().unwrap().port();
+
+    let plugins = Plugins::new();
+    plugins.write("t.toml", &manifest(&["--tools=echo,connect", &marker], ""));
+    let network = |port: u16| format!("network = [\"127.0.0.1:{port}\"]");
+    plugins.write("elsewhere.toml", &manifest(&["--tools=connect", &marker], &network(other_port)));
+    plugins.write("allowed.toml", &manifest(&["--tools=connect", &marker], &network(port)));
+    plugins.write("other.toml", &manifest(&["--tools=echo", &marker], ""));
+    let registry = plugins.start().await;
+    let connect = |plugin: &str| {
+        let (registry, tool) = (registry.clone(), format!("{plugin}.connect"));
+        async move { registry.call(&tool, json!({"port": port})).await }
+    };
+
+    // network = "none" (the default): a network namespace of its own, and AF_UNIX sockets only.
+    let landlock_tcp = support.landlock_abi.is_some_and(|abi| abi >= 4);
+    if support.seccomp {
+        denied(&connect("t").await, "Operation not permitted (EPERM)");
+    } else if support.network_namespaces {
+        denied(&connect("t").await, "Network is unreachable (ENETUNREACH)");
+    } else {
+        eprintln!("SKIPPED network \"none\": this kernel has neither seccomp filters nor network namespaces");
+    }
+
+    // A list of host:port: the host's network, with Landlock allowing TCP connects to its ports.
+    if landlock_tcp {
+        let message = denied(&connect("elsewhere").await, "Permission denied (EACCES)");
+        assert!(message.starts_with(&format!("cannot connect to 127.0.0.1:{port}:")), "{message}");
+    } else {
+        eprintln!(
+            "SKIPPED TCP port filtering: it needs Landlock ABI 4, and this kernel has {:?}",
+            support.landlock_abi
+        );
+    }
+    // Nothing got through to the listener.
+    assert_eq!(listener.accept().err().map(|e| e.kind()), Some(std::io::ErrorKind::WouldBlock));
+
+    // The positive control: the listed port.
+    if landlock_tcp {
+        assert_eq!(ok(&connect("allowed").await), format!("connected to 127.0.0.1:{port}"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(error) = listener.accept() {
+            assert_eq!(error.kind(), std::io::ErrorKind::WouldBlock);
+            assert!(Instant::now() < deadline, "the plugin said it connected, but the listener saw nothing");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        eprintln!("SKIPPED connecting to an allowed port: without Landlock ABI 4 the denied case cannot be told apart");
+    }
+
+    assert_eq!(ok(&registry.call("t.echo", json!({"text": "alive"})).await), "alive");
+    others_carry_on(&registry).await;
+    registry.shutdown().await;
+    wait_until_no_process(&marker).await;
 }
