@@ -82,3 +82,21 @@ async fn a_model_that_cannot_load_stops_the_daemon_with_the_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot load model"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_context_too_big_for_memory_is_refused_with_the_numbers() {
+    let model = crate::common::tiny_model();
+    let output = phi3d_tests::harness::run(
+        std::path::Path::new(crate::common::PHI3D),
+        &[
+            "serve", "--config", "/dev/null", "--model", model.to_str().unwrap(), "--listen", "127.0.0.1:0",
+            "--ctx-size", "4000000000",
+        ],
+        &[],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let error = stderr.lines().last().unwrap_or_default();
+    assert!(error.starts_with("error: ctx_size 4000000000 needs"), "{stderr}");
+    assert!(error.contains("of KV cache but only") && error.contains("--ctx-size"), "{error}");
+}

@@ -106,18 +106,18 @@ pub fn create_context<'m>(
     config: &EngineConfig,
 ) -> Result<LlamaContext<'m>, LoadError> {
     let need = loaded.info.kv_cache_bytes;
-    if let Some(available) = available_memory_bytes() {
-        if need > available {
-            let per_token = need / u64::from(config.ctx_size).max(1);
-            let fits = (available / per_token.max(1)).clamp(64, u64::from(u32::MAX)) as u32;
-            return Err(LoadError::OutOfMemory {
-                ctx_size: config.ctx_size,
-                need: human_bytes(need),
-                available: human_bytes(available),
-                // The largest power of two that fits: llama.cpp pads contexts anyway.
-                suggestion: 1 << (31 - fits.leading_zeros()),
-            });
-        }
+    if let Some(available) = available_memory_bytes()
+        && need > available
+    {
+        let per_token = need / u64::from(config.ctx_size).max(1);
+        let fits = (available / per_token.max(1)).clamp(64, u64::from(u32::MAX)) as u32;
+        return Err(LoadError::OutOfMemory {
+            ctx_size: config.ctx_size,
+            need: human_bytes(need),
+            available: human_bytes(available),
+            // The largest power of two that fits: llama.cpp pads contexts anyway.
+            suggestion: 1 << (31 - fits.leading_zeros()),
+        });
     }
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.ctx_size))
