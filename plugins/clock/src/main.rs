@@ -5,7 +5,6 @@
 //! sandbox lets this plugin read. Every bad input becomes a tool error (`isError: true`) whose
 //! text tells the model what to send instead.
 
-mod stdio;
 mod time;
 
 use rmcp::{
@@ -211,7 +210,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     runtime.block_on(async {
         // Anything but pipes (a terminal, a file) gets Tokio's thread-backed stdio instead.
-        let server = match stdio::pipes() {
+        let server = match phi3d_plugin_kit::stdio::pipes() {
             Some(pipes) => Clock::new().serve(pipes).await?,
             None => Clock::new().serve(rmcp::transport::stdio()).await?,
         };

@@ -3,110 +3,30 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rmcp::{
-    RoleClient, ServiceExt,
-    model::{CallToolRequestParams, CallToolResult},
-    service::RunningService,
-    transport::{ConfigureCommandExt, TokioChildProcess},
-};
+use phi3d_plugin_kit::testing::{Plugin, confine, text};
 use serde_json::{Value, json};
 
 /// The plugin's local zone in these tests; picked to have DST so calendar arithmetic shows.
 const LOCAL_ZONE: &str = "Europe/Berlin";
 
-struct Plugin {
-    client: RunningService<RoleClient, ()>,
-}
-
 async fn start() -> Plugin {
     spawn(|_| {}).await
 }
 
-/// Starts the plugin under RLIMIT_NPROC = 1, as phi3d's `max_processes = 1` sets it, so that
-/// any thread it tried to start would fail. Root is exempt from that limit, so as root the
-/// plugin also drops to the `nobody` user and group (65534).
-fn confine(cmd: &mut tokio::process::Command) {
-    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(|| {
-            let check = |rc: libc::c_int| {
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
-            if libc::geteuid() == 0 {
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setgid(65534))?;
-                check(libc::setuid(65534))?;
-            }
-            check(libc::setrlimit(
-                libc::RLIMIT_NPROC,
-                &libc::rlimit {
-                    rlim_cur: 1,
-                    rlim_max: 1,
-                },
-            ))
-        });
-    }
-}
-
 async fn spawn(setup: impl FnOnce(&mut tokio::process::Command)) -> Plugin {
-    let command =
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_phi3d-plugin-clock")).configure(|cmd| {
-            cmd.env_clear().env("TZ", LOCAL_ZONE);
-            setup(cmd);
-        });
-    let transport = TokioChildProcess::new(command).expect("spawn the plugin");
-    let client = ().serve(transport).await.expect("MCP initialize");
-    Plugin { client }
+    phi3d_plugin_kit::testing::spawn(
+        env!("CARGO_BIN_EXE_phi3d-plugin-clock"),
+        &[("TZ", LOCAL_ZONE)],
+        setup,
+    )
+    .await
 }
 
-impl Plugin {
-    async fn call(&self, tool: &str, arguments: Value) -> CallToolResult {
-        let Value::Object(arguments) = arguments else {
-            panic!("arguments must be an object")
-        };
-        self.client
-            .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
-            .await
-            .unwrap_or_else(|e| panic!("tools/call {tool} failed at the protocol level: {e}"))
-    }
-
-    /// Structured content of a call that must succeed.
-    async fn ok(&self, tool: &str, arguments: Value) -> Value {
-        let result = self.call(tool, arguments).await;
-        assert_eq!(
-            result.is_error,
-            Some(false),
-            "{tool} failed: {}",
-            text(&result)
-        );
-        assert!(!text(&result).is_empty(), "{tool} gave no text");
-        result.structured_content.expect("structured content")
-    }
-
-    /// Text of a call that must fail as a tool error.
-    async fn err(&self, tool: &str, arguments: Value) -> String {
-        let result = self.call(tool, arguments).await;
-        assert_eq!(
-            result.is_error,
-            Some(true),
-            "{tool} should have failed: {}",
-            text(&result)
-        );
-        text(&result)
-    }
-}
-
-fn text(result: &CallToolResult) -> String {
-    result
-        .content
-        .iter()
-        .filter_map(|c| c.as_text())
-        .map(|t| t.text.as_str())
-        .collect()
+/// Structured content of a call that must succeed; every clock answer also has its text.
+async fn ok(plugin: &Plugin, tool: &str, arguments: Value) -> Value {
+    let result = plugin.succeeded(tool, arguments).await;
+    assert!(!text(&result).is_empty(), "{tool} gave no text");
+    result.structured_content.expect("structured content")
 }
 
 #[tokio::test]
@@ -179,7 +99,7 @@ async fn lists_tools_with_flat_input_schemas() {
 #[tokio::test]
 async fn now_matches_the_test_clock_and_the_local_zone() {
     let plugin = start().await;
-    let now = plugin.ok("now", json!({ "time_zone": "UTC" })).await;
+    let now = ok(&plugin, "now", json!({ "time_zone": "UTC" })).await;
     let ours = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -210,7 +130,7 @@ async fn now_matches_the_test_clock_and_the_local_zone() {
     );
 
     // No argument: the zone the manifest passed in TZ.
-    let local = plugin.ok("now", json!({})).await;
+    let local = ok(&plugin, "now", json!({})).await;
     assert_eq!(local["time_zone"], LOCAL_ZONE);
     assert!(
         ["+01:00", "+02:00"].contains(&local["utc_offset"].as_str().unwrap()),
@@ -218,7 +138,7 @@ async fn now_matches_the_test_clock_and_the_local_zone() {
     );
 
     // A bare city is accepted when it names exactly one zone.
-    let tokyo = plugin.ok("now", json!({ "time_zone": "tokyo" })).await;
+    let tokyo = ok(&plugin, "now", json!({ "time_zone": "tokyo" })).await;
     assert_eq!(tokyo["time_zone"], "Asia/Tokyo");
     assert_eq!(tokyo["utc_offset"], "+09:00");
     plugin.client.cancel().await.expect("shut down");
@@ -267,13 +187,16 @@ async fn add_duration_is_exact_and_calendar_aware() {
         ),
     ];
     for (arguments, expected) in cases {
-        let result = plugin.ok("add_duration", arguments.clone()).await;
+        let result = ok(&plugin, "add_duration", arguments.clone()).await;
         assert_eq!(result["result"]["datetime"], expected, "{arguments}");
     }
 
-    let from_now = plugin
-        .ok("add_duration", json!({ "time_zone": "UTC", "hours": 2 }))
-        .await;
+    let from_now = ok(
+        &plugin,
+        "add_duration",
+        json!({ "time_zone": "UTC", "hours": 2 }),
+    )
+    .await;
     let start = from_now["start"]["unix_seconds"].as_i64().unwrap();
     assert_eq!(
         from_now["result"]["unix_seconds"].as_i64().unwrap() - start,
@@ -294,8 +217,7 @@ async fn add_duration_is_exact_and_calendar_aware() {
 #[tokio::test]
 async fn convert_time_and_difference() {
     let plugin = start().await;
-    let converted = plugin
-        .ok("convert_time", json!({ "time": "2026-07-01 09:00", "from_time_zone": "America/New_York", "to_time_zone": "Asia/Tokyo" }))
+    let converted = ok(&plugin, "convert_time", json!({ "time": "2026-07-01 09:00", "from_time_zone": "America/New_York", "to_time_zone": "Asia/Tokyo" }))
         .await;
     assert_eq!(
         converted["from"]["datetime"],
@@ -308,32 +230,32 @@ async fn convert_time_and_difference() {
     assert_eq!(converted["to"]["weekday"], "Wednesday");
 
     // Without from_time_zone the time is read in the local zone (CEST in July).
-    let local = plugin
-        .ok(
-            "convert_time",
-            json!({ "time": "2026-07-01 12:00", "to_time_zone": "UTC" }),
-        )
-        .await;
+    let local = ok(
+        &plugin,
+        "convert_time",
+        json!({ "time": "2026-07-01 12:00", "to_time_zone": "UTC" }),
+    )
+    .await;
     assert_eq!(local["to"]["datetime"], "2026-07-01T10:00:00+00:00[UTC]");
 
-    let difference = plugin
-        .ok(
-            "difference",
-            json!({ "start": "2024-01-01", "end": "2024-03-01 06:30", "time_zone": "UTC" }),
-        )
-        .await;
+    let difference = ok(
+        &plugin,
+        "difference",
+        json!({ "start": "2024-01-01", "end": "2024-03-01 06:30", "time_zone": "UTC" }),
+    )
+    .await;
     assert_eq!(
         difference["total_seconds"],
         60 * 86_400 + 6 * 3_600 + 30 * 60
     );
     assert_eq!(difference["difference"], "2 months, 6 hours, 30 minutes");
 
-    let backwards = plugin
-        .ok(
-            "difference",
-            json!({ "start": "2024-01-02", "end": "2024-01-01", "time_zone": "UTC" }),
-        )
-        .await;
+    let backwards = ok(
+        &plugin,
+        "difference",
+        json!({ "start": "2024-01-02", "end": "2024-01-01", "time_zone": "UTC" }),
+    )
+    .await;
     assert_eq!(backwards["total_seconds"], -86_400);
     plugin.client.cancel().await.expect("shut down");
 }
@@ -374,7 +296,7 @@ async fn bad_input_is_a_tool_error_the_model_can_act_on() {
     assert!(missing.contains("to_time_zone"), "{missing}");
 
     // The plugin survived all of it.
-    plugin.ok("now", json!({})).await;
+    ok(&plugin, "now", json!({})).await;
     plugin.client.cancel().await.expect("shut down");
 }
 
@@ -382,11 +304,9 @@ async fn bad_input_is_a_tool_error_the_model_can_act_on() {
 async fn serves_under_a_one_process_limit() {
     let plugin = spawn(confine).await;
     // Zone lookups, the city search and the stdio transport all stay on the one thread.
-    let tokyo = plugin.ok("now", json!({ "time_zone": "tokyo" })).await;
+    let tokyo = ok(&plugin, "now", json!({ "time_zone": "tokyo" })).await;
     assert_eq!(tokyo["time_zone"], "Asia/Tokyo");
-    plugin
-        .ok("difference", json!({ "start": "2024-01-01" }))
-        .await;
+    ok(&plugin, "difference", json!({ "start": "2024-01-01" })).await;
     plugin.err("now", json!({ "time_zone": "Nowhere" })).await;
     plugin.client.cancel().await.expect("shut down");
 }

@@ -8,7 +8,6 @@
 //! argument to a rejected token, is a tool error (`isError: true`) worded for the model.
 
 mod ha;
-mod stdio;
 
 use ha::HomeAssistant;
 use rmcp::{
@@ -303,7 +302,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(async {
         let plugin = Plugin::new(HomeAssistant::from_env()?);
         // Anything but pipes (a terminal, a file) gets Tokio's thread-backed stdio instead.
-        let server = match stdio::pipes() {
+        let server = match phi3d_plugin_kit::stdio::pipes() {
             Some(pipes) => plugin.serve(pipes).await?,
             None => plugin.serve(rmcp::transport::stdio()).await?,
         };

@@ -15,12 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use rmcp::{
-    RoleClient, ServiceExt,
-    model::{CallToolRequestParams, CallToolResult},
-    service::RunningService,
-    transport::{ConfigureCommandExt, TokioChildProcess},
-};
+use phi3d_plugin_kit::testing::{Plugin, confine, spawn};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "test-token";
@@ -156,106 +151,15 @@ async fn serve_fake() -> (Fake, SocketAddr) {
     (fake, addr)
 }
 
-struct Plugin {
-    client: RunningService<RoleClient, ()>,
-}
+const PLUGIN: &str = env!("CARGO_BIN_EXE_phi3d-plugin-homeassistant");
 
 /// Starts the plugin with exactly the given environment, as the manifest's [env] would.
 async fn start(env: &[(&str, &str)]) -> Plugin {
-    spawn(env, |_| {}).await
+    spawn(PLUGIN, env, |_| {}).await
 }
 
 async fn start_against(url: &str, token: &str) -> Plugin {
     start(&[("HA_URL", url), ("HA_TOKEN", token)]).await
-}
-
-/// Starts the plugin under RLIMIT_NPROC = 1, as phi3d's `max_processes = 1` sets it, so that
-/// any thread it tried to start would fail. Root is exempt from that limit, so as root the
-/// plugin also drops to the `nobody` user and group (65534).
-fn confine(cmd: &mut tokio::process::Command) {
-    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(|| {
-            let check = |rc: libc::c_int| {
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
-            if libc::geteuid() == 0 {
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setgid(65534))?;
-                check(libc::setuid(65534))?;
-            }
-            check(libc::setrlimit(
-                libc::RLIMIT_NPROC,
-                &libc::rlimit {
-                    rlim_cur: 1,
-                    rlim_max: 1,
-                },
-            ))
-        });
-    }
-}
-
-async fn spawn(env: &[(&str, &str)], setup: impl FnOnce(&mut tokio::process::Command)) -> Plugin {
-    let command = tokio::process::Command::new(env!("CARGO_BIN_EXE_phi3d-plugin-homeassistant"))
-        .configure(|cmd| {
-            cmd.env_clear().envs(env.iter().copied());
-            setup(cmd);
-        });
-    let transport = TokioChildProcess::new(command).expect("spawn the plugin");
-    let client = ().serve(transport).await.expect("MCP initialize");
-    Plugin { client }
-}
-
-impl Plugin {
-    async fn call(&self, tool: &str, arguments: Value) -> CallToolResult {
-        let Value::Object(arguments) = arguments else {
-            panic!("arguments must be an object")
-        };
-        self.client
-            .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(arguments))
-            .await
-            .unwrap_or_else(|e| panic!("tools/call {tool} failed at the protocol level: {e}"))
-    }
-
-    /// Text and structured content of a call that must succeed.
-    async fn ok(&self, tool: &str, arguments: Value) -> (String, Value) {
-        let result = self.call(tool, arguments).await;
-        assert_eq!(
-            result.is_error,
-            Some(false),
-            "{tool} failed: {}",
-            text(&result)
-        );
-        (
-            text(&result),
-            result.structured_content.expect("structured content"),
-        )
-    }
-
-    /// Text of a call that must fail as a tool error.
-    async fn err(&self, tool: &str, arguments: Value) -> String {
-        let result = self.call(tool, arguments).await;
-        assert_eq!(
-            result.is_error,
-            Some(true),
-            "{tool} should have failed: {}",
-            text(&result)
-        );
-        text(&result)
-    }
-}
-
-fn text(result: &CallToolResult) -> String {
-    result
-        .content
-        .iter()
-        .filter_map(|c| c.as_text())
-        .map(|t| t.text.as_str())
-        .collect()
 }
 
 #[tokio::test]
@@ -317,7 +221,7 @@ async fn lists_gets_and_calls_with_the_bearer_token() {
     // A host name rather than an IP, so that name resolution is exercised too; all of it, and
     // the HTTP, must work without the threads the one-process limit forbids.
     let url = format!("http://localhost:{}/", addr.port());
-    let plugin = spawn(&[("HA_URL", &url), ("HA_TOKEN", TOKEN)], confine).await;
+    let plugin = spawn(PLUGIN, &[("HA_URL", &url), ("HA_TOKEN", TOKEN)], confine).await;
 
     let (text, listed) = plugin.ok("list_entities", json!({})).await;
     let ids: Vec<&str> = listed["entities"]
