@@ -177,29 +177,31 @@ impl AgentTurn {
         let mut client_side = false;
         for call in calls {
             let id = format!("call-{:012x}", rand::random::<u64>() & 0xFFFF_FFFF_FFFF);
-            let tool = self.tools.iter().find(|tool| tool.name == call.name);
-            let is_client = tool.is_some_and(|tool| tool.side == ToolSide::Client);
+            let checked = match self.tools.iter().find(|tool| tool.name == call.name) {
+                None => Err(self.unknown_tool(&call.name)),
+                Some(tool) => tool.validate(&call.arguments).map(|()| tool),
+            };
             // A client tool whose arguments break its schema is answered here, like any bad call.
             let event = pb::ToolCall {
                 id: id.clone(),
                 name: call.name.clone(),
                 arguments_json: call.arguments.to_string(),
-                client_side: is_client && tool.is_some_and(|tool| tool.validate(&call.arguments).is_ok()),
+                client_side: matches!(checked, Ok(tool) if tool.side == ToolSide::Client),
             };
             assistant.tool_calls.push(event.clone());
             let _ = sink.send(Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(event)) }));
-            let (content, is_error, duration) = match tool {
-                None => (self.unknown_tool(&call.name), true, Duration::ZERO),
-                Some(tool) => match tool.validate(&call.arguments) {
-                    Err(problem) => (problem, true, Duration::ZERO),
-                    Ok(()) if is_client => {
-                        client_side = true;
-                        continue;
-                    }
-                    Ok(()) => self.run_plugin(&call.name, call.arguments.clone()).await?,
-                },
+            let (content, is_error, duration) = match checked {
+                Err(problem) => {
+                    // It never reaches a plugin; the registry logs the calls that do.
+                    tracing::info!(target: "phi3d::audit", tool = %call.name, %problem, "tool call refused before dispatch");
+                    (problem, true, Duration::ZERO)
+                }
+                Ok(tool) if tool.side == ToolSide::Client => {
+                    client_side = true;
+                    continue;
+                }
+                Ok(_) => self.run_plugin(&call.name, call.arguments.clone()).await?,
             };
-            tracing::info!(target: "phi3d::audit", tool = %call.name, %is_error, duration_ms = duration.as_millis() as u64, "tool call");
             send_result(sink, &id, &call.name, &content, is_error, duration);
             results.push(Message { role: Role::Tool as i32, content, tool_call_id: id, ..Message::default() });
         }
