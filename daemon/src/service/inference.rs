@@ -66,14 +66,13 @@ impl InferenceService {
             plugins: self.plugins.clone(),
             tools: plan.tools,
             messages: request.messages,
-            first_mode: plan.first_mode,
             max_steps: plan.max_steps,
             params,
             scope,
         };
         // The first step is queued here, so that a full queue or a prompt too long is the
         // request's status rather than an error inside the stream.
-        let first = turn.submit_step(&turn.first_mode)?;
+        let first = turn.submit_step(&plan.first_mode)?;
         let (sink, events) = mpsc::unbounded_channel();
         tokio::spawn(turn.run(first, sink));
         Ok(Box::pin(UnboundedReceiverStream::new(events)))

@@ -35,7 +35,6 @@ pub struct AgentTurn {
     pub format: ToolFormat,
     pub tools: Vec<OfferedTool>,
     pub messages: Vec<Message>,
-    pub first_mode: StepMode,
     pub max_steps: u32,
     pub params: GenerationParams,
     pub scope: RequestScope,
