@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::engine::memory_plan::KvType;
+
 /// Where `serve` looks for its config file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/phi3d/phi3d.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -71,6 +73,23 @@ pub struct Settings {
     #[arg(long = "sandbox-require", env = "PHI3D_SANDBOX_REQUIRE", value_parser = ["strict", "best-effort"])]
     #[serde(skip)]
     pub sandbox_require: Option<String>,
+    /// Requests generated at once, each in its own sequence of one shared KV cache (1-16;
+    /// default: one per 1024 tokens of ctx_size, at most 4)
+    #[arg(long, env = "PHI3D_SLOTS")]
+    pub slots: Option<u32>,
+    /// KV cache element type: f16, q8_0 (about half the memory) or q4_0 (about a quarter)
+    #[arg(long, env = "PHI3D_KV_TYPE", value_parser = ["f16", "q8_0", "q4_0"])]
+    pub kv_type: Option<String>,
+    /// Files holding system prompts to decode at start-up and keep cached (repeat the flag,
+    /// or separate them with commas in the variable)
+    #[arg(long = "pinned-prompt", env = "PHI3D_PINNED_PROMPTS", value_delimiter = ',')]
+    pub pinned_prompts: Option<Vec<PathBuf>>,
+    /// Where the prompt cache is saved across restarts
+    #[arg(long, env = "PHI3D_PROMPT_CACHE_DIR")]
+    pub prompt_cache_dir: Option<PathBuf>,
+    /// Disk space the saved prompt cache may take, in MB (0: never saved)
+    #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
+    pub prompt_cache_disk_mb: Option<u64>,
 }
 
 /// The `[sandbox]` table.
@@ -143,15 +162,27 @@ impl Settings {
             tool_choice: over.tool_choice.or(self.tool_choice),
             sandbox: over.sandbox.or(self.sandbox),
             sandbox_require: over.sandbox_require.or(self.sandbox_require),
+            slots: over.slots.or(self.slots),
+            kv_type: over.kv_type.or(self.kv_type),
+            pinned_prompts: over.pinned_prompts.or(self.pinned_prompts),
+            prompt_cache_dir: over.prompt_cache_dir.or(self.prompt_cache_dir),
+            prompt_cache_disk_mb: over.prompt_cache_disk_mb.or(self.prompt_cache_disk_mb),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 19] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
-    "offline", "log", "plugins_dir", "tool_choice", "sandbox",
+    "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
+    "prompt_cache_dir", "prompt_cache_disk_mb",
 ];
+
+/// The most slots the default picks: beyond four, each stream gets too small a share of a
+/// small board's memory bandwidth to be worth it.
+pub const DEFAULT_MAX_SLOTS: u32 = 4;
+pub const MAX_SLOTS: u32 = 16;
+pub const DEFAULT_PROMPT_CACHE_DISK_MB: u64 = 2048;
 
 /// Where plugin manifests live unless configured.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
@@ -195,6 +226,11 @@ pub struct Config {
     pub plugins_dir: PathBuf,
     pub tool_choice: phi3d_proto::v1::ToolChoice,
     pub sandbox_require: SandboxRequire,
+    pub slots: u32,
+    pub kv_type: KvType,
+    pub pinned_prompts: Vec<PathBuf>,
+    pub prompt_cache_dir: PathBuf,
+    pub prompt_cache_disk_mb: u64,
 }
 
 impl Config {
@@ -206,6 +242,11 @@ impl Config {
                  (or 0.0.0.0:50051 to serve the whole network)"
             ))
         })?;
+        let ctx_size = settings.ctx_size.unwrap_or(DEFAULT_CTX_SIZE);
+        let kv_type = match settings.kv_type.as_deref() {
+            None => KvType::F16,
+            Some(text) => text.parse().map_err(|err| ConfigError(format!("kv_type: {err}")))?,
+        };
         let config = Config {
             model: settings
                 .model
@@ -213,7 +254,7 @@ impl Config {
             model_dir: settings.model_dir.unwrap_or_else(default_model_dir),
             listen,
             threads: settings.threads.unwrap_or_else(|| num_cpus::get_physical() as u32),
-            ctx_size: settings.ctx_size.unwrap_or(DEFAULT_CTX_SIZE),
+            ctx_size,
             batch_size: settings.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             queue_size: settings.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
             max_tokens: settings.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
@@ -235,7 +276,17 @@ impl Config {
                 Some(_) => SandboxRequire::BestEffort,
                 None => settings.sandbox.and_then(|sandbox| sandbox.require).unwrap_or(SandboxRequire::BestEffort),
             },
+            // The slots share one KV cache of ctx_size cells; by default each gets 1024 on
+            // average, so that a busy daemon still serves prompts of that length at once.
+            slots: settings.slots.unwrap_or((ctx_size / 1024).clamp(1, DEFAULT_MAX_SLOTS)),
+            kv_type,
+            pinned_prompts: settings.pinned_prompts.unwrap_or_default(),
+            prompt_cache_dir: settings.prompt_cache_dir.unwrap_or_else(default_prompt_cache_dir),
+            prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
         };
+        if !(1..=MAX_SLOTS).contains(&config.slots) {
+            return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
+        }
         at_least("threads", config.threads, 1)?;
         at_least("ctx_size", config.ctx_size, 64)?;
         at_least("batch_size", config.batch_size, 1)?;
@@ -260,16 +311,24 @@ fn at_least(key: &str, value: u32, min: u32) -> Result<(), ConfigError> {
 
 /// systemd's `StateDirectory=` when run as a service, else the user's cache directory.
 fn default_model_dir() -> PathBuf {
+    state_or_cache_dir("models")
+}
+
+fn default_prompt_cache_dir() -> PathBuf {
+    state_or_cache_dir("prompt-cache")
+}
+
+fn state_or_cache_dir(name: &str) -> PathBuf {
     if let Some(state) = std::env::var_os("STATE_DIRECTORY") {
-        return PathBuf::from(state).join("models");
+        return PathBuf::from(state).join(name);
     }
     if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(cache).join("phi3d/models");
+        return PathBuf::from(cache).join("phi3d").join(name);
     }
     if let Some(home) = std::env::var_os("HOME") {
-        return PathBuf::from(home).join(".cache/phi3d/models");
+        return PathBuf::from(home).join(".cache/phi3d").join(name);
     }
-    PathBuf::from("/var/lib/phi3d/models")
+    PathBuf::from("/var/lib/phi3d").join(name)
 }
 
 #[cfg(test)]
@@ -297,7 +356,9 @@ mod tests {
     fn every_key_is_accepted() {
         let file = "model = \"m.gguf\"\nmodel_dir = \"/m\"\nlisten = \"127.0.0.1:1\"\nthreads = 1\nctx_size = 64\n\
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
-                    plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\n";
+                    plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
+                    kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
+                    prompt_cache_disk_mb = 10\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -305,6 +366,8 @@ mod tests {
         let config = Config::from_settings(settings).unwrap();
         assert_eq!(config.sandbox_require, SandboxRequire::Strict);
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
+        assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
+        assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }
@@ -325,6 +388,20 @@ mod tests {
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.ctx_size, DEFAULT_CTX_SIZE);
         assert!(config.threads >= 1);
+        assert_eq!(config.slots, 4, "4096 cells: four slots of 1024 on average");
+        let small = Config::from_settings(Settings { ctx_size: Some(512), ..Settings::default() }).unwrap();
+        assert_eq!(small.slots, 1);
+    }
+
+    #[test]
+    fn slots_and_kv_type_are_checked() {
+        let err = Config::from_settings(Settings { slots: Some(0), ..Settings::default() }).unwrap_err().to_string();
+        assert!(err.starts_with("slots:") && err.contains("1 to 16"), "{err}");
+        let err = Settings::parse("kv_type = 8\n").unwrap_err();
+        assert!(err.starts_with("line 1: kv_type:"), "{err}");
+        let settings = Settings { kv_type: Some("q5".into()), ..Settings::default() };
+        let err = Config::from_settings(settings).unwrap_err().to_string();
+        assert!(err.starts_with("kv_type:") && err.contains("q8_0"), "{err}");
     }
 
     #[test]

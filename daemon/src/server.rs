@@ -47,6 +47,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     let plugins = PluginRegistry::start(config.plugins_dir.clone(), support.clone(), requirement).await?;
 
+    // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
+    // the graceful shutdown does not wait on them; a model still loading stops loading.
+    let stopping = tokio_util::sync::CancellationToken::new();
     let (engine, worker) = Engine::start(EngineConfig {
         model_path: model_path.clone(),
         ctx_size: config.ctx_size,
@@ -54,7 +57,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         threads: config.threads,
         mlock: config.mlock,
         queue_size: config.queue_size,
-        slots: 1,
+        slots: config.slots,
+        kv_type: config.kv_type,
+        pinned_prompts: config.pinned_prompts.clone(),
+        render_prefix: crate::service::inference::system_prefix_tokens,
+        prompt_cache_dir: config.prompt_cache_dir.clone(),
+        prompt_cache_disk_bytes: config.prompt_cache_disk_mb * 1_000_000,
+        cancel: stopping.clone(),
     })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -64,20 +73,32 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     health.set_service_status("phi3d.v1.Admin", ServingStatus::Serving).await;
 
     let requests = Arc::new(Requests::default());
-    let (load_failed_tx, load_failed) = tokio::sync::oneshot::channel();
+    let (engine_failed_tx, engine_failed) = tokio::sync::oneshot::channel();
     let watch_engine = engine.clone();
+    let watch_stopping = stopping.clone();
     tokio::spawn(async move {
-        match watch_engine.loaded().await {
+        let reason = match watch_engine.loaded().await {
             Ok(model) => {
                 for service in MODEL_SERVICES {
                     health.set_service_status(service, ServingStatus::Serving).await;
                 }
                 tracing::info!(model = %model.info.name, "serving");
+                // A worker that dies takes the model with it: say so, and stop, so that the
+                // supervisor restarts the daemon. The handle goes at shutdown, so that the
+                // queue closes and the worker can end.
+                let reason = tokio::select! {
+                    reason = watch_engine.failed() => reason,
+                    () = watch_stopping.cancelled() => return,
+                };
+                for service in MODEL_SERVICES {
+                    health.set_service_status(service, ServingStatus::NotServing).await;
+                }
+                tracing::error!("{reason}");
+                reason
             }
-            Err(reason) => {
-                let _ = load_failed_tx.send(reason);
-            }
-        }
+            Err(reason) => reason,
+        };
+        let _ = engine_failed_tx.send(reason);
     });
 
     let reflection = tonic_reflection::server::Builder::configure()
@@ -99,21 +120,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
     drop(engine);
 
-    // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
-    // the graceful shutdown does not wait on them.
-    let stopping = tokio_util::sync::CancellationToken::new();
     let stopper = stopping.clone();
-    let load_error = tokio::spawn(async move {
-        let load_error = tokio::select! {
+    let engine_error = tokio::spawn(async move {
+        let engine_error = tokio::select! {
             () = shutdown => {
                 tracing::info!("shutting down");
                 None
             }
-            Ok(reason) = load_failed => Some(reason),
+            Ok(reason) = engine_failed => Some(reason),
         };
         requests.cancel_all();
         stopper.cancel();
-        load_error
+        engine_error
     });
 
     let server = tonic::transport::Server::builder()
@@ -147,12 +165,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     plugins.shutdown().await;
     if drained {
         // Every engine handle went with the services, so the worker ends once its slots are
-        // free (their tasks were cancelled above).
+        // free (their tasks were cancelled above) and the prompt cache is saved.
         tokio::task::spawn_blocking(move || worker.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?;
     }
-    if let Some(reason) = load_error.await? {
+    if let Some(reason) = engine_error.await? {
         anyhow::bail!(reason);
     }
     Ok(())

@@ -125,7 +125,7 @@ async fn cancel_reaches_a_request_still_reading_its_prompt() {
 
 #[tokio::test]
 async fn a_full_queue_is_resource_exhausted() {
-    let daemon = roomy_daemon(&["--queue-size", "1"]).await;
+    let daemon = roomy_daemon(&["--queue-size", "1", "--slots", "1"]).await;
     let mut client = daemon.inference().await;
     let mut running = client.complete(endless("running")).await.unwrap().into_inner();
     first_delta(&mut running).await;

@@ -97,6 +97,12 @@ async fn a_context_too_big_for_memory_is_refused_with_the_numbers() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let error = stderr.lines().last().unwrap_or_default();
-    assert!(error.starts_with("error: ctx_size 4000000000 needs"), "{stderr}");
-    assert!(error.contains("of KV cache but only") && error.contains("--ctx-size"), "{error}");
+    assert!(error.starts_with("error: ctx_size 4000000000 with kv_type f16 needs"), "{stderr}");
+    assert!(error.contains("KV cache") && error.contains("of memory is available"), "{error}");
+    // The configuration it suggests really starts.
+    let fits = error.split("this fits: ").nth(1).unwrap_or_else(|| panic!("no suggestion: {error}"));
+    let flags: Vec<&str> = fits.split(" (").next().unwrap().split_whitespace().collect();
+    assert_eq!((flags[0], flags[2]), ("--ctx-size", "--kv-type"), "{error}");
+    let suggested: u64 = flags[1].parse().unwrap();
+    assert!(suggested < 4_000_000_000 && suggested >= 256, "{error}");
 }

@@ -89,6 +89,8 @@ impl DaemonBuilder {
             .arg("1")
             .args(&self.args)
             .env("PHI3D_LOG", "info,phi3d=debug")
+            // The prompt cache saved at exit stays with this daemon unless a test shares one.
+            .env("PHI3D_PROMPT_CACHE_DIR", dir.path().join("prompt-cache"))
             .env_remove("RUST_LOG")
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())

@@ -151,6 +151,35 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("model      {} loading, {}%", model.path, status.load_progress_percent);
     }
     println!("requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots);
+    if model.loaded {
+        println!("kv cells   {} of {} in use", status.kv_cells_used, status.kv_cells_total);
+        for slot in &status.slot_status {
+            let state = phi3d_proto::v1::slot_status::State::try_from(slot.state)
+                .map_or("unknown", |state| state.as_str_name().trim_start_matches("STATE_"))
+                .to_lowercase();
+            let request = if slot.request_id.is_empty() { String::new() } else { format!(", request {}", slot.request_id) };
+            println!("  slot {}   {state}, {} tokens{request}", slot.index, slot.tokens);
+        }
+        println!(
+            "prompt cache {} in memory, {} on disk",
+            status.cache_entries_in_memory, status.cache_entries_on_disk
+        );
+    }
+    if let Some(plan) = &status.memory_plan {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        println!(
+            "memory     {:.2} GiB planned (weights {:.2}, KV {:.2} {}, compute {:.2}) of {:.2} GiB available",
+            gib(plan.total_bytes),
+            gib(plan.weights_bytes),
+            gib(plan.kv_cache_bytes),
+            plan.kv_type,
+            gib(plan.compute_bytes),
+            gib(plan.budget_bytes)
+        );
+    }
+    if !status.cpu_features.is_empty() {
+        println!("cpu        {}", status.cpu_features);
+    }
     Ok(())
 }
 

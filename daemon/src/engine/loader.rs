@@ -1,9 +1,5 @@
-//! Loading the model: mmap the GGUF with progress reports, check the memory budget, create the
-//! llama context, and describe what was loaded.
-//!
-//! Memory is the scarce resource on a Raspberry Pi: the KV cache of Phi-3-mini costs 384 KiB
-//! per token, so the budget is checked before llama.cpp allocates and the error says what to
-//! lower.
+//! Loading the model: mmap the GGUF with progress reports (a shutdown aborts it), check the
+//! memory plan, create the llama context, and describe what was loaded.
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -13,6 +9,14 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::token::LlamaToken;
+use tokio_util::sync::CancellationToken;
+
+use super::memory_plan::{KvType, MemoryPlan, ModelShape, human_bytes};
+
+/// Renders a pinned system prompt as the chat path renders a request's first turn, so that the
+/// tokens match a request's prefix exactly.
+pub type PrefixRenderer = fn(&LoadedModel, &str) -> Result<Vec<LlamaToken>, String>;
 
 /// What the worker needs to load and run the model.
 #[derive(Debug, Clone)]
@@ -25,6 +29,16 @@ pub struct EngineConfig {
     pub queue_size: u32,
     /// Sequences decoded together; each is one slot.
     pub slots: u32,
+    pub kv_type: KvType,
+    /// System prompts decoded at start-up and never evicted.
+    pub pinned_prompts: Vec<PathBuf>,
+    pub render_prefix: PrefixRenderer,
+    /// Where the prompt cache is saved across restarts, and how many bytes it may take there
+    /// (0: not saved).
+    pub prompt_cache_dir: PathBuf,
+    pub prompt_cache_disk_bytes: u64,
+    /// Stops a load in progress (shutdown).
+    pub cancel: CancellationToken,
 }
 
 /// A loaded model and what clients may know about it. Shared read-only between the worker
@@ -46,21 +60,21 @@ pub struct ModelInfo {
     pub context_length: u32,
     pub chat_template: String,
     pub kv_cache_bytes: u64,
+    pub memory_plan: Option<MemoryPlan>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot load model {path}: {reason}")]
     Model { path: PathBuf, reason: String },
-    #[error(
-        "ctx_size {ctx_size} needs {need} of KV cache but only {available} of memory is available; \
-         lower ctx_size (e.g. --ctx-size {suggestion}) or free memory"
-    )]
-    OutOfMemory { ctx_size: u32, need: String, available: String, suggestion: u32 },
+    #[error("{0}")]
+    DoesNotFit(String),
     #[error("cannot create the llama context (ctx_size {ctx_size}, {need} of KV cache): {reason}")]
     Context { ctx_size: u32, need: String, reason: String },
     #[error("warm-up decode failed: {0}")]
     WarmUp(String),
+    #[error("shutdown requested while the model was loading")]
+    Cancelled,
 }
 
 /// Loads the GGUF, reporting progress in percent through `on_progress`.
@@ -70,18 +84,43 @@ pub fn load_model(
     mut on_progress: impl FnMut(u32) + 'static,
 ) -> Result<LoadedModel, LoadError> {
     let path = &config.model_path;
+    // Measured before the weights are mapped, so that they count against it.
+    let budget = super::memory_plan::memory_budget();
+    let file_size = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
+    if let Some(budget) = budget
+        && file_size > budget
+    {
+        return Err(LoadError::DoesNotFit(format!(
+            "the model's weights alone need {} but only {} of memory is available; choose a smaller \
+             quantization of the model or free memory",
+            human_bytes(file_size),
+            human_bytes(budget)
+        )));
+    }
+    let cancel = config.cancel.clone();
     let params = LlamaModelParams::default()
         .with_use_mlock(config.mlock)
         .with_progress_callback(move |fraction| {
             on_progress((fraction * 100.0).round().clamp(0.0, 100.0) as u32);
-            true
+            // Returning false makes llama.cpp abandon the load.
+            !cancel.is_cancelled()
         });
-    let model = LlamaModel::load_from_file(backend, path, &params).map_err(|err| LoadError::Model {
-        path: path.clone(),
-        reason: format!("{err} (is it a GGUF file that llama.cpp supports? run with --log debug for llama.cpp's reason)"),
+    let model = LlamaModel::load_from_file(backend, path, &params).map_err(|err| {
+        if config.cancel.is_cancelled() {
+            return LoadError::Cancelled;
+        }
+        LoadError::Model {
+            path: path.clone(),
+            reason: format!("{err} (is it a GGUF file that llama.cpp supports? run with --log debug for llama.cpp's reason)"),
+        }
     })?;
     let chat_template = model.chat_template(None).ok();
-    let kv_cache_bytes = kv_cache_bytes(&model, config.ctx_size);
+    let shape = ModelShape::of(&model);
+    let plan = MemoryPlan::new(&shape, config.ctx_size, config.batch_size, config.kv_type, budget);
+    if !plan.fits() {
+        return Err(LoadError::DoesNotFit(does_not_fit(&plan, &shape, config.batch_size)));
+    }
+    let kv_cache_bytes = plan.kv_cache_bytes;
     let info = ModelInfo {
         name: model.meta_val_str("general.name").unwrap_or_else(|_| file_stem(path)),
         path: path.clone(),
@@ -95,87 +134,71 @@ pub fn load_model(
             .and_then(|template| template.to_string().ok())
             .unwrap_or_default(),
         kv_cache_bytes,
+        memory_plan: Some(plan),
     };
     Ok(LoadedModel { model, chat_template, info })
 }
 
-/// Creates the one context the worker owns, after checking that its KV cache fits in memory.
+/// The refusal: what the plan needs against what there is, and a configuration that fits.
+fn does_not_fit(plan: &MemoryPlan, shape: &ModelShape, batch_size: u32) -> String {
+    let budget = plan.budget_bytes.unwrap_or(0);
+    let mut message = format!(
+        "ctx_size {} with kv_type {} needs {} (weights {}, KV cache {}, compute {}) but only {} of memory \
+         is available",
+        plan.ctx_size,
+        plan.kv_type,
+        human_bytes(plan.total_bytes()),
+        human_bytes(plan.weights_bytes),
+        human_bytes(plan.kv_cache_bytes),
+        human_bytes(plan.compute_bytes),
+        human_bytes(budget),
+    );
+    match plan.suggestion(shape, batch_size) {
+        Some((ctx_size, kv_type)) => {
+            let fitting = MemoryPlan::new(shape, ctx_size, batch_size.min(ctx_size), kv_type, plan.budget_bytes);
+            message.push_str(&format!(
+                "; this fits: --ctx-size {ctx_size} --kv-type {kv_type} (needs {})",
+                human_bytes(fitting.total_bytes())
+            ));
+        }
+        None => message.push_str("; no context fits: choose a smaller quantization of the model or free memory"),
+    }
+    message
+}
+
+/// Creates the one context the worker owns.
 pub fn create_context<'m>(
     backend: &LlamaBackend,
     loaded: &'m LoadedModel,
     config: &EngineConfig,
 ) -> Result<LlamaContext<'m>, LoadError> {
-    let need = loaded.info.kv_cache_bytes;
-    if let Some(available) = available_memory_bytes()
-        && need > available
-    {
-        let per_token = need / u64::from(config.ctx_size).max(1);
-        let fits = (available / per_token.max(1)).clamp(64, u64::from(u32::MAX)) as u32;
-        return Err(LoadError::OutOfMemory {
-            ctx_size: config.ctx_size,
-            need: human_bytes(need),
-            available: human_bytes(available),
-            // The largest power of two that fits: llama.cpp pads contexts anyway.
-            suggestion: 1 << (31 - fits.leading_zeros()),
-        });
-    }
-    let params = LlamaContextParams::default()
+    let sequences = config.slots + config.pinned_prompts.len() as u32;
+    // llama.cpp reserves one output per sequence and asserts that a batch can hold them all;
+    // the worker still feeds at most batch_size tokens per step.
+    let n_batch = config.batch_size.max(sequences);
+    let mut params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.ctx_size))
-        .with_n_batch(config.batch_size)
-        .with_n_ubatch(config.batch_size)
-        .with_n_seq_max(config.slots)
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_seq_max(sequences)
         .with_n_threads(config.threads as i32)
         .with_n_threads_batch(config.threads as i32)
-        // Slots share one KV buffer so that prompt prefixes can later be copied between them
-        // (llama.cpp aborts on partial sequence copies without it).
+        .with_type_k(config.kv_type.ggml())
+        .with_type_v(config.kv_type.ggml())
+        // Slots share one KV buffer so that prompt prefixes can be copied between them
+        // (llama.cpp aborts on partial sequence copies without it), and a copy shares cells.
         .with_kv_unified(true);
+    if config.kv_type != KvType::F16 {
+        // llama.cpp needs flash attention for a quantized V cache.
+        params = params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED);
+    }
     loaded.model.new_context(backend, params).map_err(|err| LoadError::Context {
         ctx_size: config.ctx_size,
-        need: human_bytes(need),
+        need: human_bytes(loaded.info.kv_cache_bytes),
         reason: err.to_string(),
     })
 }
 
-/// f16 K and V for every layer and position: Phi-3-mini (no GQA) costs 384 KiB per token.
-pub fn kv_cache_bytes(model: &LlamaModel, ctx_size: u32) -> u64 {
-    let n_head = u64::from(model.n_head().max(1));
-    let head_dim = model.n_embd() as u64 / n_head;
-    let kv_width = head_dim * u64::from(model.n_head_kv());
-    let f16_bytes = 2;
-    2 * u64::from(model.n_layer()) * kv_width * f16_bytes * u64::from(ctx_size)
-}
-
-/// `MemAvailable` from /proc/meminfo: what can be allocated without swapping.
-fn available_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|line| line.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
-}
-
 fn file_stem(path: &Path) -> String {
     path.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::human_bytes;
-
-    #[test]
-    fn bytes_read_like_a_person_writes_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(384 * 1024), "384.0 KiB");
-        assert_eq!(human_bytes(3 * 512 * 1024 * 1024), "1.5 GiB");
-    }
 }

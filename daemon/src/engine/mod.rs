@@ -3,24 +3,53 @@
 //! Vocabulary (after llama.cpp's server): a [`task::Task`] is one request ready to run; the
 //! [`queue`] holds tasks waiting for a [`slot::Slot`], one sequence of the llama context; the
 //! [`worker`] is the one thread that owns the context and drives every slot. The async side
-//! only sees [`Engine`]: submit a task, read the load state, tokenize with the shared model.
+//! only sees [`Engine`]: submit a task, read the load state and the engine's status, tokenize
+//! with the shared model. The [`prompt_cache`] places tasks where their prefix is cached,
+//! [`kv_cells`] counts the cells sequences hold, [`cache_store`] keeps the cache across
+//! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates.
 
+pub mod cache_store;
+pub mod kv_cells;
 pub mod loader;
+pub mod memory_plan;
+pub mod prompt_cache;
 pub mod queue;
 pub mod sampling;
 pub mod slot;
+pub mod status;
 pub mod stop;
 pub mod task;
 pub mod utf8;
 pub mod worker;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 pub use loader::{EngineConfig, LoadedModel, ModelInfo};
 pub use queue::QueueError;
+pub use status::EngineStatus;
+
+/// The llama-cpp-sys-2 release that built llama.cpp (see build.rs).
+pub const LLAMA_CPP_SYS_VERSION: &str = env!("PHI3D_LLAMA_CPP_SYS_VERSION");
+
+/// The CPU features llama.cpp's kernels use, as llama.cpp reports them (e.g.
+/// "CPU : SSE3 = 1 | AVX2 = 1 | ..."), trimmed to the features that are on.
+pub fn cpu_features() -> String {
+    // SAFETY: llama_print_system_info returns a pointer to a static, NUL-terminated string.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    let info = info.to_string_lossy();
+    let on: Vec<&str> = info
+        .split('|')
+        .filter_map(|part| {
+            let part = part.trim();
+            let (name, value) = part.rsplit_once(" = ")?;
+            (value.trim() == "1").then(|| name.rsplit(':').next().unwrap_or(name).trim())
+        })
+        .collect();
+    if on.is_empty() { info.trim().to_owned() } else { on.join(" ") }
+}
 
 /// Where the model is in its life.
 #[derive(Clone)]
@@ -37,6 +66,7 @@ pub struct Engine {
     queue: queue::TaskQueue,
     state: watch::Receiver<LoadState>,
     active: Arc<AtomicUsize>,
+    status: Arc<Mutex<EngineStatus>>,
     slots: u32,
 }
 
@@ -46,12 +76,25 @@ impl Engine {
         let (queue, receiver) = queue::task_queue(config.queue_size as usize);
         let (state_tx, state) = watch::channel(LoadState::Loading { percent: 0 });
         let active = Arc::new(AtomicUsize::new(0));
+        let status = Arc::new(Mutex::new(EngineStatus::default()));
         let slots = config.slots;
         let worker_active = active.clone();
-        let thread = std::thread::Builder::new()
-            .name("phi3d-worker".into())
-            .spawn(move || worker::run(config, receiver, state_tx, worker_active))?;
-        Ok((Engine { queue, state, active, slots }, thread))
+        let worker_status = status.clone();
+        let thread = std::thread::Builder::new().name("phi3d-worker".into()).spawn(move || {
+            // A panic must not leave the daemon answering SERVING with nobody decoding: the
+            // state says so, and the server stops with the reason.
+            let panicked_state = state_tx.clone();
+            let run = std::panic::AssertUnwindSafe(|| worker::run(config, receiver, state_tx, worker_active, worker_status));
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                panicked_state.send_replace(LoadState::Failed(format!("the inference thread panicked: {reason}")));
+            }
+        })?;
+        Ok((Engine { queue, state, active, status, slots }, thread))
     }
 
     pub fn state(&self) -> LoadState {
@@ -88,5 +131,23 @@ impl Engine {
 
     pub fn slots(&self) -> u32 {
         self.slots
+    }
+
+    /// What the worker last published about its slots, cache and memory.
+    pub fn status(&self) -> EngineStatus {
+        self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Completes when the engine has failed after having been ready (the worker died), with
+    /// the reason. Never completes while it keeps working.
+    pub async fn failed(&self) -> String {
+        let mut state = self.state.clone();
+        match state.wait_for(|state| matches!(state, LoadState::Failed(_))).await {
+            Ok(state) => match &*state {
+                LoadState::Failed(reason) => reason.clone(),
+                _ => unreachable!("waited for Failed"),
+            },
+            Err(_) => "the inference thread stopped".into(),
+        }
     }
 }

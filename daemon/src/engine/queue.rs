@@ -1,26 +1,45 @@
 //! The queue: a bounded FIFO of tasks between the async services and the worker thread.
 //!
 //! Full means the daemon is saturated; the service answers RESOURCE_EXHAUSTED at once instead
-//! of letting clients pile up behind a device that cannot keep up.
+//! of letting clients pile up behind a device that cannot keep up. A queued task whose client
+//! cancelled or went away gives up its place at once: it is ended (as cancelled) whenever the
+//! queue is touched, so it neither counts against `queue_size` nor waits for a slot.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvError, SyncSender, TryRecvError, TrySendError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::task::Task;
 
-/// The sending half, held by the engine handle.
+/// The sending half, held by the engine handle. The queue closes when the last clone goes.
 #[derive(Clone)]
 pub struct TaskQueue {
-    sender: SyncSender<Task>,
-    waiting: Arc<AtomicUsize>,
+    senders: Arc<Senders>,
     capacity: usize,
 }
 
 /// The receiving half, owned by the worker thread.
 pub struct TaskReceiver {
-    receiver: Receiver<Task>,
-    waiting: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    arrived: Condvar,
+}
+
+struct State {
+    tasks: VecDeque<Task>,
+    closed: bool,
+}
+
+/// Closes the queue when the last sender is dropped.
+struct Senders(Arc<Shared>);
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.arrived.notify_all();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,49 +51,89 @@ pub enum QueueError {
 }
 
 pub fn task_queue(capacity: usize) -> (TaskQueue, TaskReceiver) {
-    let (sender, receiver) = mpsc::sync_channel(capacity);
-    let waiting = Arc::new(AtomicUsize::new(0));
-    (
-        TaskQueue { sender, waiting: waiting.clone(), capacity },
-        TaskReceiver { receiver, waiting },
-    )
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State { tasks: VecDeque::new(), closed: false }),
+        arrived: Condvar::new(),
+    });
+    (TaskQueue { senders: Arc::new(Senders(shared.clone())), capacity }, TaskReceiver { shared })
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere never leaves the queue half-updated: every change is one call.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    /// Ends every task nobody waits for any more.
+    fn drop_abandoned(&mut self) {
+        self.tasks.retain(|task| {
+            if task.is_abandoned() {
+                task.end_cancelled();
+                return false;
+            }
+            true
+        });
+    }
 }
 
 impl TaskQueue {
     /// Enqueues without ever blocking the caller.
     pub fn try_push(&self, task: Task) -> Result<(), QueueError> {
-        // Count first so that the worker's decrement can never run before the increment.
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        match self.sender.try_send(task) {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(match err {
-                    TrySendError::Full(_) => QueueError::Full { capacity: self.capacity },
-                    TrySendError::Disconnected(_) => QueueError::Closed,
-                })
-            }
+        let shared = &self.senders.0;
+        let mut state = shared.lock();
+        if state.closed {
+            return Err(QueueError::Closed);
         }
+        state.drop_abandoned();
+        if state.tasks.len() >= self.capacity {
+            return Err(QueueError::Full { capacity: self.capacity });
+        }
+        state.tasks.push_back(task);
+        drop(state);
+        shared.arrived.notify_one();
+        Ok(())
     }
 
     /// Tasks waiting for a slot.
     pub fn depth(&self) -> usize {
-        self.waiting.load(Ordering::SeqCst)
+        let mut state = self.senders.0.lock();
+        state.drop_abandoned();
+        state.tasks.len()
     }
 }
 
 impl TaskReceiver {
-    /// Waits for the next task; `Err` once every sender is gone (shutdown).
-    pub fn pop(&self) -> Result<Task, RecvError> {
-        let task = self.receiver.recv()?;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        Ok(task)
+    /// Waits for the next task; `None` once the queue is closed and empty (shutdown).
+    pub fn pop(&self) -> Option<Task> {
+        let mut state = self.shared.lock();
+        loop {
+            state.drop_abandoned();
+            if let Some(task) = state.tasks.pop_front() {
+                return Some(task);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.shared.arrived.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
     }
 
     /// The next task if one is waiting.
-    pub fn try_pop(&self) -> Result<Task, TryRecvError> {
-        let task = self.receiver.try_recv()?;
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        Ok(task)
+    pub fn try_pop(&self) -> Option<Task> {
+        let mut state = self.shared.lock();
+        state.drop_abandoned();
+        state.tasks.pop_front()
+    }
+
+    /// Puts a task the worker could not start yet back at the head of the queue.
+    pub fn push_front(&self, task: Task) {
+        self.shared.lock().tasks.push_front(task);
+    }
+
+    /// Ends queued tasks whose clients gave up, so that they hear at once.
+    pub fn drop_abandoned(&self) {
+        self.shared.lock().drop_abandoned();
     }
 }

@@ -1,41 +1,52 @@
 //! A slot: one sequence of the llama context and the task it is serving.
 //!
-//! The slot owns everything per-sequence: how much of the prompt is in the KV cache, the
-//! sampler, the UTF-8 decoder and the stop matcher, the text sent so far and the timings.
-//! Its task ends exactly once, through [`Slot::finish`]; a slot that is dropped while still
-//! busy (a worker panic, shutdown) fails its task instead of leaving the client waiting.
+//! The slot owns everything per-sequence: the tokens its sequence holds in the KV cache (kept
+//! after the task ends, as the prompt cache), how much of the prompt is fed, the sampler, the
+//! UTF-8 decoder and the stop matcher, the text sent so far and the timings. Its task ends
+//! exactly once, through [`Slot::finish`] or [`Slot::fail`]; a slot that is dropped while
+//! still busy (a worker panic, shutdown) fails its task instead of leaving the client waiting.
 
 use std::time::Instant;
 
-use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use super::sampling::build_sampler;
 use super::stop::{StopMatcher, StopStep};
 use super::task::{Completion, EngineError, Event, StopReason, Task, Timings};
 use super::utf8::Utf8Decoder;
 
 pub struct Slot {
     pub seq_id: i32,
+    /// What this slot's sequence holds in the KV cache, position by position: the prompt and
+    /// reply of the task it serves or served last.
+    pub tokens: Vec<LlamaToken>,
+    pub last_used: Instant,
     busy: Option<Busy>,
+}
+
+/// What a slot asks to have decoded in the next batch.
+pub struct Feed {
+    pub tokens: Vec<LlamaToken>,
+    /// Prompt tokens (as opposed to the token sampled last).
+    pub from_prompt: bool,
+    /// Whether the last token's logits are needed (the end of the prompt, or a reply token).
+    pub wants_logits: bool,
 }
 
 /// The state of a slot while it serves a task.
 struct Busy {
     task: Task,
-    sampler: LlamaSampler,
     decoder: Utf8Decoder,
     stop: StopMatcher,
-    /// Prompt tokens already sent to the context.
+    /// Prompt tokens already in the KV cache (reused from the cache or decoded).
     prompt_fed: usize,
+    cached_prompt_tokens: usize,
     /// The token sampled last, to be decoded in the next batch.
     pending: Option<LlamaToken>,
-    /// The position of the next token in the sequence.
-    position: i32,
-    /// Where this slot's logits are in the batch being decoded.
+    /// Where this slot's logits are in the batch just decoded.
     logits_index: Option<i32>,
+    /// The sequence may grow up to this many positions: KV cells held back for this task.
+    reserved_until: usize,
     completion_tokens: u32,
     text: String,
     started_at: Instant,
@@ -45,40 +56,48 @@ struct Busy {
 
 impl Slot {
     pub fn new(seq_id: i32) -> Slot {
-        Slot { seq_id, busy: None }
+        Slot { seq_id, tokens: Vec::new(), last_used: Instant::now(), busy: None }
     }
 
     pub fn is_busy(&self) -> bool {
         self.busy.is_some()
     }
 
-    /// Takes a task; the caller has already cleared this sequence from the KV cache. A task
-    /// whose sampler cannot be built ends at once with `Failed`.
-    pub fn start(&mut self, task: Task, model: &LlamaModel) -> bool {
-        let sampler = match build_sampler(&task.params, model) {
-            Ok(sampler) => sampler,
-            Err(reason) => {
-                let _ = task.events.send(Event::Failed(EngineError::Grammar(reason)));
-                return false;
-            }
-        };
+    pub fn request_id(&self) -> Option<&str> {
+        self.busy.as_ref().map(|busy| busy.task.request_id.as_str())
+    }
+
+    /// Still reading its prompt (as opposed to generating).
+    pub fn is_reading(&self) -> bool {
+        self.busy.as_ref().is_some_and(|busy| busy.prompt_fed < busy.task.prompt.len())
+    }
+
+    /// Takes a task whose first `reuse` prompt tokens the caller has already put in this
+    /// sequence (and nothing after them). `n_ctx` bounds how far the sequence may grow.
+    pub fn start(&mut self, task: Task, reuse: usize, n_ctx: usize) {
+        debug_assert!(self.tokens.len() == reuse && self.tokens[..] == task.prompt[..reuse]);
         let stop = StopMatcher::new(task.params.stop.clone());
+        let reserved_until = (task.prompt.len() + task.params.max_tokens as usize).min(n_ctx);
         self.busy = Some(Busy {
             task,
-            sampler,
             decoder: Utf8Decoder::new(),
             stop,
-            prompt_fed: 0,
+            prompt_fed: reuse,
+            cached_prompt_tokens: reuse,
             pending: None,
-            position: 0,
             logits_index: None,
+            reserved_until,
             completion_tokens: 0,
             text: String::new(),
             started_at: Instant::now(),
             prompt_done_at: None,
             first_token_at: None,
         });
-        true
+    }
+
+    /// KV cells this slot's task may still need beyond what its sequence holds.
+    pub fn reserved_cells(&self) -> usize {
+        self.busy.as_ref().map_or(0, |busy| busy.reserved_until.saturating_sub(self.tokens.len()))
     }
 
     /// Whether the client has gone or asked to stop.
@@ -86,43 +105,35 @@ impl Slot {
         self.busy.as_ref().is_some_and(|busy| busy.task.is_abandoned())
     }
 
-    /// Adds this slot's next tokens to `batch`, at most `budget` of them: the next chunk of
-    /// the prompt, or the token sampled last. Returns how many were added.
-    pub fn fill_batch(&mut self, batch: &mut LlamaBatch, budget: usize) -> usize {
-        let Some(busy) = self.busy.as_mut() else { return 0 };
-        busy.logits_index = None;
+    /// What this slot wants decoded next, at most `budget` tokens: the next chunk of the
+    /// prompt, or the token sampled last. Nothing changes until [`Slot::commit`].
+    pub fn next_feed(&self, budget: usize) -> Option<Feed> {
+        let busy = self.busy.as_ref()?;
         if budget == 0 {
-            return 0;
+            return None;
         }
         let prompt = &busy.task.prompt;
-        let tokens: Vec<LlamaToken> = if busy.prompt_fed < prompt.len() {
+        if busy.prompt_fed < prompt.len() {
             let end = prompt.len().min(busy.prompt_fed + budget);
-            let chunk = prompt[busy.prompt_fed..end].to_vec();
-            busy.prompt_fed = end;
-            chunk
-        } else if let Some(token) = busy.pending.take() {
-            vec![token]
-        } else {
-            return 0;
-        };
-        let wants_logits = busy.prompt_fed == prompt.len();
-        let last = tokens.len() - 1;
-        for (i, token) in tokens.into_iter().enumerate() {
-            let logits = wants_logits && i == last;
-            if logits {
-                busy.logits_index = Some(batch.n_tokens());
-            }
-            batch
-                .add(token, busy.position, &[self.seq_id], logits)
-                .expect("the worker sizes the batch to hold every slot's budget");
-            busy.position += 1;
+            return Some(Feed {
+                tokens: prompt[busy.prompt_fed..end].to_vec(),
+                from_prompt: true,
+                wants_logits: end == prompt.len(),
+            });
         }
-        last + 1
+        busy.pending.map(|token| Feed { tokens: vec![token], from_prompt: false, wants_logits: true })
     }
 
-    /// Where this slot's logits are in the batch just decoded, if it wants a new token.
-    pub fn logits_index(&self) -> Option<i32> {
-        self.busy.as_ref().and_then(|busy| busy.logits_index)
+    /// Records that `feed` was decoded, its logits (if it asked) at `logits_index`.
+    pub fn commit(&mut self, feed: &Feed, logits_index: Option<i32>) {
+        let Some(busy) = self.busy.as_mut() else { return };
+        if feed.from_prompt {
+            busy.prompt_fed += feed.tokens.len();
+        } else {
+            busy.pending = None;
+        }
+        busy.logits_index = logits_index;
+        self.tokens.extend_from_slice(&feed.tokens);
     }
 
     /// Samples the next token after a decode and streams its text. Returns why the task
@@ -137,7 +148,7 @@ impl Slot {
         let index = busy.logits_index.take()?;
         let now = Instant::now();
         busy.prompt_done_at.get_or_insert(now);
-        let token = busy.sampler.sample(ctx, index);
+        let token = busy.task.sampler.sample(ctx, index);
         busy.first_token_at.get_or_insert(now);
         let vocab = model.vocab();
         if vocab.is_eog(token) && !busy.task.params.ignore_eos {
@@ -153,7 +164,7 @@ impl Slot {
             return Some(StopReason::MaxTokens);
         }
         // The sampled token still needs a place in the context to be decoded.
-        if busy.position as u32 + 1 > n_ctx {
+        if self.tokens.len() as u32 + 1 > n_ctx {
             return Some(StopReason::MaxTokens);
         }
         busy.pending = Some(token);
@@ -161,9 +172,10 @@ impl Slot {
     }
 
     /// Ends the task with `Done`, flushing held-back text unless it was cancelled, and frees
-    /// the slot.
+    /// the slot. Its tokens stay cached.
     pub fn finish(&mut self, reason: StopReason) {
         let Some(mut busy) = self.busy.take() else { return };
+        self.last_used = Instant::now();
         let mut reason = reason;
         if matches!(reason, StopReason::EndOfGeneration | StopReason::MaxTokens) {
             let tail = busy.decoder.finish();
@@ -178,9 +190,11 @@ impl Slot {
         let _ = busy.task.events.send(Event::Done(completion));
     }
 
-    /// Ends the task with an error and frees the slot.
+    /// Ends the task with an error and frees the slot. The caller clears the sequence, whose
+    /// contents are no longer known.
     pub fn fail(&mut self, error: EngineError) {
         if let Some(busy) = self.busy.take() {
+            self.last_used = Instant::now();
             let _ = busy.task.events.send(Event::Failed(error));
         }
     }
@@ -238,7 +252,7 @@ impl Busy {
             stop_reason,
             text: std::mem::take(&mut self.text),
             prompt_tokens: self.task.prompt.len() as u32,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: self.cached_prompt_tokens as u32,
             completion_tokens: self.completion_tokens,
             timings,
         }

@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,9 @@ pub struct Task {
     pub request_id: String,
     pub prompt: Vec<LlamaToken>,
     pub params: GenerationParams,
+    /// Built from `params` on the async side, so that compiling a grammar never stalls the
+    /// other slots' decoding.
+    pub sampler: LlamaSampler,
     /// Unbounded so that the worker never waits on a slow client; a reply is at most
     /// `max_tokens` small events.
     pub events: mpsc::UnboundedSender<Event>,
@@ -27,6 +31,19 @@ impl Task {
     /// Whether nobody wants the result any more.
     pub fn is_abandoned(&self) -> bool {
         self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
+    /// Ends a task that never reached a slot.
+    pub fn end_cancelled(&self) {
+        let queued_ms = self.enqueued_at.elapsed().as_secs_f64() * 1000.0;
+        let _ = self.events.send(Event::Done(Completion {
+            stop_reason: StopReason::Cancelled,
+            text: String::new(),
+            prompt_tokens: self.prompt.len() as u32,
+            cached_prompt_tokens: 0,
+            completion_tokens: 0,
+            timings: Timings { queued_ms, ..Timings::default() },
+        }));
     }
 }
 
@@ -126,4 +143,6 @@ pub enum EngineError {
     ShuttingDown,
     #[error("invalid grammar: {0}")]
     Grammar(String),
+    #[error("the KV cache is full ({used} of {total} cells in use); lower max_tokens or raise ctx_size")]
+    CacheFull { used: u32, total: u32 },
 }

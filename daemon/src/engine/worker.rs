@@ -1,43 +1,83 @@
 //! The worker: the one thread that owns the llama context.
 //!
 //! `LlamaContext` is not `Sync`, and llama.cpp has no abort callback, so one thread loads the
-//! model, then loops: take queued tasks into free slots, build one batch from every busy slot
-//! (a prompt chunk or the last sampled token each), decode, sample, stream. Cancellation is
+//! model, restores the saved prompt cache, warms the pinned prefixes, then loops: admit queued
+//! tasks into free slots (where their prefix is cached, when the KV cells they may need are
+//! free), build one batch (first one token from every generating slot, then prompt chunks
+//! round-robin across the slots still reading), decode, sample, stream. Cancellation is
 //! checked before every decode, so a cancelled task stops within one step, even in the middle
 //! of a long prompt. The worker never waits on a client: events go out on unbounded channels.
+//! On shutdown it saves the cached sequences for the next start.
+//!
+//! Admission reserves cells: a task may grow to its prompt plus `max_tokens` (at most the
+//! context), and is admitted only when that fits beside what the busy slots reserved, after
+//! evicting idle cached sequences, least recently used first. A task that does not fit waits
+//! at the head of the queue (first come, first served); running alone, it is always admitted. If a decode fails anyway,
+//! idle caches are evicted and the batch retried, then the slot with the largest share of the
+//! batch fails alone: one failure never fails every slot.
+//!
+//! Tests can make the worker panic (`PHI3D_FAULT_INJECTION=worker-panic` and a request id of
+//! `fault:worker-panic`) to check that a dead worker stops the daemon.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::TryRecvError;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
+use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
 use tokio::sync::watch;
 
-use super::loader::{self, EngineConfig, LoadError, LoadedModel};
-use super::queue::TaskReceiver;
-use super::slot::Slot;
-use super::task::{EngineError, StopReason, Task};
 use super::LoadState;
+use super::cache_store::{self, CacheKey, CacheStore, Entry};
+use super::kv_cells::CellLedger;
+use super::loader::{self, EngineConfig, LoadError, LoadedModel};
+use super::memory_plan::human_bytes;
+use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
+use super::queue::TaskReceiver;
+use super::slot::{Feed, Slot};
+use super::status::{EngineStatus, SlotPhase, SlotState};
+use super::task::{EngineError, StopReason, Task};
+
+/// The request id that panics the worker when fault injection is on.
+const FAULT_PANIC_REQUEST: &str = "fault:worker-panic";
 
 pub struct Worker<'m> {
     model: &'m LoadedModel,
     ctx: LlamaContext<'m>,
     slots: Vec<Slot>,
+    pinned: Vec<Pinned>,
+    cells: CellLedger,
+    n_ctx: usize,
     batch: LlamaBatch<'static>,
     batch_size: usize,
     queue: TaskReceiver,
+    /// Where the next batch starts looking, so that every slot gets its turn.
+    cursor: usize,
     active: Arc<AtomicUsize>,
+    status: Arc<Mutex<EngineStatus>>,
+    store: Option<CacheStore>,
+    entries_on_disk: usize,
+    fault_panic: bool,
+}
+
+/// A prefix decoded at start-up into a sequence of its own, never evicted.
+struct Pinned {
+    seq_id: i32,
+    tokens: Vec<LlamaToken>,
 }
 
 /// Runs on the worker thread: loads the model, publishes progress and readiness through
-/// `state`, then serves tasks until every queue sender is gone.
+/// `state`, then serves tasks until the queue is closed and every slot is free.
 pub fn run(
     config: EngineConfig,
     queue: TaskReceiver,
     state: watch::Sender<LoadState>,
     active: Arc<AtomicUsize>,
+    status: Arc<Mutex<EngineStatus>>,
 ) {
     let loaded = match load(&config, &state) {
         Ok(loaded) => loaded,
@@ -47,8 +87,7 @@ pub fn run(
             return;
         }
     };
-    let backend = backend();
-    let ctx = match loader::create_context(backend, &loaded, &config) {
+    let ctx = match loader::create_context(backend(), &loaded, &config) {
         Ok(ctx) => ctx,
         Err(err) => {
             tracing::error!("{err}");
@@ -56,22 +95,40 @@ pub fn run(
             return;
         }
     };
+    let store = prompt_store(&config);
+    let n_ctx = ctx.n_ctx() as usize;
     let mut worker = Worker {
         model: &loaded,
         ctx,
         slots: (0..config.slots as i32).map(Slot::new).collect(),
-        batch: LlamaBatch::new(config.batch_size as usize, config.slots as i32),
+        pinned: Vec::new(),
+        cells: CellLedger::default(),
+        n_ctx,
+        batch: LlamaBatch::new(config.batch_size as usize, (config.slots as usize + config.pinned_prompts.len()) as i32),
         batch_size: config.batch_size as usize,
         queue,
+        cursor: 0,
         active,
+        status,
+        store,
+        entries_on_disk: 0,
+        fault_panic: std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.contains("worker-panic")),
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
         state.send_replace(LoadState::Failed(err.to_string()));
         return;
     }
+    worker.restore();
+    if let Err(err) = worker.warm_pinned(&config) {
+        tracing::error!("{err}");
+        state.send_replace(LoadState::Failed(err.to_string()));
+        return;
+    }
+    worker.publish();
     state.send_replace(LoadState::Ready(loaded.clone()));
     worker.serve();
+    worker.save();
     tracing::debug!("worker stopped");
 }
 
@@ -84,6 +141,7 @@ fn backend() -> &'static LlamaBackend {
 fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<LoadedModel>, LoadError> {
     let progress = state.clone();
     let mut last_logged = 0;
+    tracing::info!(cpu_features = %super::cpu_features(), "llama.cpp kernels");
     let loaded = loader::load_model(backend(), config, move |percent| {
         progress.send_replace(LoadState::Loading { percent });
         // A 2 GB model from an SD card takes a while: say how far it got, not every tick.
@@ -92,12 +150,17 @@ fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<L
             tracing::info!(percent, "loading model");
         }
     })?;
+    let plan = loaded.info.memory_plan.expect("a loaded model has a memory plan");
     tracing::info!(
         name = %loaded.info.name,
         parameters = loaded.info.parameters,
-        size = %loader::human_bytes(loaded.info.size_bytes),
-        kv_cache = %loader::human_bytes(loaded.info.kv_cache_bytes),
+        weights = %human_bytes(plan.weights_bytes),
+        kv_cache = %human_bytes(plan.kv_cache_bytes),
+        kv_type = %plan.kv_type,
+        compute = %human_bytes(plan.compute_bytes),
+        budget = %plan.budget_bytes.map_or_else(|| "unknown".into(), human_bytes),
         ctx_size = loaded.info.context_length,
+        slots = config.slots,
         trained_ctx = loaded.info.trained_context_length,
         "model loaded"
     );
@@ -109,6 +172,20 @@ fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<L
         );
     }
     Ok(Arc::new(loaded))
+}
+
+fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
+    if config.prompt_cache_disk_bytes == 0 {
+        return None;
+    }
+    let kv_type = config.kv_type.name();
+    match CacheKey::new(&config.model_path, config.ctx_size, kv_type, config.slots) {
+        Ok(key) => Some(CacheStore::new(config.prompt_cache_dir.clone(), key, config.prompt_cache_disk_bytes)),
+        Err(err) => {
+            tracing::warn!("the prompt cache will not be saved: cannot identify the model file: {err}");
+            None
+        }
+    }
 }
 
 impl Worker<'_> {
@@ -128,44 +205,141 @@ impl Worker<'_> {
             if !self.admit() {
                 return;
             }
+            self.queue.drop_abandoned();
             self.drop_abandoned();
-            if self.active_slots() == 0 {
-                continue;
+            if self.active_slots() > 0 {
+                self.step();
             }
-            self.step();
+            self.publish();
         }
     }
 
-    /// Moves queued tasks into free slots, blocking only when every slot is idle. Returns
-    /// false when the queue is closed and nothing is left to do.
+    /// Moves queued tasks into free slots, oldest first, blocking only when every slot is
+    /// idle. A task that does not fit yet goes back to the head of the queue (where it still
+    /// counts against `queue_size`). Returns false when the queue is closed and nothing is
+    /// left to do.
     fn admit(&mut self) -> bool {
-        while let Some(index) = self.slots.iter().position(|slot| !slot.is_busy()) {
+        while self.slots.iter().any(|slot| !slot.is_busy()) {
             let task = if self.active_slots() == 0 {
                 match self.queue.pop() {
-                    Ok(task) => task,
-                    Err(_) => return false,
+                    Some(task) => task,
+                    None => return false,
                 }
             } else {
                 match self.queue.try_pop() {
-                    Ok(task) => task,
-                    Err(TryRecvError::Empty) => return true,
-                    // Finish what is running; the next call returns false.
-                    Err(TryRecvError::Disconnected) => return true,
+                    Some(task) => task,
+                    None => return true,
                 }
             };
-            self.start(index, task);
+            if let Err(task) = self.try_start(task) {
+                self.queue.push_front(task);
+                return true;
+            }
         }
         true
     }
 
-    fn start(&mut self, index: usize, task: Task) {
+    /// Starts `task` in the slot where its prefix is cached, if it fits; gives it back
+    /// otherwise.
+    fn try_start(&mut self, task: Task) -> Result<(), Task> {
+        let placement = prompt_cache::place(&task.prompt, &self.sequences());
+        let Some(placement) = placement else { return Err(task) };
+        self.prepare(placement);
+        let grows_to = (task.prompt.len() + task.params.max_tokens as usize).min(self.n_ctx);
+        let needed = grows_to - placement.reuse;
+        // Running alone, it gets what there is: generation ends when the context is full.
+        if !self.make_room(needed, placement.slot) && self.active_slots() > 0 {
+            return Err(task);
+        }
+        if self.fault_panic && task.request_id == FAULT_PANIC_REQUEST {
+            panic!("fault injection: request {FAULT_PANIC_REQUEST}");
+        }
+        tracing::debug!(
+            request_id = %task.request_id,
+            prompt_tokens = task.prompt.len(),
+            cached = placement.reuse,
+            copied_from = ?placement.copy_from,
+            slot = placement.slot,
+            "task started"
+        );
+        let slot = &mut self.slots[placement.slot];
+        slot.start(task, placement.reuse, self.n_ctx);
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Every sequence of the cache as placement sees it.
+    fn sequences(&self) -> Vec<CachedSequence<'_>> {
+        let slots = self.slots.iter().enumerate().map(|(index, slot)| CachedSequence {
+            seq_id: slot.seq_id,
+            tokens: &slot.tokens,
+            free_slot: (!slot.is_busy()).then_some(FreeSlot { index, last_used: slot.last_used }),
+        });
+        let pinned = self.pinned.iter().map(|pinned| CachedSequence {
+            seq_id: pinned.seq_id,
+            tokens: &pinned.tokens,
+            free_slot: None,
+        });
+        slots.chain(pinned).collect()
+    }
+
+    /// Leaves exactly the reused prefix in the chosen slot's sequence.
+    fn prepare(&mut self, placement: Placement) {
+        let seq = self.slots[placement.slot].seq_id;
+        match placement.copy_from {
+            None => self.truncate(placement.slot, placement.reuse),
+            Some(source) => {
+                self.truncate(placement.slot, 0);
+                let tokens = self.tokens_of(source)[..placement.reuse].to_vec();
+                self.ctx
+                    .copy_kv_cache_seq(source, seq, Some(0), Some(placement.reuse as u32))
+                    .expect("positions within the context fit in i32");
+                self.cells.copy_prefix(source, seq, placement.reuse as u32);
+                self.slots[placement.slot].tokens = tokens;
+            }
+        }
+    }
+
+    fn tokens_of(&self, seq_id: i32) -> &[LlamaToken] {
+        let slot = self.slots.iter().find(|slot| slot.seq_id == seq_id).map(|slot| &slot.tokens);
+        let pinned = || self.pinned.iter().find(|pinned| pinned.seq_id == seq_id).map(|pinned| &pinned.tokens);
+        slot.or_else(pinned).expect("placement names known sequences")
+    }
+
+    /// Keeps the first `keep` positions of a slot's sequence.
+    fn truncate(&mut self, index: usize, keep: usize) {
         let slot = &mut self.slots[index];
-        let seq_id = u32::try_from(slot.seq_id).expect("sequence ids are small and positive");
-        // A fresh sequence: nothing of the previous task may leak into this one.
-        let _ = self.ctx.clear_kv_cache_seq(Some(seq_id), None, None);
-        tracing::debug!(request_id = %task.request_id, prompt_tokens = task.prompt.len(), slot = seq_id, "task started");
-        if slot.start(task, &self.model.model) {
-            self.active.fetch_add(1, Ordering::SeqCst);
+        if slot.tokens.len() > keep {
+            let seq = u32::try_from(slot.seq_id).expect("sequence ids are small and positive");
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(keep as u32), None);
+            slot.tokens.truncate(keep);
+            self.cells.truncate(slot.seq_id, keep as u32);
+        }
+    }
+
+    /// Cells neither in use nor reserved by a busy slot.
+    fn free_cells(&self) -> usize {
+        let reserved: usize = self.slots.iter().map(Slot::reserved_cells).sum();
+        self.n_ctx.saturating_sub(self.cells.used() as usize + reserved)
+    }
+
+    /// Evicts idle cached sequences, least recently used first, until `needed` cells are free.
+    /// `keep` is the slot being prepared. Returns whether they are.
+    fn make_room(&mut self, needed: usize, keep: usize) -> bool {
+        loop {
+            if self.free_cells() >= needed {
+                return true;
+            }
+            let victim = self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(index, slot)| *index != keep && !slot.is_busy() && self.cells.exclusive(slot.seq_id) > 0)
+                .min_by_key(|(_, slot)| slot.last_used)
+                .map(|(index, _)| index);
+            let Some(victim) = victim else { return false };
+            tracing::debug!(slot = victim, tokens = self.slots[victim].tokens.len(), "evicting a cached prefix");
+            self.truncate(victim, 0);
         }
     }
 
@@ -177,35 +351,123 @@ impl Worker<'_> {
         }
     }
 
-    /// One decode over every busy slot, then one sampled token for each slot that asked.
-    fn step(&mut self) {
-        self.batch.clear();
+    /// This step's work: one token from every generating slot, then prompt chunks shared
+    /// round-robin among the slots still reading, within `batch_size`.
+    fn plan_batch(&mut self) -> Vec<(usize, Feed)> {
+        let count = self.slots.len();
+        let order: Vec<usize> = (0..count).map(|k| (self.cursor + k) % count).collect();
+        self.cursor = (self.cursor + 1) % count;
         let mut budget = self.batch_size;
-        for slot in &mut self.slots {
-            budget -= slot.fill_batch(&mut self.batch, budget);
-        }
-        if self.batch.n_tokens() == 0 {
-            return;
-        }
-        if let Err(err) = self.ctx.decode(&mut self.batch) {
-            tracing::error!("decode failed: {err}");
-            for index in 0..self.slots.len() {
-                if self.slots[index].is_busy() {
-                    self.active.fetch_sub(1, Ordering::SeqCst);
-                    self.slots[index].fail(EngineError::Decode(err.to_string()));
+        let mut feeds = Vec::new();
+        for &index in &order {
+            let slot = &self.slots[index];
+            if slot.is_busy() && !slot.is_reading() && budget > 0 {
+                if let Some(feed) = slot.next_feed(1) {
+                    budget -= feed.tokens.len();
+                    feeds.push((index, feed));
                 }
             }
-            return;
         }
-        let n_ctx = self.ctx.n_ctx();
-        for index in 0..self.slots.len() {
-            if self.slots[index].logits_index().is_none() {
+        let mut readers = order.iter().filter(|&&index| self.slots[index].is_reading()).count();
+        for &index in &order {
+            if !self.slots[index].is_reading() || budget == 0 {
                 continue;
             }
+            let share = budget.div_ceil(readers);
+            readers -= 1;
+            if let Some(feed) = self.slots[index].next_feed(share) {
+                budget -= feed.tokens.len();
+                feeds.push((index, feed));
+            }
+        }
+        feeds
+    }
+
+    /// One decode over every busy slot, then one sampled token for each slot that asked.
+    fn step(&mut self) {
+        let mut feeds = self.plan_batch();
+        let mut evicted = false;
+        while !feeds.is_empty() {
+            match self.decode(&feeds) {
+                Ok(logits) => {
+                    for ((index, feed), logits_index) in feeds.iter().zip(logits) {
+                        let seq = self.slots[*index].seq_id;
+                        self.cells.append(seq, feed.tokens.len() as u32);
+                        self.slots[*index].commit(feed, logits_index);
+                    }
+                    break;
+                }
+                Err(err) => {
+                    // Undo whatever the failed decode wrote, so that positions stay consecutive.
+                    for (index, _) in &feeds {
+                        let slot = &self.slots[*index];
+                        let seq = u32::try_from(slot.seq_id).expect("sequence ids are small and positive");
+                        let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(slot.tokens.len() as u32), None);
+                    }
+                    if !evicted && matches!(err, DecodeError::NoKvCacheSlot) {
+                        evicted = true;
+                        if self.evict_idle() > 0 {
+                            continue;
+                        }
+                    }
+                    let largest = (0..feeds.len())
+                        .max_by_key(|&k| feeds[k].1.tokens.len())
+                        .expect("feeds is not empty");
+                    let (index, _) = feeds.remove(largest);
+                    let error = match err {
+                        DecodeError::NoKvCacheSlot => {
+                            EngineError::CacheFull { used: self.cells.used(), total: self.n_ctx as u32 }
+                        }
+                        other => EngineError::Decode(other.to_string()),
+                    };
+                    tracing::error!(slot = index, "decode failed: {error}");
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    self.slots[index].fail(error);
+                    self.truncate(index, 0);
+                }
+            }
+        }
+        let n_ctx = self.n_ctx as u32;
+        for index in 0..self.slots.len() {
             if let Some(reason) = self.slots[index].sample(&self.ctx, &self.model.model, n_ctx) {
                 self.finish(index, reason);
             }
         }
+    }
+
+    /// Decodes `feeds` as one batch; the logits index of each feed that asked for logits.
+    fn decode(&mut self, feeds: &[(usize, Feed)]) -> Result<Vec<Option<i32>>, DecodeError> {
+        self.batch.clear();
+        let mut logits = Vec::with_capacity(feeds.len());
+        for (index, feed) in feeds {
+            let slot = &self.slots[*index];
+            let start = slot.tokens.len() as i32;
+            let last = feed.tokens.len() - 1;
+            let mut logits_index = None;
+            for (offset, token) in feed.tokens.iter().enumerate() {
+                let wants = feed.wants_logits && offset == last;
+                if wants {
+                    logits_index = Some(self.batch.n_tokens());
+                }
+                self.batch
+                    .add(*token, start + offset as i32, &[slot.seq_id], wants)
+                    .expect("the plan never exceeds batch_size");
+            }
+            logits.push(logits_index);
+        }
+        self.ctx.decode(&mut self.batch)?;
+        Ok(logits)
+    }
+
+    /// Evicts every idle cached sequence that holds cells of its own; how many went.
+    fn evict_idle(&mut self) -> usize {
+        let victims: Vec<usize> = (0..self.slots.len())
+            .filter(|&index| !self.slots[index].is_busy() && self.cells.exclusive(self.slots[index].seq_id) > 0)
+            .collect();
+        for &index in &victims {
+            self.truncate(index, 0);
+        }
+        victims.len()
     }
 
     /// The count drops before the client hears `Done`, so that a client never sees its own
@@ -217,5 +479,163 @@ impl Worker<'_> {
 
     fn active_slots(&self) -> usize {
         self.slots.iter().filter(|slot| slot.is_busy()).count()
+    }
+
+    /// Replaces the status that `GetStatus` reads.
+    fn publish(&self) {
+        let slots = self
+            .slots
+            .iter()
+            .map(|slot| SlotState {
+                phase: match (slot.is_busy(), slot.is_reading()) {
+                    (false, _) => SlotPhase::Idle,
+                    (true, true) => SlotPhase::Reading,
+                    (true, false) => SlotPhase::Generating,
+                },
+                tokens: slot.tokens.len() as u32,
+                request_id: slot.request_id().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        let cached = self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).count();
+        let status = EngineStatus {
+            slots,
+            kv_cells_used: self.cells.used(),
+            kv_cells_total: self.n_ctx as u32,
+            cache_entries_in_memory: (cached + self.pinned.len()) as u32,
+            cache_entries_on_disk: self.entries_on_disk as u32,
+            memory_plan: self.model.info.memory_plan,
+        };
+        *self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = status;
+    }
+
+    /// Loads the saved entries of this model and configuration into the slots, most valuable
+    /// first, as idle cached prefixes.
+    fn restore(&mut self) {
+        let Some(store) = &self.store else { return };
+        let started = Instant::now();
+        let entries = store.load();
+        let found = entries.len();
+        let mut restored = 0;
+        for (index, entry) in entries.into_iter().take(self.slots.len()).enumerate() {
+            if entry.tokens.is_empty() || self.free_cells() < entry.tokens.len() {
+                continue;
+            }
+            let seq = self.slots[index].seq_id;
+            // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
+            // type and build (the cache key), and their sha256 checked out.
+            let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq, LlamaStateSeqFlags::empty()) };
+            if !loaded {
+                tracing::warn!(tokens = entry.tokens.len(), "llama.cpp refused a saved prompt cache entry");
+                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                continue;
+            }
+            let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
+            let slot = &mut self.slots[index];
+            slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or_else(Instant::now);
+            self.cells.append(seq, entry.tokens.len() as u32);
+            slot.tokens = entry.tokens;
+            restored += 1;
+        }
+        self.entries_on_disk = found;
+        if found > 0 {
+            tracing::info!(restored, found, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
+        }
+    }
+
+    /// Decodes each pinned prompt into a sequence of its own (or copies it from a restored
+    /// slot that holds it), and saves the cache if any had to be decoded.
+    fn warm_pinned(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
+        let mut decoded_any = false;
+        for (k, path) in config.pinned_prompts.iter().enumerate() {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                LoadError::WarmUp(format!("pinned prompt {}: {err}; fix the path in pinned_prompts", path.display()))
+            })?;
+            let tokens = (config.render_prefix)(self.model, &text)
+                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
+            let seq_id = (self.slots.len() + k) as i32;
+            let holder = self
+                .slots
+                .iter()
+                .find(|slot| prompt_cache::common_prefix(&slot.tokens, &tokens) == tokens.len())
+                .map(|slot| slot.seq_id);
+            if let Some(source) = holder {
+                self.ctx
+                    .copy_kv_cache_seq(source, seq_id, Some(0), Some(tokens.len() as u32))
+                    .expect("positions within the context fit in i32");
+                self.cells.copy_prefix(source, seq_id, tokens.len() as u32);
+            } else {
+                let started = Instant::now();
+                tracing::info!(file = %path.display(), tokens = tokens.len(), "warming a pinned prefix");
+                for (chunk_index, chunk) in tokens.chunks(self.batch_size).enumerate() {
+                    if config.cancel.is_cancelled() {
+                        return Err(LoadError::Cancelled);
+                    }
+                    self.batch.clear();
+                    let start = chunk_index * self.batch_size;
+                    for (offset, token) in chunk.iter().enumerate() {
+                        self.batch
+                            .add(*token, (start + offset) as i32, &[seq_id], false)
+                            .map_err(|err| LoadError::WarmUp(err.to_string()))?;
+                    }
+                    self.ctx.decode(&mut self.batch).map_err(|err| {
+                        LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display()))
+                    })?;
+                    self.cells.append(seq_id, chunk.len() as u32);
+                }
+                tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "pinned prefix warm");
+                decoded_any = true;
+            }
+            self.pinned.push(Pinned { seq_id, tokens });
+        }
+        if decoded_any {
+            self.save();
+        }
+        Ok(())
+    }
+
+    /// Saves the pinned prefixes and the idle slots' cached sequences for the next start.
+    fn save(&mut self) {
+        let Some(store) = &self.store else { return };
+        let started = Instant::now();
+        let now = SystemTime::now();
+        let mut sources: Vec<(i32, Vec<LlamaToken>, bool, u64)> = self
+            .pinned
+            .iter()
+            .map(|pinned| (pinned.seq_id, pinned.tokens.clone(), true, cache_store::unix_seconds(now)))
+            .collect();
+        let mut idle: Vec<&Slot> =
+            self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).collect();
+        idle.sort_by_key(|slot| std::cmp::Reverse(slot.last_used));
+        for slot in idle {
+            // A slot holding exactly a pinned prefix adds nothing.
+            if self.pinned.iter().any(|pinned| pinned.tokens == slot.tokens) {
+                continue;
+            }
+            let age = slot.last_used.elapsed();
+            let last_used = cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now));
+            sources.push((slot.seq_id, slot.tokens.clone(), false, last_used));
+        }
+        let entries: Vec<Entry> = sources
+            .into_iter()
+            .map(|(seq, tokens, pinned, last_used)| Entry { state: self.sequence_state(seq), tokens, pinned, last_used })
+            .collect();
+        match store.save(&entries) {
+            Ok(saved) => {
+                self.entries_on_disk = saved;
+                tracing::info!(saved, ms = started.elapsed().as_millis() as u64, "prompt cache saved");
+            }
+            Err(err) => tracing::warn!("cannot save the prompt cache: {err}"),
+        }
+    }
+
+    /// llama.cpp's serialised state of one sequence (its KV cells).
+    fn sequence_state(&self, seq: i32) -> Vec<u8> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: the buffer holds the `size` bytes llama.cpp just said it needs.
+        let written = unsafe { self.ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags) };
+        bytes.truncate(written);
+        bytes
     }
 }

@@ -4,9 +4,13 @@
 use std::time::Instant;
 
 use phi3d_proto::v1::admin_server::Admin;
-use phi3d_proto::v1::{GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, ModelInfo, ToolDescription};
+use phi3d_proto::v1::{
+    GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo, SlotStatus,
+    ToolDescription, slot_status,
+};
 use tonic::{Request, Response, Status};
 
+use crate::engine::status::SlotPhase;
 use crate::engine::{Engine, LoadState};
 use crate::plugins::PluginRegistry;
 
@@ -48,7 +52,38 @@ impl Admin for AdminService {
             LoadState::Loading { percent } => (self.unloaded(), percent, 0),
             LoadState::Failed(_) => (self.unloaded(), 0, 0),
         };
+        let status = self.engine.status();
+        let slot_status = status
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| SlotStatus {
+                index: index as u32,
+                state: match slot.phase {
+                    SlotPhase::Idle => slot_status::State::Idle,
+                    SlotPhase::Reading => slot_status::State::Reading,
+                    SlotPhase::Generating => slot_status::State::Generating,
+                } as i32,
+                tokens: slot.tokens,
+                request_id: slot.request_id.clone(),
+            })
+            .collect();
+        let memory_plan = status.memory_plan.map(|plan| MemoryPlan {
+            weights_bytes: plan.weights_bytes,
+            kv_cache_bytes: plan.kv_cache_bytes,
+            compute_bytes: plan.compute_bytes,
+            total_bytes: plan.total_bytes(),
+            budget_bytes: plan.budget_bytes.unwrap_or(0),
+            kv_type: plan.kv_type.to_string(),
+        });
         Ok(Response::new(GetStatusResponse {
+            slot_status,
+            kv_cells_used: status.kv_cells_used,
+            kv_cells_total: status.kv_cells_total,
+            cache_entries_in_memory: status.cache_entries_in_memory,
+            cache_entries_on_disk: status.cache_entries_on_disk,
+            memory_plan,
+            cpu_features: crate::engine::cpu_features(),
             model: Some(model),
             queue_depth: self.engine.queue_depth() as u32,
             active_requests: self.engine.active_requests() as u32,

@@ -54,5 +54,6 @@ pub fn engine_status(error: EngineError) -> Status {
     match error {
         EngineError::Decode(_) | EngineError::Grammar(_) => Status::internal(error.to_string()),
         EngineError::ShuttingDown => Status::unavailable(error.to_string()),
+        EngineError::CacheFull { .. } => Status::resource_exhausted(error.to_string()),
     }
 }

@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::requests::{Registration, Requests};
 use super::validate;
+use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
 use crate::engine::{Engine, LoadedModel, QueueError};
 
@@ -56,11 +57,20 @@ impl RequestScope {
         params: GenerationParams,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
         validate::fits_context(prompt.len(), model.info.context_length)?;
+        // Compiling a grammar can take a while for large schemas: it happens here, on the
+        // async side, never on the worker thread that every slot's decoding waits on.
+        let sampler = if params.grammar.is_some() {
+            tokio::task::block_in_place(|| build_sampler(&params, &model.model))
+        } else {
+            build_sampler(&params, &model.model)
+        }
+        .map_err(|reason| Status::internal(format!("cannot build the sampler: invalid grammar: {reason}")))?;
         let (events, receiver) = mpsc::unbounded_channel();
         let task = Task {
             request_id: self.registration.request_id.clone(),
             prompt,
             params,
+            sampler,
             events,
             cancel: self.registration.cancel.clone(),
             enqueued_at: Instant::now(),

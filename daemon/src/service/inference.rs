@@ -102,6 +102,20 @@ impl InferenceService {
     }
 }
 
+/// A pinned system prompt's tokens: the first turn exactly as a chat request with that
+/// system message renders and tokenizes it, so that the request finds it cached.
+pub fn system_prefix_tokens(model: &LoadedModel, text: &str) -> Result<Vec<LlamaToken>, String> {
+    let Some(template) = &model.chat_template else {
+        return Ok(model.model.vocab().tokenize(text.as_bytes(), true, true));
+    };
+    let system = llama_cpp_2::model::LlamaChatMessage::new("system".into(), text.into()).map_err(|err| err.to_string())?;
+    let rendered = model
+        .model
+        .apply_chat_template(template, &[system], false)
+        .map_err(|err| format!("the model's chat template cannot render it: {err}"))?;
+    Ok(model.model.vocab().tokenize(rendered.as_bytes(), true, true))
+}
+
 /// The warm model, or UNAVAILABLE saying how far loading got.
 pub fn ready_model(engine: &Engine) -> Result<Arc<LoadedModel>, Status> {
     match engine.state() {

@@ -1,0 +1,290 @@
+//! The prompt cache on disk, so that a restart does not re-read every long prefix.
+//!
+//! On shutdown, and once a pinned prefix is warmed, the worker saves the cached sequences
+//! (their tokens and llama.cpp's sequence state) into `prompt_cache_dir`, one file each,
+//! written to a temporary name and renamed, most valuable first (pinned, then most recently
+//! used) until `prompt_cache_disk_mb` is reached. Every file carries a key naming the model
+//! (size, modification time and a hash of its first MiB), the context configuration and the
+//! llama.cpp build; on start-up only files with this key are restored. A file of another
+//! model or configuration, or a truncated or corrupt one (checked by its sha256 before
+//! llama.cpp sees a byte), is removed with one log line.
+//!
+//! File layout: the magic line, one JSON header line, the tokens (little-endian i32), the
+//! state bytes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use llama_cpp_2::token::LlamaToken;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const MAGIC: &[u8] = b"phi3d-prompt-cache 1\n";
+const EXTENSION: &str = "kv";
+
+/// What must match for a saved state to be loaded into this context.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKey {
+    pub model_size: u64,
+    pub model_modified_ns: u128,
+    pub model_header_sha256: String,
+    pub ctx_size: u32,
+    pub kv_type: String,
+    pub slots: u32,
+    pub llama_cpp: String,
+}
+
+impl CacheKey {
+    /// The key for `model_path` under this configuration.
+    pub fn new(model_path: &Path, ctx_size: u32, kv_type: &str, slots: u32) -> std::io::Result<CacheKey> {
+        let meta = std::fs::metadata(model_path)?;
+        let modified = meta.modified()?.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_nanos());
+        let mut head = Vec::with_capacity(1 << 20);
+        std::fs::File::open(model_path)?.take(1 << 20).read_to_end(&mut head)?;
+        Ok(CacheKey {
+            model_size: meta.len(),
+            model_modified_ns: modified,
+            model_header_sha256: hex::encode(Sha256::digest(&head)),
+            ctx_size,
+            kv_type: kv_type.to_owned(),
+            slots,
+            llama_cpp: llama_cpp_build(),
+        })
+    }
+
+    /// A short name for this key's files.
+    fn file_prefix(&self) -> String {
+        let text = serde_json::to_string(self).expect("a key serialises");
+        hex::encode(&Sha256::digest(text.as_bytes())[..8])
+    }
+}
+
+/// llama.cpp's version as llama-cpp-sys-2 builds it, plus the CPU features it was compiled
+/// for: a state saved by another build may not load.
+fn llama_cpp_build() -> String {
+    format!("llama-cpp-sys-2 {}; {}", crate::engine::LLAMA_CPP_SYS_VERSION, crate::engine::cpu_features())
+}
+
+/// One cached sequence, as saved.
+pub struct Entry {
+    pub tokens: Vec<LlamaToken>,
+    pub state: Vec<u8>,
+    pub pinned: bool,
+    /// Seconds since the epoch; the most recent are restored first.
+    pub last_used: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    key: CacheKey,
+    tokens: usize,
+    state_bytes: usize,
+    sha256: String,
+    pinned: bool,
+    last_used: u64,
+}
+
+pub struct CacheStore {
+    dir: PathBuf,
+    key: CacheKey,
+    budget_bytes: u64,
+}
+
+impl CacheStore {
+    pub fn new(dir: PathBuf, key: CacheKey, budget_bytes: u64) -> CacheStore {
+        CacheStore { dir, key, budget_bytes }
+    }
+
+    /// Saves `entries` (most valuable first) within the disk budget and removes this key's
+    /// older files. Returns how many were saved.
+    pub fn save(&self, entries: &[Entry]) -> std::io::Result<usize> {
+        std::fs::create_dir_all(&self.dir)?;
+        let prefix = self.key.file_prefix();
+        let mut used = 0u64;
+        let mut saved = Vec::new();
+        for entry in entries {
+            let size = (entry.tokens.len() * 4 + entry.state.len()) as u64;
+            if used + size > self.budget_bytes {
+                tracing::info!(
+                    tokens = entry.tokens.len(),
+                    "prompt cache entry not saved: prompt_cache_disk_mb would be exceeded"
+                );
+                continue;
+            }
+            let name = format!("{prefix}-{}.{EXTENSION}", saved.len());
+            self.write(&self.dir.join(&name), entry)?;
+            used += size;
+            saved.push(name);
+        }
+        for stale in self.files()? {
+            let name = stale.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+            if name.starts_with(&prefix) && !saved.contains(&name) {
+                let _ = std::fs::remove_file(&stale);
+            }
+        }
+        Ok(saved.len())
+    }
+
+    fn write(&self, path: &Path, entry: &Entry) -> std::io::Result<()> {
+        let token_bytes: Vec<u8> = entry.tokens.iter().flat_map(|token| token.0.to_le_bytes()).collect();
+        let mut hasher = Sha256::new();
+        hasher.update(&token_bytes);
+        hasher.update(&entry.state);
+        let header = Header {
+            key: self.key.clone(),
+            tokens: entry.tokens.len(),
+            state_bytes: entry.state.len(),
+            sha256: hex::encode(hasher.finalize()),
+            pinned: entry.pinned,
+            last_used: entry.last_used,
+        };
+        let temporary = path.with_extension("tmp");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+        file.write_all(MAGIC)?;
+        serde_json::to_writer(&mut file, &header)?;
+        file.write_all(b"\n")?;
+        file.write_all(&token_bytes)?;
+        file.write_all(&entry.state)?;
+        file.into_inner().map_err(|err| err.into_error())?.sync_all()?;
+        std::fs::rename(&temporary, path)
+    }
+
+    /// This key's entries, most valuable first. Files that do not belong (another model or
+    /// configuration) or do not check out are removed, each with one log line.
+    pub fn load(&self) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        for path in self.files().unwrap_or_default() {
+            match self.read(&path) {
+                Ok(entry) => entries.push(entry),
+                Err(reason) => {
+                    tracing::warn!(file = %path.display(), "prompt cache file ignored and removed: {reason}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        entries.sort_by_key(|entry| (!entry.pinned, std::cmp::Reverse(entry.last_used)));
+        entries
+    }
+
+    /// Cache files on disk for this key.
+    pub fn count(&self) -> usize {
+        let prefix = self.key.file_prefix();
+        self.files()
+            .unwrap_or_default()
+            .iter()
+            .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&prefix)))
+            .count()
+    }
+
+    fn files(&self) -> std::io::Result<Vec<PathBuf>> {
+        match std::fs::read_dir(&self.dir) {
+            Ok(dir) => Ok(dir
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == EXTENSION))
+                .collect()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn read(&self, path: &Path) -> Result<Entry, String> {
+        let bytes = std::fs::read(path).map_err(|err| err.to_string())?;
+        let rest = bytes.strip_prefix(MAGIC).ok_or("not a phi3d prompt cache file")?;
+        let newline = rest.iter().position(|byte| *byte == b'\n').ok_or("truncated header")?;
+        let header: Header =
+            serde_json::from_slice(&rest[..newline]).map_err(|err| format!("unreadable header: {err}"))?;
+        if header.key != self.key {
+            return Err("saved for another model, configuration or llama.cpp build".into());
+        }
+        let body = &rest[newline + 1..];
+        let token_bytes = header.tokens.checked_mul(4).ok_or("corrupt header")?;
+        if body.len() != token_bytes + header.state_bytes {
+            return Err(format!(
+                "truncated or padded: {} bytes after the header, {} expected",
+                body.len(),
+                token_bytes + header.state_bytes
+            ));
+        }
+        if hex::encode(Sha256::digest(body)) != header.sha256 {
+            return Err("checksum mismatch (corrupt file)".into());
+        }
+        let tokens = body[..token_bytes]
+            .chunks_exact(4)
+            .map(|chunk| LlamaToken(i32::from_le_bytes(chunk.try_into().expect("chunks of four"))))
+            .collect();
+        Ok(Entry {
+            tokens,
+            state: body[token_bytes..].to_vec(),
+            pinned: header.pinned,
+            last_used: header.last_used,
+        })
+    }
+}
+
+pub fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ctx_size: u32) -> CacheKey {
+        CacheKey {
+            model_size: 1,
+            model_modified_ns: 2,
+            model_header_sha256: "ab".into(),
+            ctx_size,
+            kv_type: "f16".into(),
+            slots: 2,
+            llama_cpp: "test".into(),
+        }
+    }
+
+    fn entry(tokens: &[i32], pinned: bool, last_used: u64) -> Entry {
+        Entry { tokens: tokens.iter().copied().map(LlamaToken).collect(), state: vec![7; 100], pinned, last_used }
+    }
+
+    #[test]
+    fn entries_round_trip_pinned_and_recent_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CacheStore::new(dir.path().into(), key(4096), 1 << 20);
+        assert_eq!(store.save(&[entry(&[1, 2], false, 10), entry(&[3], true, 5), entry(&[4], false, 20)]).unwrap(), 3);
+        let loaded = store.load();
+        let firsts: Vec<i32> = loaded.iter().map(|entry| entry.tokens[0].0).collect();
+        assert_eq!(firsts, [3, 4, 1]);
+        assert_eq!(loaded[2].tokens.len(), 2);
+        assert_eq!(loaded[0].state, vec![7; 100]);
+        assert_eq!(store.count(), 3);
+    }
+
+    #[test]
+    fn the_disk_budget_bounds_what_is_saved_and_old_files_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CacheStore::new(dir.path().into(), key(4096), 250);
+        assert_eq!(store.save(&[entry(&[1], true, 1), entry(&[2], false, 2), entry(&[3], false, 3)]).unwrap(), 2);
+        assert_eq!(store.save(&[entry(&[9], false, 9)]).unwrap(), 1);
+        assert_eq!(store.count(), 1, "files of an earlier save that were not saved again are removed");
+    }
+
+    #[test]
+    fn another_configuration_or_a_corrupt_file_is_removed_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        CacheStore::new(dir.path().into(), key(2048), 1 << 20).save(&[entry(&[1], false, 1)]).unwrap();
+        let store = CacheStore::new(dir.path().into(), key(4096), 1 << 20);
+        store.save(&[entry(&[2], false, 1), entry(&[3], false, 1)]).unwrap();
+        let files: Vec<PathBuf> = store.files().unwrap();
+        assert_eq!(files.len(), 3);
+        // Corrupt one of this key's files in its state bytes, truncate the other.
+        let ours: Vec<&PathBuf> = files.iter().filter(|path| store.read(path).is_ok()).collect();
+        let mut bytes = std::fs::read(ours[0]).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(ours[0], &bytes).unwrap();
+        let bytes = std::fs::read(ours[1]).unwrap();
+        std::fs::write(ours[1], &bytes[..bytes.len() - 10]).unwrap();
+        assert!(store.load().is_empty());
+        assert!(store.files().unwrap().is_empty(), "every file that did not check out was removed");
+    }
+}
