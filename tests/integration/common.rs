@@ -79,3 +79,29 @@ pub async fn collect(mut stream: Streaming<ChatEvent>) -> Result<Reply, Status> 
     let done = done.unwrap_or_else(|| panic!("the stream ended without `done`: {events:?}"));
     Ok(Reply { events, deltas, done })
 }
+
+/// A stream read to its end in the background, so that a test can hold a long request open
+/// without letting its unread messages pile up in the client (h2 closes a connection that
+/// buffers too many small frames). Aborting the task drops the stream, like a client leaving.
+pub fn in_background(stream: Streaming<ChatEvent>) -> tokio::task::JoinHandle<Result<Reply, Status>> {
+    tokio::spawn(collect(stream))
+}
+
+/// Waits until the daemon reports `active` requests generating or reading.
+pub async fn wait_active(daemon: &Daemon, active: u32) {
+    let mut admin = daemon.admin().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = admin.get_status(phi3d_proto::v1::GetStatusRequest {}).await.unwrap().into_inner();
+        let generating = status
+            .slot_status
+            .iter()
+            .filter(|slot| slot.state == phi3d_proto::v1::slot_status::State::Generating as i32)
+            .count() as u32;
+        if generating >= active {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{active} requests never ran together: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

@@ -106,3 +106,26 @@ async fn a_context_too_big_for_memory_is_refused_with_the_numbers() {
     let suggested: u64 = flags[1].parse().unwrap();
     assert!(suggested < 4_000_000_000 && suggested >= 256, "{error}");
 }
+
+#[tokio::test]
+async fn a_dead_worker_turns_health_not_serving_and_stops_the_daemon() {
+    let mut daemon = crate::common::tiny_daemon().env("PHI3D_FAULT_INJECTION", "worker-panic").start().await;
+    let mut client = daemon.inference().await;
+    let mut request = crate::common::complete_request("Hello", crate::common::exactly(4));
+    request.request_id = "fault:worker-panic".into();
+    // The request that kills the worker hears about it instead of waiting forever.
+    let outcome = match client.complete(request).await {
+        Ok(stream) => crate::common::collect(stream.into_inner()).await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let status = outcome.expect_err("the worker died");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.is_running() {
+        assert!(std::time::Instant::now() < deadline, "phi3d kept running:\n{}", daemon.stderr());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let exit = daemon.terminate(std::time::Duration::from_secs(1)).await;
+    assert!(!exit.success(), "a dead worker is a failure for the supervisor: {exit:?}");
+    assert!(daemon.stderr().contains("the inference thread panicked"), "{}", daemon.stderr());
+}

@@ -11,4 +11,6 @@ mod errors;
 mod lifecycle;
 mod tokenizer;
 mod plugins;
+mod prompt_cache;
+mod slots;
 mod tools;

@@ -116,6 +116,14 @@ pub fn load_model(
     })?;
     let chat_template = model.chat_template(None).ok();
     let shape = ModelShape::of(&model);
+    let head_size = shape.n_embd / shape.n_head;
+    if config.kv_type != KvType::F16 && head_size % 32 != 0 {
+        return Err(LoadError::DoesNotFit(format!(
+            "kv_type {} stores blocks of 32 values, but this model's attention heads are {head_size} wide; \
+             use kv_type f16 for it",
+            config.kv_type
+        )));
+    }
     let plan = MemoryPlan::new(&shape, config.ctx_size, config.batch_size, config.kv_type, budget);
     if !plan.fits() {
         return Err(LoadError::DoesNotFit(does_not_fit(&plan, &shape, config.batch_size)));

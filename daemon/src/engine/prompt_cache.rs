@@ -40,30 +40,36 @@ pub struct Placement {
 pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>]) -> Option<Placement> {
     let usable = prompt.len().saturating_sub(1);
     let shared = |tokens: &[LlamaToken]| common_prefix(tokens, prompt).min(usable);
+    // A free slot whose cache is mostly this prompt's prefix is taken for it. Reusing a
+    // sliver of a long cached sequence would throw the rest away instead.
     let own = sequences
         .iter()
-        .filter_map(|sequence| sequence.free_slot.map(|free| (free, shared(sequence.tokens))))
-        .max_by_key(|(free, reuse)| (*reuse, free.last_used));
-    let (own_slot, own_reuse) = own?;
-    let copy = sequences
-        .iter()
-        .filter(|sequence| sequence.free_slot.is_none())
-        .map(|sequence| (sequence.seq_id, shared(sequence.tokens)))
-        .max_by_key(|(_, reuse)| *reuse)
-        .filter(|(_, reuse)| *reuse > own_reuse);
-    if own_reuse > 0 && copy.is_none() {
-        return Some(Placement { slot: own_slot.index, reuse: own_reuse, copy_from: None });
+        .filter_map(|sequence| sequence.free_slot.map(|free| (free, sequence.tokens, shared(sequence.tokens))))
+        .filter(|(_, tokens, reuse)| *reuse > 0 && reuse * 2 >= tokens.len())
+        .max_by_key(|(free, _, reuse)| (*reuse, free.last_used));
+    let best_copy = |except: usize| {
+        sequences
+            .iter()
+            .filter(|sequence| sequence.free_slot.is_none_or(|free| free.index != except))
+            .map(|sequence| (sequence.seq_id, shared(sequence.tokens)))
+            .max_by_key(|(_, reuse)| *reuse)
+    };
+    if let Some((free, _, reuse)) = own
+        && best_copy(free.index).is_none_or(|(_, copied)| copied <= reuse)
+    {
+        return Some(Placement { slot: free.index, reuse, copy_from: None });
     }
-    // Nothing of its own worth keeping: take the slot whose cache is least likely to be
-    // wanted again (empty first, then least recently used).
-    let target = sequences
+    // Otherwise the slot whose cache is least likely to be wanted again (empty first, then
+    // least recently used), with the longest prefix found anywhere copied into it.
+    let (target, target_tokens) = sequences
         .iter()
-        .filter_map(|sequence| sequence.free_slot.map(|free| (free, sequence.tokens.is_empty())))
-        .min_by_key(|(free, empty)| (!*empty, free.last_used))
-        .map(|(free, _)| free.index)?;
-    Some(match copy {
-        Some((seq_id, reuse)) => Placement { slot: target, reuse, copy_from: Some(seq_id) },
-        None => Placement { slot: target, reuse: 0, copy_from: None },
+        .filter_map(|sequence| sequence.free_slot.map(|free| (free, sequence.tokens)))
+        .min_by_key(|(free, tokens)| (!tokens.is_empty(), free.last_used))
+        .map(|(free, tokens)| (free.index, tokens))?;
+    let kept = shared(target_tokens);
+    Some(match best_copy(target) {
+        Some((seq_id, reuse)) if reuse > kept => Placement { slot: target, reuse, copy_from: Some(seq_id) },
+        _ => Placement { slot: target, reuse: kept, copy_from: None },
     })
 }
 
@@ -127,6 +133,20 @@ mod tests {
         ];
         let placed = place(&tokens(&[1, 2]), &sequences).unwrap();
         assert_eq!(placed, Placement { slot: 1, reuse: 0, copy_from: None });
+    }
+
+    #[test]
+    fn a_sliver_of_a_long_cache_is_not_worth_its_loss() {
+        let (house, empty) = (tokens(&[1, 5, 5, 5, 5, 5]), tokens(&[]));
+        let sequences = [
+            CachedSequence { seq_id: 0, tokens: &house, free_slot: free(0, 1) },
+            CachedSequence { seq_id: 1, tokens: &empty, free_slot: free(1, 9) },
+        ];
+        let placed = place(&tokens(&[1, 9, 9]), &sequences).unwrap();
+        assert_eq!(placed, Placement { slot: 1, reuse: 1, copy_from: Some(0) }, "the house stays cached");
+        // The prefix of a long idle cache is copied rather than the cache overwritten.
+        let placed = place(&tokens(&[1, 5, 9]), &sequences).unwrap();
+        assert_eq!(placed, Placement { slot: 1, reuse: 2, copy_from: Some(0) });
     }
 
     #[test]

@@ -172,9 +172,10 @@ impl Slot {
     }
 
     /// Ends the task with `Done`, flushing held-back text unless it was cancelled, and frees
-    /// the slot. Its tokens stay cached.
-    pub fn finish(&mut self, reason: StopReason) {
-        let Some(mut busy) = self.busy.take() else { return };
+    /// the slot. Its tokens stay cached. The caller sends the returned event, after it has
+    /// published the slot as free.
+    pub fn finish(&mut self, reason: StopReason) -> Option<Ending> {
+        let mut busy = self.busy.take()?;
         self.last_used = Instant::now();
         let mut reason = reason;
         if matches!(reason, StopReason::EndOfGeneration | StopReason::MaxTokens) {
@@ -187,22 +188,37 @@ impl Slot {
             }
         }
         let completion = busy.completion(reason);
-        let _ = busy.task.events.send(Event::Done(completion));
+        Some(Ending { events: busy.task.events.clone(), event: Event::Done(completion) })
     }
 
     /// Ends the task with an error and frees the slot. The caller clears the sequence, whose
-    /// contents are no longer known.
-    pub fn fail(&mut self, error: EngineError) {
-        if let Some(busy) = self.busy.take() {
-            self.last_used = Instant::now();
-            let _ = busy.task.events.send(Event::Failed(error));
-        }
+    /// contents are no longer known, and sends the returned event.
+    pub fn fail(&mut self, error: EngineError) -> Option<Ending> {
+        let busy = self.busy.take()?;
+        self.last_used = Instant::now();
+        Some(Ending { events: busy.task.events.clone(), event: Event::Failed(error) })
+    }
+}
+
+/// A task's last event, sent once the engine's status shows its slot free, so that a client
+/// never sees its own finished request as still running.
+#[must_use]
+pub struct Ending {
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+    event: Event,
+}
+
+impl Ending {
+    pub fn send(self) {
+        let _ = self.events.send(self.event);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.fail(EngineError::ShuttingDown);
+        if let Some(ending) = self.fail(EngineError::ShuttingDown) {
+            ending.send();
+        }
     }
 }
 

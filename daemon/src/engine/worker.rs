@@ -38,7 +38,7 @@ use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
 use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
 use super::queue::TaskReceiver;
-use super::slot::{Feed, Slot};
+use super::slot::{Ending, Feed, Slot};
 use super::status::{EngineStatus, SlotPhase, SlotState};
 use super::task::{EngineError, StopReason, Task};
 
@@ -422,8 +422,10 @@ impl Worker<'_> {
                     };
                     tracing::error!(slot = index, "decode failed: {error}");
                     self.active.fetch_sub(1, Ordering::SeqCst);
-                    self.slots[index].fail(error);
+                    let ending = self.slots[index].fail(error);
                     self.truncate(index, 0);
+                    self.publish();
+                    ending.map(Ending::send);
                 }
             }
         }
@@ -470,11 +472,14 @@ impl Worker<'_> {
         victims.len()
     }
 
-    /// The count drops before the client hears `Done`, so that a client never sees its own
-    /// finished request as still active.
+    /// The count drops and the status is published before the client hears `Done`, so that a
+    /// client never sees its own finished request as still active.
     fn finish(&mut self, index: usize, reason: StopReason) {
         self.active.fetch_sub(1, Ordering::SeqCst);
-        self.slots[index].finish(reason);
+        if let Some(ending) = self.slots[index].finish(reason) {
+            self.publish();
+            ending.send();
+        }
     }
 
     fn active_slots(&self) -> usize {

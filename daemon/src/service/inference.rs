@@ -90,15 +90,27 @@ impl InferenceService {
         let scope = RequestScope::begin(&self.requests, request_id, deadline)?;
         let receiver = scope.submit(&self.engine, model, prompt, params)?;
         let started = convert::started(scope.request_id(), &model.info.name);
-        let events = UnboundedReceiverStream::new(receiver).map(move |event| match event {
-            // The scope (and with it the request's registration) lives as long as the stream.
-            Event::Done(done) => match scope.deadline_status(&done) {
-                Some(status) => Err(status),
-                None => convert::chat_event(Event::Done(done)),
-            },
-            event => convert::chat_event(event),
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let saw_end = ended.clone();
+        let events = UnboundedReceiverStream::new(receiver).map(move |event| {
+            if matches!(event, Event::Done(_) | Event::Failed(_)) {
+                saw_end.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            match event {
+                // The scope (and with it the request's registration) lives as long as the stream.
+                Event::Done(done) => match scope.deadline_status(&done) {
+                    Some(status) => Err(status),
+                    None => convert::chat_event(Event::Done(done)),
+                },
+                event => convert::chat_event(event),
+            }
         });
-        Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events)))
+        // The engine dropped the task without ending it: its thread died.
+        let lost = futures::stream::once(async move { ended.load(std::sync::atomic::Ordering::SeqCst) })
+            .filter_map(|ended| async move {
+                (!ended).then(|| Err(Status::unavailable("the inference engine stopped before finishing this request")))
+            });
+        Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events).chain(lost)))
     }
 }
 
