@@ -123,9 +123,14 @@ async fn a_forced_call_is_valid_runs_in_the_plugin_and_feeds_the_model() {
 
     // max_steps 1: the model was run again with the result and had to answer in words.
     let done = turn.done.unwrap();
-    assert_eq!(done.usage.unwrap().generation_steps, 2);
+    let usage = done.usage.unwrap();
+    assert_eq!(usage.generation_steps, 2);
     assert_ne!(done.stop_reason, StopReason::ToolCalls as i32);
     assert_eq!(done.text, turn.deltas.concat());
+    // Step 2 found step 1's prompt (the tools and the question) in the prompt cache: only the
+    // call, its result and the last instruction were read again.
+    // (Of the two steps' prompts, step 2's is the longer, and nearly all of step 1's is in it.)
+    assert!(usage.cached_prompt_tokens > 100 && usage.cached_prompt_tokens > usage.prompt_tokens / 3, "{usage:?}");
 }
 
 /// The current year, as the clock plugin prints it.

@@ -45,6 +45,7 @@ pub struct AgentTurn {
 struct Totals {
     text: String,
     prompt_tokens: u32,
+    cached_prompt_tokens: u32,
     completion_tokens: u32,
     timings: Timings,
     steps: u32,
@@ -231,6 +232,7 @@ impl Totals {
         }
         self.steps += 1;
         self.prompt_tokens += completion.prompt_tokens;
+        self.cached_prompt_tokens += completion.cached_prompt_tokens;
         self.completion_tokens += completion.completion_tokens;
         self.timings.prompt_ms += timings.prompt_ms;
         self.timings.generation_ms += timings.generation_ms;
@@ -261,7 +263,7 @@ fn finish_with(sink: &EventSink, totals: Totals, reason: pb::StopReason) {
         stop_reason: StopReason::EndOfGeneration,
         text: totals.text,
         prompt_tokens: totals.prompt_tokens,
-        cached_prompt_tokens: 0,
+        cached_prompt_tokens: totals.cached_prompt_tokens,
         completion_tokens: totals.completion_tokens,
         timings: totals.timings,
     };

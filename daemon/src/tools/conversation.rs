@@ -30,7 +30,7 @@ pub fn tool_turns(
     tools: &[OfferedTool],
     mode: &StepMode,
 ) -> Result<Vec<TemplateTurn>, String> {
-    let offer = format.system_text(tools, mode);
+    let offer = format.system_text(tools);
     let mut turns = Vec::with_capacity(messages.len() + 1);
     let mut offered = offer.is_empty();
     for (index, message) in messages.iter().enumerate() {
@@ -77,6 +77,9 @@ pub fn tool_turns(
     }
     if !offered {
         turns.insert(0, TemplateTurn::new("system", offer));
+    }
+    if let Some(step) = format.step_text(mode) {
+        turns.push(TemplateTurn::new("system", step));
     }
     Ok(turns)
 }
@@ -139,8 +142,18 @@ mod tests {
             &StepMode::Auto,
         )
         .unwrap();
-        assert_eq!(turns.len(), 2);
+        assert_eq!(turns.len(), 3);
         assert!(turns[0].content.starts_with("Be brief.\n\nRespond with one JSON object"), "{}", turns[0].content);
+        assert_eq!(turns[2].role, "system", "the step's instruction comes last");
+    }
+
+    #[test]
+    fn successive_steps_share_everything_but_the_last_turn() {
+        let messages = [message(Role::System, "Be brief."), message(Role::User, "hi")];
+        let forced = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Force("lights.off".into())).unwrap();
+        let answer = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::AnswerOnly).unwrap();
+        assert_eq!(forced[..forced.len() - 1], answer[..answer.len() - 1]);
+        assert_ne!(forced.last(), answer.last());
     }
 
     #[test]

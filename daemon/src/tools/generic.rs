@@ -11,24 +11,27 @@ use super::toolset::{OfferedTool, StepMode, call_schema, callable};
 use super::{ModelReply, ParsedCall};
 
 /// The instruction appended to the system message when tools are offered.
-pub fn system_instruction(tools: &[OfferedTool], mode: &StepMode) -> String {
-    let described: Vec<Value> = callable(tools, mode).into_iter().map(|(_, tool)| tool.describe()).collect();
-    let choice = match mode {
-        StepMode::Auto => "Either call one tool with {\"tool_call\": {\"name\": <tool name>, \"arguments\": <arguments>}} \
-                           or answer the user with {\"response\": <your answer>}."
-            .to_owned(),
-        StepMode::Required => "Call one tool with {\"tool_call\": {\"name\": <tool name>, \"arguments\": <arguments>}}.".to_owned(),
-        StepMode::Force(name) => format!(
-            "Call the tool {name} with {{\"tool_call\": {{\"name\": \"{name}\", \"arguments\": <arguments>}}}}."
-        ),
-        StepMode::AnswerOnly => "Answer the user with {\"response\": <your answer>}.".to_owned(),
-    };
-    let mut text = format!("Respond with one JSON object only. {choice}");
+pub fn system_instruction(tools: &[OfferedTool]) -> String {
+    let described: Vec<Value> = tools.iter().map(OfferedTool::describe).collect();
+    let mut text = "Respond with one JSON object only: {\"tool_call\": {\"name\": <tool name>, \"arguments\": \
+                    <arguments>}} to call a tool, or {\"response\": <your answer>} to answer the user."
+        .to_owned();
     if !described.is_empty() {
         text.push_str("\nTools:\n");
         text.push_str(&Value::Array(described).to_string());
     }
     text
+}
+
+/// What this step may do, said last, so that every step of a turn shares the prompt before
+/// it (and finds it in the prompt cache).
+pub fn step_instruction(mode: &StepMode) -> String {
+    match mode {
+        StepMode::Auto => "Call one tool or answer the user.".to_owned(),
+        StepMode::Required => "Call one tool now.".to_owned(),
+        StepMode::Force(name) => format!("Call the tool {name} now."),
+        StepMode::AnswerOnly => "Answer the user now with {\"response\": <your answer>}.".to_owned(),
+    }
 }
 
 /// The JSON schema of a reply in `mode`; the grammar is generated from it.
@@ -313,10 +316,11 @@ mod tests {
     }
 
     #[test]
-    fn the_instruction_lists_the_callable_tools() {
+    fn the_instruction_lists_every_tool_and_the_step_says_which() {
         let tools = tools();
-        let text = system_instruction(&tools, &StepMode::Force("clock.now".into()));
-        assert!(text.contains("clock.now") && !text.contains("lights.off"), "{text}");
-        assert!(!system_instruction(&tools, &StepMode::AnswerOnly).contains("Tools:"));
+        let text = system_instruction(&tools);
+        assert!(text.contains("clock.now") && text.contains("lights.off"), "{text}");
+        assert!(step_instruction(&StepMode::Force("clock.now".into())).contains("clock.now"));
+        assert!(step_instruction(&StepMode::AnswerOnly).contains("response"));
     }
 }

@@ -46,10 +46,21 @@ impl ToolFormat {
     }
 
     /// Text added to the system message to offer the tools.
-    pub fn system_text(self, tools: &[OfferedTool], mode: &StepMode) -> String {
+    /// The tools on offer, the same for every step of a turn: the step's own instruction
+    /// comes last ([`ToolFormat::step_text`]), so that successive steps share their prefix.
+    pub fn system_text(self, tools: &[OfferedTool]) -> String {
         match self {
-            ToolFormat::Generic => generic::system_instruction(tools, mode),
-            ToolFormat::Phi4Native => phi4::system_addition(tools, mode),
+            ToolFormat::Generic => generic::system_instruction(tools),
+            ToolFormat::Phi4Native => phi4::system_addition(tools),
+        }
+    }
+
+    /// A last system turn saying what this step may do; Phi-4-mini's native format says it
+    /// with the grammar alone.
+    pub fn step_text(self, mode: &StepMode) -> Option<String> {
+        match self {
+            ToolFormat::Generic => Some(generic::step_instruction(mode)),
+            ToolFormat::Phi4Native => None,
         }
     }
 

@@ -17,8 +17,8 @@ pub const CALL_CLOSE: &str = "<|/tool_call|>";
 pub const RESULT_ROLE: &str = "tool_response";
 
 /// What is appended to the system message: the tool declarations.
-pub fn system_addition(tools: &[OfferedTool], mode: &StepMode) -> String {
-    let described: Vec<Value> = callable(tools, mode).into_iter().map(|(_, tool)| tool.describe()).collect();
+pub fn system_addition(tools: &[OfferedTool]) -> String {
+    let described: Vec<Value> = tools.iter().map(OfferedTool::describe).collect();
     if described.is_empty() {
         return String::new();
     }
@@ -125,9 +125,9 @@ mod tests {
 
     #[test]
     fn declares_tools_in_the_system_turn() {
-        let text = system_addition(&tools(), &StepMode::Auto);
+        let text = system_addition(&tools());
         assert!(text.starts_with("<|tool|>[") && text.ends_with("]<|/tool|>"), "{text}");
-        assert!(system_addition(&tools(), &StepMode::AnswerOnly).is_empty());
+        assert!(system_addition(&[]).is_empty());
     }
 
     #[test]
