@@ -38,6 +38,9 @@
 //! byte tokens the first delta can come a token late. The model file is read once before the
 //! runs, so every load comes from the page cache.
 
+#[path = "serving/scenarios.rs"]
+mod scenarios;
+
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::num::NonZeroU32;
@@ -88,6 +91,19 @@ struct Options {
     /// How many times to measure both sides; the last table is the median.
     #[arg(long, env = "PHI3D_BENCH_RUNS", default_value_t = 3)]
     runs: usize,
+    /// Slots for the concurrent-stream and home-automation scenarios (llama-server's
+    /// --parallel).
+    #[arg(long, env = "PHI3D_BENCH_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Concurrent stream counts to measure.
+    #[arg(long, env = "PHI3D_BENCH_STREAMS", value_delimiter = ',', default_values_t = [1, 2, 4])]
+    streams: Vec<usize>,
+    /// Size of the home-automation turn's fixed system prompt, in tokens (about).
+    #[arg(long, env = "PHI3D_BENCH_HOME_TOKENS", default_value_t = 900)]
+    home_tokens: usize,
+    /// llama.cpp's llama-server binary, to measure the same scenarios against it.
+    #[arg(long, env = "LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
     /// Passed by `cargo bench` to every bench target; nothing to do with it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -206,7 +222,122 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\nmedian of {} runs", options.runs);
     print_table(&median(&baseline_runs), &median(&phi3d_runs));
-    println!("load avg    {} (after)", load_average());
+
+    let streams = options.streams.clone();
+    let peer = options.llama_server.clone();
+    runtime.block_on(more_scenarios(&setup, options.slots, &streams, options.home_tokens, peer.as_deref()))?;
+    println!("\nload avg    {} (after)", load_average());
+    Ok(())
+}
+
+/// Concurrent streams and the home-automation turn, on phi3d and, when given, llama-server.
+async fn more_scenarios(
+    setup: &Setup,
+    slots: u32,
+    streams: &[usize],
+    home_tokens: usize,
+    llama_server: Option<&Path>,
+) -> anyhow::Result<()> {
+    use scenarios::{HomeTurn, LlamaServer, Phi3d, Server, concurrent, house_prompt};
+    let most = streams.iter().copied().max().unwrap_or(1);
+    // Distinct prompts, so that no stream finds another's in the cache.
+    let prompts: Vec<String> = (0..most).map(|index| format!("Story {index}: {}", setup.prompt)).collect();
+    let generate = setup.gen_tokens;
+    let house = house_prompt(home_tokens);
+
+    async fn measure_streams(server: &impl Server, prompts: &[String], streams: &[usize], generate: usize) -> anyhow::Result<Vec<(f64, f64)>> {
+        let mut out = Vec::new();
+        for &n in streams {
+            out.push(concurrent(server, prompts, n, generate).await?);
+        }
+        Ok(out)
+    }
+
+    let cache = tempfile::tempdir()?;
+    let phi3d = Phi3d::start(setup, slots, cache.path()).await?;
+    let phi3d_streams = measure_streams(&phi3d, &prompts, streams, generate).await?;
+    drop(phi3d);
+
+    let home_gen = 8;
+    let cold_cache = tempfile::tempdir()?;
+    let mut phi3d = Phi3d::start(setup, slots, cold_cache.path()).await?;
+    let cold = phi3d.chat(&house, "Turn off the kitchen lights.", home_gen).await?;
+    let cached = phi3d.chat(&house, "Is the garage door open?", home_gen).await?;
+    phi3d.daemon.terminate().await?;
+    let phi3d = Phi3d::start(setup, slots, cold_cache.path()).await?;
+    let restarted = phi3d.chat(&house, "Dim the bedroom lights.", home_gen).await?;
+    drop(phi3d);
+    let phi3d_home = HomeTurn { cold, cached, restarted };
+
+    let peer = match llama_server {
+        Some(binary) => {
+            let server = LlamaServer::start(binary, setup, slots).await?;
+            let peer_streams = measure_streams(&server, &prompts, streams, generate).await?;
+            drop(server);
+            let server = LlamaServer::start(binary, setup, slots).await?;
+            let cold = server.chat(&house, "Turn off the kitchen lights.", home_gen).await?;
+            let cached = server.chat(&house, "Is the garage door open?", home_gen).await?;
+            drop(server);
+            let server = LlamaServer::start(binary, setup, slots).await?;
+            let restarted = server.chat(&house, "Dim the bedroom lights.", home_gen).await?;
+            drop(server);
+            Some((peer_streams, HomeTurn { cold, cached, restarted }))
+        }
+        None => {
+            println!("\nllama-server: skipped (set LLAMA_SERVER=/path/to/llama-server to compare with it)");
+            None
+        }
+    };
+
+    println!("\nconcurrent streams ({slots} slots, {generate} tokens each, distinct prompts): generated tok/s");
+    println!("{:<10}{:>14}{:>14}{:>10}{:>16}{:>16}{:>10}", "streams", "phi3d total", "per stream", "vs 1", "llama-server", "per stream", "phi3d/ls");
+    for (index, &n) in streams.iter().enumerate() {
+        let (aggregate, per_stream) = phi3d_streams[index];
+        let scale = aggregate / phi3d_streams[0].0;
+        match &peer {
+            Some((peer_streams, _)) => {
+                let (peer_aggregate, peer_per_stream) = peer_streams[index];
+                println!(
+                    "{n:<10}{aggregate:>14.2}{per_stream:>14.2}{scale:>10.2}{peer_aggregate:>16.2}{peer_per_stream:>16.2}{:>10.2}",
+                    aggregate / peer_aggregate
+                );
+            }
+            None => println!("{n:<10}{aggregate:>14.2}{per_stream:>14.2}{scale:>10.2}"),
+        }
+    }
+    if let Some((peer_streams, _)) = &peer {
+        let scales: Vec<String> = peer_streams.iter().map(|(a, _)| format!("{:.2}", a / peer_streams[0].0)).collect();
+        println!("llama-server vs 1 stream: {}", scales.join(", "));
+    }
+
+    println!(
+        "\nhome-automation turn (system prompt {} tokens + one user line, {home_gen} tokens): time to first token, ms",
+        phi3d_home.cold.prompt_tokens
+    );
+    println!("{:<28}{:>10}{:>10}{:>10}{:>14}{:>10}{:>10}", "", "phi3d", "of cold", "cached", "llama-server", "of cold", "cached");
+    let rows: [(&str, fn(&HomeTurn) -> scenarios::StreamFigures); 3] =
+        [("cold", |turn| turn.cold), ("prefix cached", |turn| turn.cached), ("after a restart", |turn| turn.restarted)];
+    for (name, pick) in rows {
+        let mine = pick(&phi3d_home);
+        let line = format!(
+            "{name:<28}{:>10.0}{:>10.3}{:>10}",
+            mine.first_token_ms,
+            mine.first_token_ms / phi3d_home.cold.first_token_ms,
+            mine.cached_tokens
+        );
+        match &peer {
+            Some((_, peer_home)) => {
+                let theirs = pick(peer_home);
+                println!(
+                    "{line}{:>14.0}{:>10.3}{:>10}",
+                    theirs.first_token_ms,
+                    theirs.first_token_ms / peer_home.cold.first_token_ms,
+                    theirs.cached_tokens
+                );
+            }
+            None => println!("{line}"),
+        }
+    }
     Ok(())
 }
 
@@ -335,7 +466,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(setup: &Setup, addr: SocketAddr) -> anyhow::Result<Daemon> {
+    fn spawn(setup: &Setup, addr: SocketAddr, extra: &[String]) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir()?;
         // An empty config file, so that a machine's /etc/phi3d/phi3d.toml cannot change the
         // settings under test.
@@ -356,6 +487,7 @@ impl Daemon {
             .arg(setup.ctx_size.to_string())
             .arg("--batch-size")
             .arg(setup.batch_size.to_string())
+            .args(extra)
             .env("PHI3D_LOG", "warn")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -364,6 +496,17 @@ impl Daemon {
             .spawn()
             .context("spawning phi3d")?;
         Ok(Daemon { child, dir })
+    }
+
+    /// SIGTERM, then waits for the exit (the daemon saves its prompt cache on the way out).
+    async fn terminate(&mut self) -> anyhow::Result<()> {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        let deadline = Instant::now() + STARTUP_LIMIT;
+        while self.child.try_wait()?.is_none() {
+            ensure!(Instant::now() < deadline, "phi3d did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Fails if the daemon has exited, with what it logged.
@@ -393,43 +536,10 @@ const POLL: Duration = Duration::from_millis(2);
 async fn run_phi3d(setup: &Setup) -> anyhow::Result<Measured> {
     let addr = free_port()?;
     let started = Instant::now();
-    let mut daemon = Daemon::spawn(setup, addr)?;
-    let deadline = started + STARTUP_LIMIT;
-    // The daemon binds its port before loading the model, then reports NOT_SERVING until the
-    // model is warm.
-    let channel = loop {
-        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await
-        {
-            break channel;
-        }
-        daemon.check_running()?;
-        ensure!(
-            Instant::now() < deadline,
-            "phi3d did not listen within {STARTUP_LIMIT:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    };
-    let mut health = HealthClient::new(channel.clone());
-    loop {
-        let status = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await?
-            .into_inner()
-            .status;
-        if status == ServingStatus::Serving as i32 {
-            break;
-        }
-        daemon.check_running()?;
-        ensure!(
-            Instant::now() < deadline,
-            "phi3d was not SERVING within {STARTUP_LIMIT:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    // One slot, as the baseline has one sequence; nothing saved between runs.
+    let extra = ["--slots".to_owned(), "1".to_owned(), "--prompt-cache-disk-mb".to_owned(), "0".to_owned()];
+    let mut daemon = Daemon::spawn(setup, addr, &extra)?;
+    let channel = wait_serving(&mut daemon, addr).await?;
     let startup = started.elapsed();
 
     let request = CompleteRequest {
@@ -487,6 +597,31 @@ async fn run_phi3d(setup: &Setup) -> anyhow::Result<Measured> {
         figures,
         text: done.text,
     })
+}
+
+/// Waits until the daemon listens and reports SERVING; the channel to it.
+async fn wait_serving(daemon: &mut Daemon, addr: SocketAddr) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + STARTUP_LIMIT;
+    // The daemon binds its port before loading the model, then reports NOT_SERVING until the
+    // model is warm.
+    let channel = loop {
+        if let Ok(channel) = Channel::from_shared(format!("http://{addr}"))?.connect().await {
+            break channel;
+        }
+        daemon.check_running()?;
+        ensure!(Instant::now() < deadline, "phi3d did not listen within {STARTUP_LIMIT:?}");
+        tokio::time::sleep(POLL).await;
+    };
+    let mut health = HealthClient::new(channel.clone());
+    loop {
+        let status = health.check(HealthCheckRequest { service: String::new() }).await?.into_inner().status;
+        if status == ServingStatus::Serving as i32 {
+            return Ok(channel);
+        }
+        daemon.check_running()?;
+        ensure!(Instant::now() < deadline, "phi3d was not SERVING within {STARTUP_LIMIT:?}");
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// A loopback port that was free a moment ago (the daemon binds it right after).
