@@ -78,7 +78,11 @@ fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
     let file = Settings::from_file(&path, explicit)?;
     let config = Config::from_settings(file.overlay(flags))?;
     crate::logging::init(&config.log);
-    runtime()?.block_on(crate::server::serve(config, crate::server::shutdown_signal()))
+    // The daemon's own async work is small (a few messages per generated token); one worker
+    // thread does it, so that fewer threads compete with llama.cpp's for the cores (whose
+    // threads meet at a barrier many times per token and all wait for the slowest).
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(crate::server::serve(config, crate::server::shutdown_signal()))
 }
 
 fn pull(name: Option<String>, list: bool, model_dir: Option<PathBuf>, offline: Option<bool>) -> anyhow::Result<()> {
