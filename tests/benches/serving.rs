@@ -30,7 +30,10 @@
 //! - decode tok/s, server formula: all generated tokens over the time from the end of the
 //!   prompt to the last token, which is how `Done.timings.tokens_per_second` is computed;
 //! - total: from the first prompt decode (phi3d: sending the request) to the last token
-//!   (phi3d: `Done`).
+//!   (phi3d: `Done`);
+//! - resident memory: baseline: how much the bench process grew by loading the model and
+//!   running it (what llama.cpp holds); phi3d: the daemon's whole resident set, so the
+//!   difference is what the daemon adds.
 //!
 //! Generation is greedy with end-of-generation ignored, so both sides produce exactly the
 //! requested number of tokens, and the same text; a difference is reported. The daemon holds
@@ -124,13 +127,14 @@ struct Setup {
 /// The figures of one side of one run, in the order of [`METRICS`].
 type Figures = [f64; METRICS.len()];
 
-const METRICS: [&str; 6] = [
+const METRICS: [&str; 7] = [
     "startup, ms",
     "prompt, tok/s",
     "first token, ms",
     "decode, tok/s",
     "decode (server formula), tok/s",
     "total, ms",
+    "resident memory, MiB",
 ];
 
 /// One side of one run: its figures and the text it generated.
@@ -398,6 +402,7 @@ fn context_params(setup: &Setup) -> LlamaContextParams {
 
 /// The baseline: llama-cpp-2 driven directly, the least any server could do.
 fn run_baseline(backend: &LlamaBackend, setup: &Setup) -> anyhow::Result<Measured> {
+    let resident_before = resident_mib("self");
     let started = Instant::now();
     let model = load(backend, &setup.model)?;
     let mut ctx = model.new_context(backend, context_params(setup))?;
@@ -451,6 +456,8 @@ fn run_baseline(backend: &LlamaBackend, setup: &Setup) -> anyhow::Result<Measure
         per_second(setup.gen_tokens - 1, end - first_token),
         per_second(setup.gen_tokens, end - prompt_done),
         ms(end - begin),
+        // What llama.cpp holds for this model and context: the baseline's own growth.
+        resident_mib("self") - resident_before,
     ];
     Ok(Measured {
         figures,
@@ -592,6 +599,7 @@ async fn run_phi3d(setup: &Setup) -> anyhow::Result<Measured> {
         per_second(setup.gen_tokens - 1, done_at - first_delta),
         timings.tokens_per_second,
         ms(done_at - sent),
+        resident_mib(&daemon.child.id().to_string()),
     ];
     Ok(Measured {
         figures,
@@ -661,6 +669,19 @@ fn print_table(baseline: &Figures, phi3d: &Figures) {
             phi3d[i] / baseline[i]
         );
     }
+    let memory = METRICS.len() - 1;
+    println!("{:<32}{:>10.1}", "daemon memory beyond it, MiB", phi3d[memory] - baseline[memory]);
+}
+
+/// VmRSS of a process (`self` or a pid), in MiB.
+fn resident_mib(process: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
 }
 
 /// The 1, 5 and 15 minute load averages, to judge how busy the machine was.

@@ -81,6 +81,11 @@ pub fn run(
 ) {
     let loaded = match load(&config, &state) {
         Ok(loaded) => loaded,
+        Err(LoadError::Cancelled) => {
+            tracing::info!("model load stopped: shutting down");
+            state.send_replace(LoadState::Failed(LoadError::Cancelled.to_string()));
+            return;
+        }
         Err(err) => {
             tracing::error!("{err}");
             state.send_replace(LoadState::Failed(err.to_string()));
