@@ -26,6 +26,9 @@ use crate::service::validate::Defaults;
 /// The gRPC service names whose health follows the model.
 const MODEL_SERVICES: [&str; 2] = ["", "phi3d.v1.Inference"];
 
+/// How long shutdown waits for the worker to end and save the prompt cache.
+const WORKER_EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long shutdown waits for clients to disconnect once every request is cancelled.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -163,12 +166,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     // Plugins go first: a tool call still running must not keep a request alive.
     plugins.shutdown().await;
-    if drained {
-        // Every engine handle went with the services, so the worker ends once its slots are
-        // free (their tasks were cancelled above) and the prompt cache is saved.
-        tokio::task::spawn_blocking(move || worker.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?;
+    // Every engine handle went with the services, so the worker ends once its slots are free
+    // (their tasks were cancelled above) and the prompt cache is saved; a slow disk gets a
+    // while for that, a wedged worker does not hold the exit forever.
+    let joined = tokio::time::timeout(WORKER_EXIT_LIMIT, tokio::task::spawn_blocking(move || worker.join())).await;
+    match joined {
+        Ok(joined) => joined?.map_err(|_| anyhow::anyhow!("the worker thread panicked"))?,
+        Err(_) => tracing::warn!(
+            drained,
+            "the inference thread did not stop within {WORKER_EXIT_LIMIT:?}; exiting without it"
+        ),
     }
     if let Some(reason) = engine_error.await? {
         anyhow::bail!(reason);
