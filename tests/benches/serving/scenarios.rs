@@ -124,6 +124,9 @@ pub struct LlamaServer {
 
 impl LlamaServer {
     pub async fn start(binary: &Path, setup: &Setup, slots: u32) -> anyhow::Result<LlamaServer> {
+        // reqwest is built without a default TLS provider (phi3d picks ring); plain HTTP here,
+        // but the client still wants one installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let addr = free_port()?;
         let log = std::fs::File::create(std::env::temp_dir().join("phi3d-bench-llama-server.log"))?;
         let child = std::process::Command::new(binary)
@@ -138,13 +141,17 @@ impl LlamaServer {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawning {}", binary.display()))?;
-        let server = LlamaServer { child, base: format!("http://{addr}"), http: reqwest::Client::new() };
+        // Owned at once, so that any failure below still kills it.
+        let mut server = LlamaServer { child, base: format!("http://{addr}"), http: reqwest::Client::builder().pool_max_idle_per_host(0).build()? };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if let Ok(response) = server.http.get(format!("{}/health", server.base)).send().await
                 && response.status().is_success()
             {
                 return Ok(server);
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("llama-server exited with {status}; see {}", std::env::temp_dir().join("phi3d-bench-llama-server.log").display());
             }
             ensure!(Instant::now() < deadline, "llama-server did not become healthy");
             tokio::time::sleep(Duration::from_millis(20)).await;
