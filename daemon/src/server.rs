@@ -121,9 +121,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         config.tool_choice,
     );
     let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
-    drop(engine);
 
     let stopper = stopping.clone();
+    // Closing the queue does not keep anything alive; open client connections still hold
+    // engine handles, so the queue must be closed explicitly for the worker to end.
+    let closer = engine;
     let engine_error = tokio::spawn(async move {
         let engine_error = tokio::select! {
             () = shutdown => {
@@ -133,6 +135,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             Ok(reason) = engine_failed => Some(reason),
         };
         requests.cancel_all();
+        closer.close();
         stopper.cancel();
         engine_error
     });

@@ -87,7 +87,7 @@ pub fn in_background(stream: Streaming<ChatEvent>) -> tokio::task::JoinHandle<Re
     tokio::spawn(collect(stream))
 }
 
-/// Waits until the daemon reports `active` requests generating or reading.
+/// Waits until the daemon reports at least `active` slots generating.
 pub async fn wait_active(daemon: &Daemon, active: u32) {
     let mut admin = daemon.admin().await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

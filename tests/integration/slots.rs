@@ -127,8 +127,8 @@ async fn slots_are_freed_on_cancel_disconnect_and_error() {
     let cancelled = cancelled.await.unwrap().unwrap();
     assert_eq!(cancelled.done.stop_reason, phi3d_proto::v1::StopReason::Cancelled as i32);
     all_idle(&daemon).await;
-    // A request the engine refuses (its reply cannot fit beside the prompt) frees nothing
-    // it did not take, and the next ones run.
+    // A request refused before it reaches the engine (longer than the context) takes no
+    // slot, and the next ones run.
     let mut too_long = complete_request(&"word ".repeat(20000), exactly(4));
     too_long.request_id = "too-long".into();
     let status_code = client.complete(too_long).await.expect_err("longer than the context").code();

@@ -96,24 +96,28 @@ impl CacheStore {
         CacheStore { dir, key, budget_bytes }
     }
 
-    /// Saves `entries` (most valuable first) within the disk budget and removes this key's
-    /// older files. Returns how many were saved.
-    pub fn save(&self, entries: &[Entry]) -> std::io::Result<usize> {
-        std::fs::create_dir_all(&self.dir)?;
+    /// Saves the sequences in `items` (most valuable first) within the disk budget, one at a
+    /// time (`state` serialises one sequence; only what fits is ever serialised), and removes
+    /// this key's older files. Returns how many were saved.
+    pub fn save(&self, items: &[SaveItem], mut state: impl FnMut(i32) -> Vec<u8>) -> std::io::Result<usize> {
+        use std::os::unix::fs::DirBuilderExt;
+        // Prompts are the users' words: readable by phi3d alone.
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
         let prefix = self.key.file_prefix();
         let mut used = 0u64;
         let mut saved = Vec::new();
-        for entry in entries {
-            let size = (entry.tokens.len() * 4 + entry.state.len()) as u64;
-            if used + size > self.budget_bytes {
+        for item in items {
+            let size = (item.tokens.len() * 4 + item.state_bytes) as u64;
+            if used.saturating_add(size) > self.budget_bytes {
                 tracing::info!(
-                    tokens = entry.tokens.len(),
+                    tokens = item.tokens.len(),
                     "prompt cache entry not saved: prompt_cache_disk_mb would be exceeded"
                 );
                 continue;
             }
+            let entry = Entry { tokens: item.tokens.clone(), state: state(item.seq_id), pinned: item.pinned, last_used: item.last_used };
             let name = format!("{prefix}-{}.{EXTENSION}", saved.len());
-            self.write(&self.dir.join(&name), entry)?;
+            self.write(&self.dir.join(&name), &entry)?;
             used += size;
             saved.push(name);
         }
@@ -127,6 +131,7 @@ impl CacheStore {
     }
 
     fn write(&self, path: &Path, entry: &Entry) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
         let token_bytes: Vec<u8> = entry.tokens.iter().flat_map(|token| token.0.to_le_bytes()).collect();
         let mut hasher = Sha256::new();
         hasher.update(&token_bytes);
@@ -140,7 +145,8 @@ impl CacheStore {
             last_used: entry.last_used,
         };
         let temporary = path.with_extension("tmp");
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&temporary)?);
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+        let mut file = std::io::BufWriter::new(file);
         file.write_all(MAGIC)?;
         serde_json::to_writer(&mut file, &header)?;
         file.write_all(b"\n")?;
@@ -150,21 +156,57 @@ impl CacheStore {
         std::fs::rename(&temporary, path)
     }
 
-    /// This key's entries, most valuable first. Files that do not belong (another model or
-    /// configuration) or do not check out are removed, each with one log line.
-    pub fn load(&self) -> Vec<Entry> {
-        let mut entries = Vec::new();
+    /// This key's saved entries (their headers only), most valuable first. Files that do not
+    /// belong (another model or configuration) or whose size does not match their header are
+    /// removed, each with one log line.
+    pub fn list(&self) -> Vec<Saved> {
+        let mut saved = Vec::new();
         for path in self.files().unwrap_or_default() {
-            match self.read(&path) {
-                Ok(entry) => entries.push(entry),
-                Err(reason) => {
-                    tracing::warn!(file = %path.display(), "prompt cache file ignored and removed: {reason}");
-                    let _ = std::fs::remove_file(&path);
-                }
+            match self.header(&path) {
+                Ok((header, body_offset)) => saved.push(Saved {
+                    path,
+                    body_offset,
+                    tokens: header.tokens,
+                    state_bytes: header.state_bytes,
+                    sha256: header.sha256,
+                    pinned: header.pinned,
+                    last_used: header.last_used,
+                }),
+                Err(reason) => discard(&path, &reason),
             }
         }
-        entries.sort_by_key(|entry| (!entry.pinned, std::cmp::Reverse(entry.last_used)));
-        entries
+        saved.sort_by_key(|entry| (!entry.pinned, std::cmp::Reverse(entry.last_used)));
+        saved
+    }
+
+    /// One entry's tokens and state, checked against its sha256; a file that does not check
+    /// out is removed.
+    pub fn read(&self, saved: &Saved) -> Option<Entry> {
+        let result = (|| -> Result<Entry, String> {
+            let mut file = std::fs::File::open(&saved.path).map_err(|err| err.to_string())?;
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(saved.body_offset)).map_err(|err| err.to_string())?;
+            let mut body = Vec::with_capacity(saved.tokens * 4 + saved.state_bytes);
+            file.read_to_end(&mut body).map_err(|err| err.to_string())?;
+            if body.len() != saved.tokens * 4 + saved.state_bytes {
+                return Err("truncated while reading".into());
+            }
+            if hex::encode(Sha256::digest(&body)) != saved.sha256 {
+                return Err("checksum mismatch (corrupt file)".into());
+            }
+            let state = body.split_off(saved.tokens * 4);
+            let tokens = body
+                .chunks_exact(4)
+                .map(|chunk| LlamaToken(i32::from_le_bytes(chunk.try_into().expect("chunks of four"))))
+                .collect();
+            Ok(Entry { tokens, state, pinned: saved.pinned, last_used: saved.last_used })
+        })();
+        result.map_err(|reason| discard(&saved.path, &reason)).ok()
+    }
+
+    /// Removes a file the worker could not use.
+    pub fn reject(&self, saved: &Saved, reason: &str) {
+        discard(&saved.path, reason);
     }
 
     /// Cache files on disk for this key.
@@ -188,38 +230,59 @@ impl CacheStore {
         }
     }
 
-    fn read(&self, path: &Path) -> Result<Entry, String> {
-        let bytes = std::fs::read(path).map_err(|err| err.to_string())?;
-        let rest = bytes.strip_prefix(MAGIC).ok_or("not a phi3d prompt cache file")?;
+    /// The header of `path` and where its body starts, with the file's size checked.
+    fn header(&self, path: &Path) -> Result<(Header, u64), String> {
+        let file = std::fs::File::open(path).map_err(|err| err.to_string())?;
+        let length = file.metadata().map_err(|err| err.to_string())?.len();
+        let mut head = Vec::new();
+        // The header is a line of a few hundred bytes; a file without one in 64 KiB is not ours.
+        file.take(64 * 1024).read_to_end(&mut head).map_err(|err| err.to_string())?;
+        let rest = head.strip_prefix(MAGIC).ok_or("not a phi3d prompt cache file")?;
         let newline = rest.iter().position(|byte| *byte == b'\n').ok_or("truncated header")?;
         let header: Header =
             serde_json::from_slice(&rest[..newline]).map_err(|err| format!("unreadable header: {err}"))?;
         if header.key != self.key {
             return Err("saved for another model, configuration or llama.cpp build".into());
         }
-        let body = &rest[newline + 1..];
-        let token_bytes = header.tokens.checked_mul(4).ok_or("corrupt header")?;
-        if body.len() != token_bytes + header.state_bytes {
-            return Err(format!(
-                "truncated or padded: {} bytes after the header, {} expected",
-                body.len(),
-                token_bytes + header.state_bytes
-            ));
+        let body_offset = (MAGIC.len() + newline + 1) as u64;
+        let expected = header
+            .tokens
+            .checked_mul(4)
+            .and_then(|bytes| bytes.checked_add(header.state_bytes))
+            .and_then(|bytes| (bytes as u64).checked_add(body_offset))
+            .ok_or("corrupt header")?;
+        if length != expected {
+            return Err(format!("truncated or padded: {length} bytes, {expected} expected"));
         }
-        if hex::encode(Sha256::digest(body)) != header.sha256 {
-            return Err("checksum mismatch (corrupt file)".into());
-        }
-        let tokens = body[..token_bytes]
-            .chunks_exact(4)
-            .map(|chunk| LlamaToken(i32::from_le_bytes(chunk.try_into().expect("chunks of four"))))
-            .collect();
-        Ok(Entry {
-            tokens,
-            state: body[token_bytes..].to_vec(),
-            pinned: header.pinned,
-            last_used: header.last_used,
-        })
+        Ok((header, body_offset))
     }
+}
+
+fn discard(path: &Path, reason: &str) {
+    tracing::warn!(file = %path.display(), "prompt cache file ignored and removed: {reason}");
+    let _ = std::fs::remove_file(path);
+}
+
+/// A saved entry, known by its header.
+pub struct Saved {
+    path: PathBuf,
+    body_offset: u64,
+    pub tokens: usize,
+    state_bytes: usize,
+    sha256: String,
+    pub pinned: bool,
+    pub last_used: u64,
+}
+
+/// A sequence to save.
+pub struct SaveItem {
+    pub seq_id: i32,
+    pub tokens: Vec<LlamaToken>,
+    pub pinned: bool,
+    pub last_used: u64,
+    /// What llama.cpp says the sequence's state takes, checked against the budget before it
+    /// is serialised.
+    pub state_bytes: usize,
 }
 
 pub fn unix_seconds(at: SystemTime) -> u64 {
@@ -242,49 +305,71 @@ mod tests {
         }
     }
 
-    fn entry(tokens: &[i32], pinned: bool, last_used: u64) -> Entry {
-        Entry { tokens: tokens.iter().copied().map(LlamaToken).collect(), state: vec![7; 100], pinned, last_used }
+    fn item(seq_id: i32, tokens: &[i32], pinned: bool, last_used: u64) -> SaveItem {
+        SaveItem { seq_id, tokens: tokens.iter().copied().map(LlamaToken).collect(), pinned, last_used, state_bytes: 100 }
+    }
+
+    fn state(seq_id: i32) -> Vec<u8> {
+        vec![seq_id as u8; 100]
+    }
+
+    fn load(store: &CacheStore) -> Vec<Entry> {
+        store.list().iter().filter_map(|saved| store.read(saved)).collect()
     }
 
     #[test]
     fn entries_round_trip_pinned_and_recent_first() {
         let dir = tempfile::tempdir().unwrap();
         let store = CacheStore::new(dir.path().into(), key(4096), 1 << 20);
-        assert_eq!(store.save(&[entry(&[1, 2], false, 10), entry(&[3], true, 5), entry(&[4], false, 20)]).unwrap(), 3);
-        let loaded = store.load();
+        let items = [item(0, &[1, 2], false, 10), item(1, &[3], true, 5), item(2, &[4], false, 20)];
+        assert_eq!(store.save(&items, state).unwrap(), 3);
+        let loaded = load(&store);
         let firsts: Vec<i32> = loaded.iter().map(|entry| entry.tokens[0].0).collect();
         assert_eq!(firsts, [3, 4, 1]);
         assert_eq!(loaded[2].tokens.len(), 2);
-        assert_eq!(loaded[0].state, vec![7; 100]);
+        assert_eq!(loaded[0].state, vec![1; 100]);
         assert_eq!(store.count(), 3);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&store.files().unwrap()[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "only phi3d reads the users' prompts: {mode:o}");
     }
 
     #[test]
-    fn the_disk_budget_bounds_what_is_saved_and_old_files_go() {
+    fn the_disk_budget_bounds_what_is_serialised_and_saved_and_old_files_go() {
         let dir = tempfile::tempdir().unwrap();
         let store = CacheStore::new(dir.path().into(), key(4096), 250);
-        assert_eq!(store.save(&[entry(&[1], true, 1), entry(&[2], false, 2), entry(&[3], false, 3)]).unwrap(), 2);
-        assert_eq!(store.save(&[entry(&[9], false, 9)]).unwrap(), 1);
+        let mut serialised = Vec::new();
+        let items = [item(0, &[1], true, 1), item(1, &[2], false, 2), item(2, &[3], false, 3)];
+        let saved = store.save(&items, |seq| {
+            serialised.push(seq);
+            state(seq)
+        });
+        assert_eq!(saved.unwrap(), 2);
+        assert_eq!(serialised, [0, 1], "the third was never serialised");
+        assert_eq!(store.save(&[item(9, &[9], false, 9)], state).unwrap(), 1);
         assert_eq!(store.count(), 1, "files of an earlier save that were not saved again are removed");
     }
 
     #[test]
     fn another_configuration_or_a_corrupt_file_is_removed_not_loaded() {
         let dir = tempfile::tempdir().unwrap();
-        CacheStore::new(dir.path().into(), key(2048), 1 << 20).save(&[entry(&[1], false, 1)]).unwrap();
+        CacheStore::new(dir.path().into(), key(2048), 1 << 20).save(&[item(0, &[1], false, 1)], state).unwrap();
         let store = CacheStore::new(dir.path().into(), key(4096), 1 << 20);
-        store.save(&[entry(&[2], false, 1), entry(&[3], false, 1)]).unwrap();
-        let files: Vec<PathBuf> = store.files().unwrap();
-        assert_eq!(files.len(), 3);
-        // Corrupt one of this key's files in its state bytes, truncate the other.
-        let ours: Vec<&PathBuf> = files.iter().filter(|path| store.read(path).is_ok()).collect();
-        let mut bytes = std::fs::read(ours[0]).unwrap();
+        store.save(&[item(0, &[2], false, 1), item(1, &[3], false, 1), item(2, &[4], false, 1)], state).unwrap();
+        assert_eq!(store.files().unwrap().len(), 4);
+        let ours: Vec<PathBuf> = store.list().iter().map(|saved| saved.path.clone()).collect();
+        assert_eq!(ours.len(), 3, "the other configuration's file is gone");
+        // Corrupt one in its state bytes, truncate another, and make the third lie about its size.
+        let mut bytes = std::fs::read(&ours[0]).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
-        std::fs::write(ours[0], &bytes).unwrap();
-        let bytes = std::fs::read(ours[1]).unwrap();
-        std::fs::write(ours[1], &bytes[..bytes.len() - 10]).unwrap();
-        assert!(store.load().is_empty());
+        std::fs::write(&ours[0], &bytes).unwrap();
+        let bytes = std::fs::read(&ours[1]).unwrap();
+        std::fs::write(&ours[1], &bytes[..bytes.len() - 10]).unwrap();
+        let text = String::from_utf8_lossy(&std::fs::read(&ours[2]).unwrap()).into_owned();
+        let huge = text.replacen("\"tokens\":1", "\"tokens\":2305843009213693952", 1);
+        std::fs::write(&ours[2], huge.as_bytes()).unwrap();
+        assert!(load(&store).is_empty());
         assert!(store.files().unwrap().is_empty(), "every file that did not check out was removed");
     }
 }

@@ -37,7 +37,14 @@ pub const LLAMA_CPP_SYS_VERSION: &str = env!("PHI3D_LLAMA_CPP_SYS_VERSION");
 /// The CPU features llama.cpp's kernels use, as llama.cpp reports them (e.g.
 /// "CPU : SSE3 = 1 | AVX2 = 1 | ..."), trimmed to the features that are on.
 pub fn cpu_features() -> String {
-    // SAFETY: llama_print_system_info returns a pointer to a static, NUL-terminated string.
+    // llama_print_system_info rewrites a static buffer on every call: called once, here.
+    static FEATURES: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FEATURES.get_or_init(read_cpu_features).clone()
+}
+
+fn read_cpu_features() -> String {
+    // SAFETY: llama_print_system_info returns a pointer to a static, NUL-terminated string,
+    // and the OnceLock makes this the only call.
     let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
     let info = info.to_string_lossy();
     let on: Vec<&str> = info
@@ -117,6 +124,11 @@ impl Engine {
 
     pub fn submit(&self, task: task::Task) -> Result<(), QueueError> {
         self.queue.try_push(task)
+    }
+
+    /// Stops taking tasks (shutdown): the worker ends once its slots are free.
+    pub fn close(&self) {
+        self.queue.close();
     }
 
     /// Tasks waiting for a slot.

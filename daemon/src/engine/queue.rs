@@ -96,6 +96,14 @@ impl TaskQueue {
         Ok(())
     }
 
+    /// Closes the queue at shutdown even while handles remain (a client connection that is
+    /// still open holds one): the worker finishes what it has, saves, and ends.
+    pub fn close(&self) {
+        let shared = &self.senders.0;
+        shared.lock().closed = true;
+        shared.arrived.notify_all();
+    }
+
     /// Tasks waiting for a slot.
     pub fn depth(&self) -> usize {
         let mut state = self.senders.0.lock();
@@ -135,5 +143,17 @@ impl TaskReceiver {
     /// Ends queued tasks whose clients gave up, so that they hear at once.
     pub fn drop_abandoned(&self) {
         self.shared.lock().drop_abandoned();
+    }
+}
+
+/// The worker is gone (it ended or panicked): nothing queued will run, so every waiting task
+/// hears so at once, and later pushes are refused.
+impl Drop for TaskReceiver {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        for task in state.tasks.drain(..) {
+            let _ = task.events.send(super::task::Event::Failed(super::task::EngineError::ShuttingDown));
+        }
     }
 }

@@ -32,7 +32,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::watch;
 
 use super::LoadState;
-use super::cache_store::{self, CacheKey, CacheStore, Entry};
+use super::cache_store::{self, CacheKey, CacheStore, SaveItem};
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
@@ -61,6 +61,7 @@ pub struct Worker<'m> {
     status: Arc<Mutex<EngineStatus>>,
     store: Option<CacheStore>,
     entries_on_disk: usize,
+    started_at: Instant,
     fault_panic: bool,
 }
 
@@ -101,7 +102,10 @@ pub fn run(
         }
     };
     let store = prompt_store(&config);
-    let n_ctx = ctx.n_ctx() as usize;
+    // llama.cpp rounds the cells up (to a multiple of 256) and caps a batch at the context;
+    // the worker keeps to what was configured and to what llama.cpp accepts.
+    let n_ctx = (ctx.n_ctx() as usize).min(config.ctx_size as usize);
+    let batch_size = (config.batch_size as usize).min(ctx.n_batch() as usize);
     let mut worker = Worker {
         model: &loaded,
         ctx,
@@ -109,14 +113,15 @@ pub fn run(
         pinned: Vec::new(),
         cells: CellLedger::default(),
         n_ctx,
-        batch: LlamaBatch::new(config.batch_size as usize, (config.slots as usize + config.pinned_prompts.len()) as i32),
-        batch_size: config.batch_size as usize,
+        batch: LlamaBatch::new(batch_size, (config.slots as usize + config.pinned_prompts.len()) as i32),
+        batch_size,
         queue,
         cursor: 0,
         active,
         status,
         store,
         entries_on_disk: 0,
+        started_at: Instant::now(),
         fault_panic: std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.contains("worker-panic")),
     };
     if let Err(err) = worker.warm_up() {
@@ -124,8 +129,7 @@ pub fn run(
         state.send_replace(LoadState::Failed(err.to_string()));
         return;
     }
-    worker.restore();
-    if let Err(err) = worker.warm_pinned(&config) {
+    if let Err(err) = worker.warm_cache(&config) {
         tracing::error!("{err}");
         state.send_replace(LoadState::Failed(err.to_string()));
         return;
@@ -418,7 +422,12 @@ impl Worker<'_> {
                     let largest = (0..feeds.len())
                         .max_by_key(|&k| feeds[k].1.tokens.len())
                         .expect("feeds is not empty");
-                    let (index, _) = feeds.remove(largest);
+                    let (index, feed) = feeds.remove(largest);
+                    if !feed.from_prompt && matches!(err, DecodeError::NoKvCacheSlot) {
+                        // A reply that has no room left ends as if it reached max_tokens.
+                        self.finish(index, StopReason::MaxTokens);
+                        continue;
+                    }
                     let error = match err {
                         DecodeError::NoKvCacheSlot => {
                             EngineError::CacheFull { used: self.cells.used(), total: self.n_ctx as u32 }
@@ -518,88 +527,123 @@ impl Worker<'_> {
         *self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = status;
     }
 
-    /// Loads the saved entries of this model and configuration into the slots, most valuable
-    /// first, as idle cached prefixes.
-    fn restore(&mut self) {
-        let Some(store) = &self.store else { return };
+    /// Pinned prefixes first (restored from disk when saved, decoded otherwise), then the
+    /// saved slot caches while they fit, most valuable first. A saved entry that cannot be
+    /// used is dropped, never fatal; a pinned prompt that cannot be decoded is.
+    fn warm_cache(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
         let started = Instant::now();
-        let entries = store.load();
-        let found = entries.len();
-        let mut restored = 0;
-        for (index, entry) in entries.into_iter().take(self.slots.len()).enumerate() {
-            if entry.tokens.is_empty() || self.free_cells() < entry.tokens.len() {
-                continue;
-            }
-            let seq = self.slots[index].seq_id;
-            // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
-            // type and build (the cache key), and their sha256 checked out.
-            let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq, LlamaStateSeqFlags::empty()) };
-            if !loaded {
-                tracing::warn!(tokens = entry.tokens.len(), "llama.cpp refused a saved prompt cache entry");
-                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-                continue;
-            }
-            let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
-            let slot = &mut self.slots[index];
-            slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or_else(Instant::now);
-            self.cells.append(seq, entry.tokens.len() as u32);
-            slot.tokens = entry.tokens;
-            restored += 1;
-        }
-        self.entries_on_disk = found;
-        if found > 0 {
-            tracing::info!(restored, found, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
-        }
-    }
-
-    /// Decodes each pinned prompt into a sequence of its own (or copies it from a restored
-    /// slot that holds it), and saves the cache if any had to be decoded.
-    fn warm_pinned(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
-        let mut decoded_any = false;
+        let saved = self.store.as_ref().map(CacheStore::list).unwrap_or_default();
+        self.entries_on_disk = saved.len();
+        let (mut decoded_any, mut restored) = (false, 0);
         for (k, path) in config.pinned_prompts.iter().enumerate() {
             let text = std::fs::read_to_string(path).map_err(|err| {
                 LoadError::WarmUp(format!("pinned prompt {}: {err}; fix the path in pinned_prompts", path.display()))
             })?;
             let tokens = (config.render_prefix)(self.model, &text)
                 .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
+            let pinned_so_far: usize = self.pinned.iter().map(|pinned| pinned.tokens.len()).sum();
+            if pinned_so_far + tokens.len() >= self.n_ctx {
+                return Err(LoadError::WarmUp(format!(
+                    "pinned prompt {} is {} tokens; with the other pinned prompts ({pinned_so_far} tokens) it does \
+                     not leave room in a context of {}; raise ctx_size or shorten it",
+                    path.display(),
+                    tokens.len(),
+                    self.n_ctx
+                )));
+            }
             let seq_id = (self.slots.len() + k) as i32;
-            let holder = self
-                .slots
+            let from_disk = saved
                 .iter()
-                .find(|slot| prompt_cache::common_prefix(&slot.tokens, &tokens) == tokens.len())
-                .map(|slot| slot.seq_id);
-            if let Some(source) = holder {
-                self.ctx
-                    .copy_kv_cache_seq(source, seq_id, Some(0), Some(tokens.len() as u32))
-                    .expect("positions within the context fit in i32");
-                self.cells.copy_prefix(source, seq_id, tokens.len() as u32);
+                .filter(|entry| entry.pinned && entry.tokens == tokens.len())
+                .any(|entry| self.restore_entry(entry, seq_id, Some(&tokens)).is_some());
+            if from_disk {
+                restored += 1;
             } else {
-                let started = Instant::now();
-                tracing::info!(file = %path.display(), tokens = tokens.len(), "warming a pinned prefix");
-                for (chunk_index, chunk) in tokens.chunks(self.batch_size).enumerate() {
-                    if config.cancel.is_cancelled() {
-                        return Err(LoadError::Cancelled);
-                    }
-                    self.batch.clear();
-                    let start = chunk_index * self.batch_size;
-                    for (offset, token) in chunk.iter().enumerate() {
-                        self.batch
-                            .add(*token, (start + offset) as i32, &[seq_id], false)
-                            .map_err(|err| LoadError::WarmUp(err.to_string()))?;
-                    }
-                    self.ctx.decode(&mut self.batch).map_err(|err| {
-                        LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display()))
-                    })?;
-                    self.cells.append(seq_id, chunk.len() as u32);
-                }
-                tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "pinned prefix warm");
+                self.decode_pinned(config, path, seq_id, &tokens)?;
                 decoded_any = true;
             }
             self.pinned.push(Pinned { seq_id, tokens });
         }
+        let mut next_slot = 0;
+        for entry in saved.iter().filter(|entry| !entry.pinned) {
+            if next_slot == self.slots.len() {
+                break;
+            }
+            if entry.tokens == 0 || self.free_cells() < entry.tokens {
+                continue;
+            }
+            let seq_id = self.slots[next_slot].seq_id;
+            if let Some(tokens) = self.restore_entry(entry, seq_id, None) {
+                let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
+                let slot = &mut self.slots[next_slot];
+                // After a reboot the monotonic clock cannot go back that far: oldest first, then.
+                slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
+                slot.tokens = tokens;
+                next_slot += 1;
+                restored += 1;
+            }
+        }
+        if !saved.is_empty() {
+            tracing::info!(found = saved.len(), restored, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
+        }
         if decoded_any {
             self.save();
         }
+        Ok(())
+    }
+
+    /// Loads one saved entry into `seq_id`; its tokens when llama.cpp took it and it holds
+    /// exactly the positions the file says (and, for a pinned prefix, the expected tokens).
+    fn restore_entry(
+        &mut self,
+        saved: &cache_store::Saved,
+        seq_id: i32,
+        expected: Option<&[LlamaToken]>,
+    ) -> Option<Vec<LlamaToken>> {
+        let store = self.store.as_ref()?;
+        let entry = store.read(saved)?;
+        if expected.is_some_and(|expected| expected != entry.tokens.as_slice()) {
+            return None;
+        }
+        // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
+        // type and build (the cache key), and their sha256 checked out.
+        let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq_id, LlamaStateSeqFlags::empty()) };
+        let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
+        if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
+            store.reject(saved, "llama.cpp did not restore the positions its tokens say");
+            return None;
+        }
+        self.cells.append(seq_id, entry.tokens.len() as u32);
+        Some(entry.tokens)
+    }
+
+    fn decode_pinned(
+        &mut self,
+        config: &EngineConfig,
+        path: &std::path::Path,
+        seq_id: i32,
+        tokens: &[LlamaToken],
+    ) -> Result<(), LoadError> {
+        let started = Instant::now();
+        tracing::info!(file = %path.display(), tokens = tokens.len(), "warming a pinned prefix");
+        for (chunk_index, chunk) in tokens.chunks(self.batch_size).enumerate() {
+            if config.cancel.is_cancelled() {
+                return Err(LoadError::Cancelled);
+            }
+            self.batch.clear();
+            let start = chunk_index * self.batch_size;
+            for (offset, token) in chunk.iter().enumerate() {
+                self.batch
+                    .add(*token, (start + offset) as i32, &[seq_id], false)
+                    .map_err(|err| LoadError::WarmUp(err.to_string()))?;
+            }
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
+            self.cells.append(seq_id, chunk.len() as u32);
+        }
+        tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "pinned prefix warm");
         Ok(())
     }
 
@@ -608,10 +652,17 @@ impl Worker<'_> {
         let Some(store) = &self.store else { return };
         let started = Instant::now();
         let now = SystemTime::now();
-        let mut sources: Vec<(i32, Vec<LlamaToken>, bool, u64)> = self
+        let flags = LlamaStateSeqFlags::empty();
+        let mut items: Vec<SaveItem> = self
             .pinned
             .iter()
-            .map(|pinned| (pinned.seq_id, pinned.tokens.clone(), true, cache_store::unix_seconds(now)))
+            .map(|pinned| SaveItem {
+                seq_id: pinned.seq_id,
+                tokens: pinned.tokens.clone(),
+                pinned: true,
+                last_used: cache_store::unix_seconds(now),
+                state_bytes: self.ctx.state_seq_get_size_ext(pinned.seq_id, flags),
+            })
             .collect();
         let mut idle: Vec<&Slot> =
             self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).collect();
@@ -622,14 +673,15 @@ impl Worker<'_> {
                 continue;
             }
             let age = slot.last_used.elapsed();
-            let last_used = cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now));
-            sources.push((slot.seq_id, slot.tokens.clone(), false, last_used));
+            items.push(SaveItem {
+                seq_id: slot.seq_id,
+                tokens: slot.tokens.clone(),
+                pinned: false,
+                last_used: cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now)),
+                state_bytes: self.ctx.state_seq_get_size_ext(slot.seq_id, flags),
+            });
         }
-        let entries: Vec<Entry> = sources
-            .into_iter()
-            .map(|(seq, tokens, pinned, last_used)| Entry { state: self.sequence_state(seq), tokens, pinned, last_used })
-            .collect();
-        match store.save(&entries) {
+        match store.save(&items, |seq| self.sequence_state(seq)) {
             Ok(saved) => {
                 self.entries_on_disk = saved;
                 tracing::info!(saved, ms = started.elapsed().as_millis() as u64, "prompt cache saved");
