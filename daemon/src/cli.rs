@@ -78,6 +78,7 @@ fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
     let file = Settings::from_file(&path, explicit)?;
     let config = Config::from_settings(file.overlay(flags))?;
     crate::logging::init(&config.log);
+    crate::sandbox::harden_daemon();
     runtime()?.block_on(crate::server::serve(config, crate::server::shutdown_signal()))
 }
 

@@ -368,6 +368,7 @@ fn policy(manifest: &Manifest) -> sandbox::Policy {
                 endpoints.iter().map(|e| sandbox::HostPort { host: e.host.clone(), port: e.port }).collect(),
             ),
         },
+        unix_sockets: p.unix_sockets.clone(),
         memory_bytes: p.memory_bytes,
         cpu_seconds: p.cpu_seconds,
         max_processes: p.max_processes,

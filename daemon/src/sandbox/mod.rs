@@ -98,12 +98,19 @@ pub fn confine(
         }
     };
 
-    let unix_sockets_only = policy.network == NetworkPolicy::None;
+    let scoped = landlock.as_ref().is_some_and(|(_, report)| report.scoped);
+    let options = seccomp::Options {
+        network_sockets: policy.network != NetworkPolicy::None,
+        unix_sockets: !policy.unix_sockets.is_empty(),
+        // With a uid of its own the kernel already keeps the plugin from signalling phi3d or
+        // other plugins, and so does Landlock's signal scoping (ABI 6).
+        own_signals_only: !support.running_as_root && !scoped,
+    };
     let seccomp = if !support.seccomp {
         missing.push("system call filtering (the kernel has no seccomp filters)".to_owned());
         None
     } else {
-        match seccomp::build(unix_sockets_only)? {
+        match seccomp::build(options)? {
             Some(filters) => Some(filters),
             None => {
                 missing.push(format!("system call filtering (no seccomp filter for {})", std::env::consts::ARCH));
@@ -111,6 +118,23 @@ pub fn confine(
             }
         }
     };
+    if seccomp.is_none() {
+        missing.push("blocking the host's Unix sockets and executable memory files (needs seccomp)".to_owned());
+        if options.own_signals_only {
+            missing.push(
+                "signal isolation: the plugin shares phi3d's uid and could signal phi3d and other plugins \
+                 (needs seccomp, Landlock ABI 6 or phi3d running as root)"
+                    .to_owned(),
+            );
+        }
+    }
+    if !policy.unix_sockets.is_empty() {
+        missing.push(
+            "limiting Unix sockets to the listed paths (the kernel cannot filter connect() by path: \
+             any Unix socket the plugin can name is reachable)"
+                .to_owned(),
+        );
+    }
 
     let tcp_ports_filtered = landlock.as_ref().is_some_and(|(_, report)| report.tcp_connect_ports.is_some());
     match &policy.network {
@@ -145,13 +169,30 @@ pub fn confine(
     };
 
     command.env_clear().envs(env).process_group(0).kill_on_drop(true);
-    let steps = ChildSteps { limits, namespace, identity, landlock: landlock.map(|(rules, _)| rules), seccomp };
+    let mut steps = ChildSteps {
+        parent: std::process::id() as libc::pid_t,
+        limits,
+        namespace,
+        identity,
+        landlock: landlock.map(|(rules, _)| rules),
+        seccomp,
+    };
     // SAFETY: `ChildSteps::run` only makes async-signal-safe system calls on data prepared
     // above; it allocates nothing and takes no locks (see `child`).
     unsafe {
         command.pre_exec(move || steps.run());
     }
     Ok(protections)
+}
+
+/// Makes phi3d itself harder to reach for plugins that share its uid: not dumpable, so that
+/// its /proc files (`environ`, which may hold `HF_TOKEN`, and `mem`) belong to root and no
+/// process of its uid may ptrace it. Call it once, early in `serve`.
+pub fn harden_daemon() {
+    // SAFETY: prctl only changes a flag of the calling process.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot make phi3d non-dumpable");
+    }
 }
 
 /// SIGKILLs every process in the group `pgid`: a plugin and whatever it left running.
@@ -176,6 +217,8 @@ pub fn kill_group(pgid: i32) {
 
 /// The layers the child applies, in order, between fork and exec.
 struct ChildSteps {
+    /// phi3d's pid, to check that it is still the parent once the parent-death signal is set.
+    parent: libc::pid_t,
     limits: rlimits::Limits,
     namespace: Option<netns::NetNamespace>,
     identity: identity::Identity,
@@ -184,18 +227,32 @@ struct ChildSteps {
 }
 
 impl ChildSteps {
-    fn run(&self) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<()> {
         let result = (|| {
+            // phi3d itself is not dumpable (see `harden_daemon`), which its forks inherit until
+            // they exec; the child must own its /proc files to write its id maps.
+            // SAFETY: prctl only changes a flag of the calling process.
+            child::check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, "prctl(PR_SET_DUMPABLE)")?;
             self.limits.apply()?;
             if let Some(namespace) = &self.namespace {
                 namespace.enter()?;
             }
             self.identity.apply()?;
+            // After the identity switch, which clears it: the plugin is SIGKILLed when phi3d
+            // dies, however it dies. Should phi3d have died already, the child gives up here.
+            // SAFETY: prctl and getppid only concern the calling process.
+            child::check(
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) },
+                "prctl(PR_SET_PDEATHSIG)",
+            )?;
+            if unsafe { libc::getppid() } != self.parent {
+                return Err(child::StepError::last("checking that phi3d is still running"));
+            }
             identity::set_no_new_privs()?;
             if let Some(landlock) = &self.landlock {
                 landlock.restrict()?;
             }
-            if let Some(seccomp) = &self.seccomp {
+            if let Some(seccomp) = &mut self.seccomp {
                 seccomp.apply()?;
             }
             Ok(())
