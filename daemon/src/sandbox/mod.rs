@@ -4,14 +4,23 @@
 //!
 //! The layers, each in its own module, and the order the child applies them in:
 //!
-//! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps.
+//! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps;
+//!    then every descriptor but the three pipes is marked close-on-exec.
 //! 2. [`netns`]: a private network namespace when the plugin needs no network or only
 //!    loopback, with `lo` brought up for the latter.
 //! 3. [`identity`]: when phi3d is root, the plugin drops to a uid of its own (after the namespace, which
-//!    needed root); then `no_new_privs`, which Landlock and seccomp both require.
+//!    needed root); then the parent-death signal (SIGKILL when phi3d dies; the switch clears
+//!    it, so it comes after) and `no_new_privs`, which Landlock and seccomp both require.
 //! 4. [`landlock_rules`]: the filesystem (and, from Landlock ABI 4, TCP) allow-list.
 //! 5. [`seccomp`]: a deny-list of system calls no tool needs, installed last so that the steps
 //!    above may still use `unshare` and friends.
+//!
+//! Outside the child: [`reaper`] kills what plugins forked when phi3d dies without stopping
+//! them, [`kill_user`] kills every process of a plugin's own uid, and [`harden_daemon`] makes
+//! phi3d itself non-dumpable.
+//!
+//! The parent-death signal fires when the *thread* that spawned the plugin exits; plugins are
+//! spawned from the runtime's worker threads, which live as long as phi3d.
 //!
 //! Everything is built in the parent; the child only makes system calls (see [`child`]). A
 //! step that fails in the child makes `spawn` fail, so a plugin never runs with less than the
@@ -24,6 +33,7 @@ mod netns;
 mod policy;
 mod probe;
 mod protections;
+mod reaper;
 mod rlimits;
 mod seccomp;
 #[cfg(test)]
@@ -36,9 +46,10 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, plugin_uid};
+pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, UidAllocator};
 pub use policy::{HostPort, NetworkPolicy, Policy, Requirement};
 pub use probe::KernelSupport;
+pub use reaper::{forget_group, watch_group};
 pub use protections::{
     LandlockProtection, NamespaceProtection, Protections, Rlimit, SeccompProtection, UserProtection,
 };
@@ -215,6 +226,30 @@ pub fn kill_group(pgid: i32) {
     }
 }
 
+/// SIGKILLs every process of `uid`: what a plugin running as a uid of its own left anywhere.
+///
+/// Only for a uid that a [`UidAllocator`] gave one plugin, and only when phi3d is root; refuses
+/// (and logs) root, `nobody` and phi3d's own uid. A forked child takes the uid and sends
+/// `kill(-1, SIGKILL)`, which reaches exactly that uid's processes.
+pub fn kill_user(uid: u32) {
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if uid == 0 || uid == UNPRIVILEGED_UID || uid == own || own != 0 {
+        tracing::error!(uid, "refusing to kill every process of this uid: it is not a plugin's own");
+        return;
+    }
+    // SAFETY (child): credential calls and kill only, on plain integers.
+    let killed = probe::in_child(|| unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(uid, uid, uid) == 0
+            && libc::setresuid(uid, uid, uid) == 0
+            && (libc::kill(-1, libc::SIGKILL) == 0 || *libc::__errno_location() == libc::ESRCH)
+    });
+    if !killed {
+        tracing::warn!(uid, "killing the processes of the plugin's uid failed");
+    }
+}
+
 /// The layers the child applies, in order, between fork and exec.
 struct ChildSteps {
     /// phi3d's pid, to check that it is still the parent once the parent-death signal is set.
@@ -234,6 +269,7 @@ impl ChildSteps {
             // SAFETY: prctl only changes a flag of the calling process.
             child::check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, "prctl(PR_SET_DUMPABLE)")?;
             self.limits.apply()?;
+            close_inherited_descriptors()?;
             if let Some(namespace) = &self.namespace {
                 namespace.enter()?;
             }
@@ -259,6 +295,31 @@ impl ChildSteps {
         })();
         result.map_err(child::StepError::into_io)
     }
+}
+
+/// Marks every descriptor above stderr close-on-exec, so that the plugin gets only its three
+/// pipes and none of what phi3d itself inherited (a service manager's sockets, a lock file).
+/// Marked rather than closed: the standard library reports a failed exec through a descriptor
+/// of its own, which must stay open until the exec. Runs in the forked child.
+fn close_inherited_descriptors() -> Result<(), child::StepError> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes the calling process's descriptor flags (Linux 5.11).
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } == 0 {
+        return Ok(());
+    }
+    // Older kernels: one descriptor at a time, up to the limit rlimits just set.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the local; fcntl only changes descriptor flags.
+    unsafe {
+        child::check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), "getrlimit(RLIMIT_NOFILE)")?;
+        for fd in 3..limit.rlim_cur.min(1 << 16) as libc::c_int {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The policy's environment plus the default `PATH`, with names the kernel would mangle refused.

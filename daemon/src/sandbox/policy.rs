@@ -34,7 +34,7 @@ pub struct Policy {
     pub unix_sockets: Vec<PathBuf>,
     /// The plugin's whole environment: phi3d's own is never passed on.
     pub env: Vec<(String, String)>,
-    /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::plugin_uid`]).
+    /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::UidAllocator`]).
     pub run_as: u32,
 }
 

@@ -433,6 +433,21 @@ async fn root_runs_plugins_as_nobody() {
 }
 
 #[tokio::test]
+async fn descriptors_phi3d_inherited_do_not_reach_the_plugin() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let file = tempfile::tempfile().unwrap();
+    // A descriptor without close-on-exec, as a service manager or a lock holder passes them.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: dup returns a new descriptor of this process, closed again below.
+    let inherited = unsafe { libc::dup(fd) };
+    assert!(inherited > 2);
+    let finished = run("/bin/sh", &["-c", &format!("[ -e /proc/self/fd/{inherited} ] && echo open || echo closed")], &default_policy()).await;
+    // SAFETY: closes the descriptor dup'ed above.
+    unsafe { libc::close(inherited) };
+    assert_eq!(finished.stdout, "closed\n", "{}", finished.stderr);
+}
+
+#[tokio::test]
 async fn the_environment_is_only_what_the_policy_passes() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let policy = Policy { env: vec![("PHI3D_GREETING".into(), "hello".into())], ..default_policy() };
