@@ -71,6 +71,12 @@ pub struct Settings {
     #[arg(long = "sandbox-require", env = "PHI3D_SANDBOX_REQUIRE", value_parser = ["strict", "best-effort"])]
     #[serde(skip)]
     pub sandbox_require: Option<String>,
+    /// Tokens one tool-call step may generate, whatever the request's max_tokens
+    #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
+    pub tool_call_max_tokens: Option<u32>,
+    /// The most tool round trips a request's tools.max_steps may ask for
+    #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
+    pub max_tool_steps: Option<u32>,
 }
 
 /// The `[sandbox]` table.
@@ -143,15 +149,22 @@ impl Settings {
             tool_choice: over.tool_choice.or(self.tool_choice),
             sandbox: over.sandbox.or(self.sandbox),
             sandbox_require: over.sandbox_require.or(self.sandbox_require),
+            tool_call_max_tokens: over.tool_call_max_tokens.or(self.tool_call_max_tokens),
+            max_tool_steps: over.max_tool_steps.or(self.max_tool_steps),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 14] = [
+const KEYS: [&str; 16] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
-    "offline", "log", "plugins_dir", "tool_choice", "sandbox",
+    "offline", "log", "plugins_dir", "tool_choice", "sandbox", "tool_call_max_tokens", "max_tool_steps",
 ];
+
+/// Tokens a tool-call step may generate unless configured.
+pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
+/// The largest `tools.max_steps` unless configured.
+pub const DEFAULT_MAX_TOOL_STEPS: u32 = 16;
 
 /// Where plugin manifests live unless configured.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
@@ -195,6 +208,8 @@ pub struct Config {
     pub plugins_dir: PathBuf,
     pub tool_choice: phi3d_proto::v1::ToolChoice,
     pub sandbox_require: SandboxRequire,
+    pub tool_call_max_tokens: u32,
+    pub max_tool_steps: u32,
 }
 
 impl Config {
@@ -235,7 +250,11 @@ impl Config {
                 Some(_) => SandboxRequire::BestEffort,
                 None => settings.sandbox.and_then(|sandbox| sandbox.require).unwrap_or(SandboxRequire::BestEffort),
             },
+            tool_call_max_tokens: settings.tool_call_max_tokens.unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS),
+            max_tool_steps: settings.max_tool_steps.unwrap_or(DEFAULT_MAX_TOOL_STEPS),
         };
+        at_least("tool_call_max_tokens", config.tool_call_max_tokens, 1)?;
+        at_least("max_tool_steps", config.max_tool_steps, 1)?;
         at_least("threads", config.threads, 1)?;
         at_least("ctx_size", config.ctx_size, 64)?;
         at_least("batch_size", config.batch_size, 1)?;
@@ -297,7 +316,8 @@ mod tests {
     fn every_key_is_accepted() {
         let file = "model = \"m.gguf\"\nmodel_dir = \"/m\"\nlisten = \"127.0.0.1:1\"\nthreads = 1\nctx_size = 64\n\
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
-                    plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\n";
+                    plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\n\
+                    tool_call_max_tokens = 64\nmax_tool_steps = 8\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));

@@ -26,7 +26,7 @@ use crate::engine::{Engine, LoadedModel};
 use crate::plugins::PluginRegistry;
 use crate::tools::ToolFormat;
 use crate::tools::agent::AgentTurn;
-use crate::tools::conversation::{TemplateTurn, render};
+use crate::tools::conversation::{TemplateTurn, plain, render, tokenize_prompt};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
@@ -67,6 +67,7 @@ impl InferenceService {
             tools: plan.tools,
             messages: request.messages,
             max_steps: plan.max_steps,
+            call_max_tokens: self.defaults.tool_call_max_tokens,
             params,
             scope,
         };
@@ -74,7 +75,7 @@ impl InferenceService {
         // request's status rather than an error inside the stream.
         let first = turn.submit_step(&plan.first_mode)?;
         let (sink, events) = mpsc::unbounded_channel();
-        tokio::spawn(turn.run(first, sink));
+        tokio::spawn(turn.run(plan.first_mode, first, sink));
         Ok(Box::pin(UnboundedReceiverStream::new(events)))
     }
 
@@ -127,13 +128,18 @@ impl Inference for InferenceService {
         let wants_tools = tool_options::wants_tools(request.tools.as_ref(), self.default_tool_choice);
         // Listing tools starts lazy plugins, so a plain chat does not ask.
         let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
-        if let Some(plan) = tool_options::plan(request.tools.as_ref(), self.default_tool_choice, &plugin_tools)? {
+        if let Some(plan) = tool_options::plan(
+            request.tools.as_ref(),
+            self.default_tool_choice,
+            &plugin_tools,
+            self.defaults.max_tool_steps,
+        )? {
             return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline).await?));
         }
         let turns: Vec<TemplateTurn> =
-            messages.iter().map(|(role, content)| TemplateTurn::new(*role, *content)).collect();
+            messages.iter().map(|(role, content)| TemplateTurn::new(*role, plain(content))).collect();
         let prompt = render(&model, &turns)?;
-        let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let tokens = tokenize_prompt(&model.model, &prompt);
         let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
         Ok(Response::new(stream))
     }
