@@ -131,7 +131,10 @@ fn landlock_line(landlock: &LandlockProtection) -> String {
         Some(ports) if ports.is_empty() => "TCP: no connect, no bind".to_owned(),
         Some(ports) => {
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-            format!("TCP: connect to port {} only (any host), no bind", ports.join(", "))
+            format!(
+                "TCP: connect to port {} only, on any host (hosts are not enforced; UDP is not filtered), no bind",
+                ports.join(", ")
+            )
         }
     };
     let scoped =
@@ -191,7 +194,10 @@ mod tests {
         assert!(lines.contains(&"network namespace: the host's".to_owned()));
         let landlock = lines.iter().find(|line| line.starts_with("landlock ABI 4:")).unwrap();
         assert!(landlock.contains("read+execute /usr, /srv/data; read+write /var/tmp/x"), "{landlock}");
-        assert!(landlock.contains("connect to port 8123 only (any host), no bind"), "{landlock}");
+        assert!(
+            landlock.contains("connect to port 8123 only, on any host (hosts are not enforced; UDP is not filtered), no bind"),
+            "{landlock}"
+        );
         assert!(landlock.contains("NOT scoped"), "{landlock}");
         assert_eq!(lines.last().unwrap(), "MISSING: loopback-only network (needs a network namespace)");
     }
