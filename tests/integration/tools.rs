@@ -158,6 +158,34 @@ async fn a_tool_with_a_broken_schema_does_not_take_the_others_down() {
     assert!(status.message().contains("tools.force"), "{status:?}");
 }
 
+/// A deadline that passes while a plugin runs ends the request with DEADLINE_EXCEEDED.
+#[tokio::test]
+async fn a_deadline_that_passes_during_a_plugin_call_is_deadline_exceeded() {
+    let plugins = tempfile::tempdir().unwrap();
+    let manifest = crate::plugins::manifest(&["--tools=slow", "--slow-seconds=8"], "");
+    std::fs::write(plugins.path().join("fixture.toml"), manifest).unwrap();
+    let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.path().to_str().unwrap()).start().await;
+    // Warm the plugin up, so that the deadline below is not spent starting it.
+    daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap();
+    let forced = ToolOptions { force: "fixture.slow".into(), ..Default::default() };
+    let mut request = tonic::Request::new(tool_request("slow?", forced, 160));
+    request.set_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let result = async {
+        let mut stream = daemon.inference().await.chat(request).await?.into_inner();
+        let mut calls = 0;
+        while let Some(event) = stream.message().await? {
+            calls += usize::from(matches!(event.event, Some(chat_event::Event::ToolCall(_))));
+        }
+        Ok::<usize, Status>(calls)
+    }
+    .await;
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("during a tool call"), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn required_calls_a_tool_first_and_none_never_does() {
     let plugins = tempfile::tempdir().unwrap();

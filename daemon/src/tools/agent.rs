@@ -125,7 +125,12 @@ impl AgentTurn {
                 Ok(ModelReply::Calls(calls)) => {
                     unusable_replies = 0;
                     let Some(ended) = self.dispatch(calls, &sink).await else {
-                        finish(&sink, totals, StopReason::Cancelled);
+                        match self.scope.deadline_exceeded() {
+                            Some(status) => {
+                                let _ = sink.send(Err(status));
+                            }
+                            None => finish(&sink, totals, StopReason::Cancelled),
+                        }
                         return;
                     };
                     if ended {
