@@ -5,6 +5,7 @@
 use phi3d_proto::v1::{ToolChoice, ToolOptions};
 use tonic::Status;
 
+use super::validate::invalid;
 use crate::plugins::ToolInfo;
 use crate::tools::toolset::{OfferedTool, StepMode, ToolSide};
 
@@ -129,6 +130,3 @@ fn known(tools: &[ToolInfo]) -> String {
     tools.iter().map(|tool| tool.qualified_name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-fn invalid(message: String) -> Status {
-    Status::invalid_argument(message)
-}

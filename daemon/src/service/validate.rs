@@ -142,7 +142,8 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
     })
 }
 
-fn invalid(message: String) -> Status {
+/// INVALID_ARGUMENT with `message`, which names the field.
+pub(super) fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
