@@ -78,6 +78,7 @@ fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
     let file = Settings::from_file(&path, explicit)?;
     let config = Config::from_settings(file.overlay(flags))?;
     crate::logging::init(&config.log);
+    crate::sandbox::harden_daemon();
     // The daemon's own async work is small (a few messages per generated token); one worker
     // thread does it, so that fewer threads compete with llama.cpp's for the cores (whose
     // threads meet at a barrier many times per token and all wait for the slowest).

@@ -90,6 +90,12 @@ pub struct Settings {
     /// Disk space the saved prompt cache may take, in MB (0: never saved)
     #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
     pub prompt_cache_disk_mb: Option<u64>,
+    /// Tokens one tool-call step may generate, whatever the request's max_tokens
+    #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
+    pub tool_call_max_tokens: Option<u32>,
+    /// The most tool round trips a request's tools.max_steps may ask for
+    #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
+    pub max_tool_steps: Option<u32>,
 }
 
 /// The `[sandbox]` table.
@@ -167,15 +173,17 @@ impl Settings {
             pinned_prompts: over.pinned_prompts.or(self.pinned_prompts),
             prompt_cache_dir: over.prompt_cache_dir.or(self.prompt_cache_dir),
             prompt_cache_disk_mb: over.prompt_cache_disk_mb.or(self.prompt_cache_disk_mb),
+            tool_call_max_tokens: over.tool_call_max_tokens.or(self.tool_call_max_tokens),
+            max_tool_steps: over.max_tool_steps.or(self.max_tool_steps),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 19] = [
+const KEYS: [&str; 21] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
-    "prompt_cache_dir", "prompt_cache_disk_mb",
+    "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -183,6 +191,10 @@ const KEYS: [&str; 19] = [
 pub const DEFAULT_MAX_SLOTS: u32 = 4;
 pub const MAX_SLOTS: u32 = 16;
 pub const DEFAULT_PROMPT_CACHE_DISK_MB: u64 = 2048;
+/// Tokens a tool-call step may generate unless configured.
+pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
+/// The largest `tools.max_steps` unless configured.
+pub const DEFAULT_MAX_TOOL_STEPS: u32 = 16;
 
 /// Where plugin manifests live unless configured.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
@@ -231,6 +243,8 @@ pub struct Config {
     pub pinned_prompts: Vec<PathBuf>,
     pub prompt_cache_dir: PathBuf,
     pub prompt_cache_disk_mb: u64,
+    pub tool_call_max_tokens: u32,
+    pub max_tool_steps: u32,
 }
 
 impl Config {
@@ -283,10 +297,14 @@ impl Config {
             pinned_prompts: settings.pinned_prompts.unwrap_or_default(),
             prompt_cache_dir: settings.prompt_cache_dir.unwrap_or_else(default_prompt_cache_dir),
             prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
+            tool_call_max_tokens: settings.tool_call_max_tokens.unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS),
+            max_tool_steps: settings.max_tool_steps.unwrap_or(DEFAULT_MAX_TOOL_STEPS),
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
         }
+        at_least("tool_call_max_tokens", config.tool_call_max_tokens, 1)?;
+        at_least("max_tool_steps", config.max_tool_steps, 1)?;
         at_least("threads", config.threads, 1)?;
         at_least("ctx_size", config.ctx_size, 64)?;
         at_least("batch_size", config.batch_size, 1)?;
@@ -358,7 +376,7 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\n";
+                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));

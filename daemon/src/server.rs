@@ -116,7 +116,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let inference = InferenceService::new(
         engine.clone(),
         requests.clone(),
-        Defaults { max_tokens: config.max_tokens },
+        Defaults {
+            max_tokens: config.max_tokens,
+            tool_call_max_tokens: config.tool_call_max_tokens,
+            max_tool_steps: config.max_tool_steps,
+        },
         plugins.clone(),
         config.tool_choice,
     );

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use phi3d::plugins::{PluginRegistry, ToolInfo, ToolOutcome};
-use phi3d::sandbox::{KernelSupport, Requirement, plugin_uid};
+use phi3d::sandbox::{KernelSupport, Requirement};
 use serde_json::json;
 
 /// The fixture MCP server.
@@ -55,10 +55,10 @@ fn python() -> &'static Python {
 
 /// A manifest running the fixture server with `args`, plus extra `[permissions]` lines.
 ///
-/// Run as root, the sandbox gives each plugin name a uid of its own, and RLIMIT_NPROC counts
-/// all processes of that uid. The tests run plugins of the same name (`t`) side by side, so a
-/// small `max_processes` would make them fail to start (EAGAIN): the default here is generous
-/// unless a test sets it.
+/// Run as root, the sandbox gives each plugin a uid of its own, and RLIMIT_NPROC counts all
+/// processes of that uid; without root, every plugin and phi3d share one uid, and the tests
+/// run side by side, so a small `max_processes` would make them fail to start (EAGAIN): the
+/// default here is generous unless a test sets it.
 pub(crate) fn manifest(args: &[&str], permissions: &str) -> String {
     manifest_reading(args, &[], permissions)
 }
@@ -331,6 +331,50 @@ async fn shutdown_kills_every_plugin() {
     assert!(registry.tools().await.is_empty());
 }
 
+/// phi3d ending in any way ends every plugin process and what the plugins forked: SIGTERM
+/// through the shutdown, SIGKILL through the parent-death signal and the plugin watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_and_their_children_end_with_phi3d_however_it_ends() {
+    for signal in ["TERM", "KILL"] {
+        let marker = marker(&format!("phi3d-{signal}"));
+        let plugins = Plugins::new();
+        let manifest = manifest(&["--tools=echo", "--background-at-start", &marker], "");
+        plugins.write("t.toml", &format!("start = \"startup\"\n{manifest}"));
+        let mut daemon =
+            crate::common::tiny_daemon().arg("--plugins-dir").arg(plugins.dir.path().to_str().unwrap()).start().await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while live_processes(&marker).len() < 2 {
+            assert!(Instant::now() < deadline, "the plugin did not start: {}", daemon.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if signal == "TERM" {
+            daemon.terminate(Duration::from_secs(20)).await;
+        } else {
+            // Dropping the handle SIGKILLs the daemon: no shutdown code runs.
+            drop(daemon);
+        }
+        wait_until_no_process(&marker).await;
+    }
+}
+
+/// A start in progress holds the plugin's state for up to its timeout; a listing does not wait
+/// for it, and the other plugins' tools are listed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_is_starting_never_holds_up_a_listing() {
+    let plugins = Plugins::new();
+    let hanging = manifest(&["--tools=echo", "--hang-init"], "timeout_seconds = 8");
+    plugins.write("slow.toml", &format!("start = \"startup\"\n{hanging}"));
+    plugins.write("b.toml", &manifest(&["--tools=echo"], ""));
+    let registry = plugins.start().await;
+    // Let the background start of `slow` begin.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let tools = registry.tools().await;
+    assert!(started.elapsed() < Duration::from_secs(4), "the listing waited {:?} for a start", started.elapsed());
+    assert_eq!(names(&tools), ["b.echo"]);
+    registry.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_registry_stops_its_plugins() {
     let marker = marker("dropped");
@@ -555,7 +599,7 @@ async fn writing_outside_the_write_paths_is_denied() {
     assert_eq!(ok(&outcome), format!("wrote {}", written.display()));
     assert_eq!(std::fs::read_to_string(&written).unwrap(), "from the plugin");
     if KernelSupport::probe().running_as_root {
-        assert_eq!(std::fs::metadata(&written).unwrap().uid(), plugin_uid("t"), "the plugin ran as its own uid");
+        assert_eq!(std::fs::metadata(&written).unwrap().uid(), registry.plugin_uid("t"), "the plugin ran as its own uid");
     }
 
     let too_big = writable.path().join("too-big.txt");

@@ -71,6 +71,8 @@ pub struct Permissions {
     /// Writable paths, resolved the same way.
     pub write: Vec<PathBuf>,
     pub network: Network,
+    /// Unix socket files it may connect to (none by default: `socket(AF_UNIX)` fails).
+    pub unix_sockets: Vec<PathBuf>,
     pub memory_bytes: u64,
     pub cpu_seconds: u64,
     /// Wall-clock limit of one call (and of the start-up handshake).
@@ -87,7 +89,8 @@ pub struct Permissions {
 pub enum Network {
     None,
     Loopback,
-    /// Outgoing connections to exactly these endpoints.
+    /// Outgoing TCP connections to these ports. The kernel filters by port only, so any host
+    /// on a listed port is reachable, and UDP is not filtered (see the plugins README).
     Connect(Vec<Endpoint>),
 }
 
@@ -105,6 +108,7 @@ impl Default for Permissions {
             read: Vec::new(),
             write: Vec::new(),
             network: Network::None,
+            unix_sockets: Vec::new(),
             memory_bytes: 256 * MIB,
             cpu_seconds: 5,
             timeout: Duration::from_secs(10),
@@ -255,6 +259,10 @@ fn parse_permissions(mut p: Fields, folder: &Path) -> Result<Permissions, Manife
         Some(value) => parse_network(&p, value)?,
         None => defaults.network,
     };
+    let unix_sockets = match p.take("unix_sockets") {
+        Some(value) => paths(&p, "unix_sockets", value)?,
+        None => defaults.unix_sockets,
+    };
     let memory_mb = p.number("memory_mb", 1, 1 << 20)?;
     let cpu_seconds = p.number("cpu_seconds", 1, 86_400)?;
     let timeout_seconds = p.number("timeout_seconds", 1, 86_400)?;
@@ -268,6 +276,7 @@ fn parse_permissions(mut p: Fields, folder: &Path) -> Result<Permissions, Manife
         read,
         write,
         network,
+        unix_sockets,
         memory_bytes: memory_mb.map_or(defaults.memory_bytes, |mb| mb * MIB),
         cpu_seconds: cpu_seconds.unwrap_or(defaults.cpu_seconds),
         timeout: timeout_seconds.map_or(defaults.timeout, Duration::from_secs),

@@ -48,11 +48,16 @@ pub struct Plugin {
     manifest: Manifest,
     support: sandbox::KernelSupport,
     requirement: sandbox::Requirement,
+    run_as: u32,
     permits: Arc<Semaphore>,
     state: Mutex<State>,
     /// Failures in a row; sets the backoff.
     failures: AtomicU32,
     retired: AtomicBool,
+    /// The last listing, for listings while no process can answer (crashed, restarting, or
+    /// starting: a start holds `state`, and a listing never waits for it). Never held across
+    /// an await.
+    last_listing: std::sync::Mutex<Option<Listing>>,
 }
 
 #[derive(Default)]
@@ -60,15 +65,21 @@ struct State {
     process: Option<Arc<PluginProcess>>,
     /// When and why the last process (or start) failed.
     last_failure: Option<(Instant, String)>,
-    /// The tools and protections of the last process that listed them, for listings while
-    /// no process is running.
-    last_tools: Vec<Tool>,
-    last_protections: Vec<String>,
 }
 
+/// The tools and protections of the last process that listed them.
+type Listing = (Vec<Tool>, Vec<String>);
+
 impl Plugin {
-    pub fn new(manifest: Manifest, support: sandbox::KernelSupport, requirement: sandbox::Requirement) -> Self {
+    /// `run_as`: the plugin's own uid, used when phi3d is root.
+    pub fn new(
+        manifest: Manifest,
+        support: sandbox::KernelSupport,
+        requirement: sandbox::Requirement,
+        run_as: u32,
+    ) -> Self {
         Plugin {
+            run_as,
             permits: Arc::new(Semaphore::new(manifest.permissions.max_concurrent_calls)),
             manifest,
             support,
@@ -76,6 +87,7 @@ impl Plugin {
             state: Mutex::new(State::default()),
             failures: AtomicU32::new(0),
             retired: AtomicBool::new(false),
+            last_listing: std::sync::Mutex::new(None),
         }
     }
 
@@ -93,8 +105,13 @@ impl Plugin {
     }
 
     /// The tools and the protections they run under; starts the process if needed. While the
-    /// plugin cannot answer (crashed, restarting), the tools it last listed stand in.
-    pub async fn tools(&self) -> Result<(Vec<Tool>, Vec<String>), String> {
+    /// plugin cannot answer (crashed, restarting, or starting for another caller), the tools
+    /// it last listed stand in, at once.
+    pub async fn tools(&self) -> Result<Listing, String> {
+        let last = || self.last_listing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        if self.state.try_lock().is_err() {
+            return last().ok_or_else(|| "it is starting".to_owned());
+        }
         let listed = match self.process(Duration::ZERO).await {
             Ok(process) => {
                 let tools = process.tools(self.manifest.permissions.timeout).await;
@@ -102,15 +119,15 @@ impl Plugin {
             }
             Err(error) => Err(error),
         };
-        let mut state = self.state.lock().await;
         match listed {
-            Ok((tools, protections)) => {
-                state.last_tools = tools.clone();
-                state.last_protections = protections.clone();
-                Ok((tools, protections))
+            Ok(listing) => {
+                *self.last_listing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(listing.clone());
+                Ok(listing)
             }
-            Err(error) if state.last_tools.is_empty() => Err(error),
-            Err(_) => Ok((state.last_tools.clone(), state.last_protections.clone())),
+            Err(error) => match last() {
+                Some(listing) if !listing.0.is_empty() => Ok(listing),
+                _ => Err(error),
+            },
         }
     }
 
@@ -156,46 +173,54 @@ impl Plugin {
     /// The running process, starting one if there is none. A restart backoff still running is
     /// waited out if it ends within `max_wait`, else this fails at once.
     async fn process(&self, max_wait: Duration) -> Result<Arc<PluginProcess>, String> {
-        let mut state = self.state.lock().await;
-        if self.retired.load(Ordering::SeqCst) {
-            return Err("the plugin was removed or replaced".into());
-        }
-        if let Some(process) = &state.process {
-            match process.failure() {
-                None => return Ok(process.clone()),
-                Some((at, reason)) => {
-                    // Stops what may be left of it (a plugin that closed its output but runs on).
-                    process.kill(&reason);
-                    state.process = None;
-                    self.record_failure(&mut state, at, reason);
+        loop {
+            let mut state = self.state.lock().await;
+            if self.retired.load(Ordering::SeqCst) {
+                return Err("the plugin was removed or replaced".into());
+            }
+            if let Some(process) = &state.process {
+                match process.failure() {
+                    None => return Ok(process.clone()),
+                    Some((at, reason)) => {
+                        // Stops what may be left of it (a plugin that closed its output but runs on).
+                        process.kill_all(&reason);
+                        state.process = None;
+                        self.record_failure(&mut state, at, reason);
+                    }
                 }
             }
-        }
-        if let Some((at, reason)) = &state.last_failure {
-            let ready = *at + self.backoff();
-            let wait = ready.saturating_duration_since(Instant::now());
-            if wait > max_wait {
-                return Err(format!(
-                    "{reason}; it will be restarted when used again in {} s",
-                    wait.as_secs_f32().ceil()
-                ));
+            if let Some((at, reason)) = &state.last_failure {
+                let ready = *at + self.backoff();
+                let wait = ready.saturating_duration_since(Instant::now());
+                if wait > max_wait {
+                    return Err(format!(
+                        "{reason}; it will be restarted when used again in {} s",
+                        wait.as_secs_f32().ceil()
+                    ));
+                }
+                if !wait.is_zero() {
+                    // Waited out without the state, so that listings and the plugin's removal
+                    // are not held up; then everything is checked again.
+                    drop(state);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
             }
-            tokio::time::sleep(wait).await;
-        }
-        match PluginProcess::start(&self.manifest, &self.support, self.requirement).await {
-            // Retired while starting: the process is dropped, which stops it.
-            Ok(_) if self.retired.load(Ordering::SeqCst) => Err("the plugin was removed or replaced".into()),
-            Ok(process) => {
-                let process = Arc::new(process);
-                state.last_failure = None;
-                state.process = Some(process.clone());
-                Ok(process)
-            }
-            Err(reason) => {
-                let reason = format!("it failed to start: {reason}");
-                self.record_failure(&mut state, Instant::now(), reason.clone());
-                Err(reason)
-            }
+            return match PluginProcess::start(&self.manifest, &self.support, self.requirement, self.run_as).await {
+                // Retired while starting: the process is dropped, which stops it.
+                Ok(_) if self.retired.load(Ordering::SeqCst) => Err("the plugin was removed or replaced".into()),
+                Ok(process) => {
+                    let process = Arc::new(process);
+                    state.last_failure = None;
+                    state.process = Some(process.clone());
+                    Ok(process)
+                }
+                Err(reason) => {
+                    let reason = format!("it failed to start: {reason}");
+                    self.record_failure(&mut state, Instant::now(), reason.clone());
+                    Err(reason)
+                }
+            };
         }
     }
 
@@ -224,6 +249,7 @@ impl Plugin {
             tracing::warn!(plugin = self.name(), "calls still in flight at retirement; stopping it anyway");
         }
         if let Some(process) = self.state.lock().await.process.take() {
+            // Only the group: a new version of the plugin may already run under the same uid.
             process.kill("the plugin was removed or replaced");
         }
     }
@@ -232,7 +258,7 @@ impl Plugin {
     pub async fn stop(&self) {
         self.retired.store(true, Ordering::SeqCst);
         if let Some(process) = self.state.lock().await.process.take() {
-            process.kill("phi3d is shutting down");
+            process.kill_all("phi3d is shutting down");
         }
     }
 }

@@ -70,6 +70,7 @@ impl PluginProcess {
         manifest: &Manifest,
         support: &sandbox::KernelSupport,
         requirement: sandbox::Requirement,
+        run_as: u32,
     ) -> Result<PluginProcess, String> {
         let mut command = Command::new(&manifest.command);
         command
@@ -78,7 +79,7 @@ impl PluginProcess {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let protections = sandbox::confine(&mut command, &policy(manifest), support, requirement)
+        let protections = sandbox::confine(&mut command, &policy(manifest, run_as), support, requirement)
             .map_err(|e| format!("cannot sandbox it: {e}"))?;
         let mut child = command.spawn().map_err(|e| format!("cannot start {}: {e}", manifest.command.display()))?;
         let (Some(pid), Some(stdin), Some(stdout), Some(stderr_pipe)) = (
@@ -94,9 +95,11 @@ impl PluginProcess {
         }
         tracing::info!(plugin = manifest.name, pid, %protections, "plugin started");
 
+        sandbox::watch_group(pid);
         let handle = ChildHandle {
             name: manifest.name.clone(),
             pgid: pid,
+            own_uid: protections.user.switched_from_root.then_some(protections.user.uid),
             fault: Fault::default(),
             stderr: StderrTail::default(),
             group_gone: Arc::new(AtomicBool::new(false)),
@@ -236,6 +239,15 @@ impl PluginProcess {
         self.child.kill(reason);
     }
 
+    /// [`kill`](Self::kill), and with a uid of its own, every process of that uid too. Only for
+    /// the plugin's supervisor, while no other process of the plugin can be running.
+    pub fn kill_all(&self, reason: &str) {
+        self.kill(reason);
+        if let Some(uid) = self.child.own_uid {
+            sandbox::kill_user(uid);
+        }
+    }
+
     async fn fail(&self, error: String, connection_lost: bool) -> String {
         self.session.cancellation_token().cancel();
         self.child.fail(error, connection_lost).await
@@ -246,6 +258,8 @@ impl PluginProcess {
 struct ChildHandle {
     name: String,
     pgid: i32,
+    /// The uid the plugin runs as when it is its own (phi3d is root).
+    own_uid: Option<u32>,
     fault: Fault,
     stderr: StderrTail,
     /// Set once the group was killed after the leader exited: from then on the group id may be
@@ -306,11 +320,13 @@ async fn watch_exit(
     if exited_unreaped {
         sandbox::kill_group(pgid);
         group_gone.store(true, Ordering::SeqCst);
+        sandbox::forget_group(pgid);
     }
     let status = child.wait().await;
     if !exited_unreaped {
         sandbox::kill_group(pgid);
         group_gone.store(true, Ordering::SeqCst);
+        sandbox::forget_group(pgid);
     }
     let how = match status {
         Ok(status) => describe_exit(status),
@@ -356,7 +372,7 @@ fn lost_connection(error: &ServiceError) -> bool {
 }
 
 /// The sandbox policy a manifest asks for.
-fn policy(manifest: &Manifest) -> sandbox::Policy {
+fn policy(manifest: &Manifest, run_as: u32) -> sandbox::Policy {
     let p = &manifest.permissions;
     sandbox::Policy {
         read_paths: p.read.clone(),
@@ -368,13 +384,14 @@ fn policy(manifest: &Manifest) -> sandbox::Policy {
                 endpoints.iter().map(|e| sandbox::HostPort { host: e.host.clone(), port: e.port }).collect(),
             ),
         },
+        unix_sockets: p.unix_sockets.clone(),
         memory_bytes: p.memory_bytes,
         cpu_seconds: p.cpu_seconds,
         max_processes: p.max_processes,
         max_open_files: p.max_open_files,
         max_file_bytes: p.max_file_bytes,
         env: manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        run_as: sandbox::plugin_uid(&manifest.name),
+        run_as,
     }
 }
 

@@ -75,6 +75,7 @@ struct Inner {
     dir: PathBuf,
     support: sandbox::KernelSupport,
     requirement: sandbox::Requirement,
+    uids: sandbox::UidAllocator,
     search: CommandSearch,
     /// Loaded plugins by manifest file. Never held across an await.
     plugins: RwLock<BTreeMap<PathBuf, Loaded>>,
@@ -112,6 +113,7 @@ impl PluginRegistry {
                 dir: dir.clone(),
                 support,
                 requirement,
+                uids: sandbox::UidAllocator::new(),
                 search: CommandSearch::from_env(),
                 plugins: RwLock::new(BTreeMap::new()),
                 rejected: Mutex::new(HashMap::new()),
@@ -271,8 +273,14 @@ impl PluginRegistry {
         Ok(())
     }
 
+    /// The uid the plugin `name` runs as when phi3d is root (its own; see [`sandbox::UidAllocator`]).
+    pub fn plugin_uid(&self, name: &str) -> u32 {
+        self.inner.uids.uid(name)
+    }
+
     fn loaded(&self, manifest: Manifest, modified: Option<SystemTime>) -> Loaded {
-        let plugin = Plugin::new(manifest, self.inner.support.clone(), self.inner.requirement);
+        let run_as = self.inner.uids.uid(&manifest.name);
+        let plugin = Plugin::new(manifest, self.inner.support.clone(), self.inner.requirement, run_as);
         Loaded { plugin: Arc::new(plugin), modified }
     }
 

@@ -166,6 +166,7 @@ mod tests {
             read_paths: vec![read.to_owned()],
             write_paths: vec![write.to_owned()],
             network,
+            unix_sockets: Vec::new(),
             memory_bytes: 1 << 30,
             cpu_seconds: 10,
             max_processes: 16,

@@ -4,14 +4,23 @@
 //!
 //! The layers, each in its own module, and the order the child applies them in:
 //!
-//! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps.
+//! 1. [`rlimits`]: address space, CPU time, processes, open files, file size, no core dumps;
+//!    then every descriptor but the three pipes is marked close-on-exec.
 //! 2. [`netns`]: a private network namespace when the plugin needs no network or only
 //!    loopback, with `lo` brought up for the latter.
 //! 3. [`identity`]: when phi3d is root, the plugin drops to a uid of its own (after the namespace, which
-//!    needed root); then `no_new_privs`, which Landlock and seccomp both require.
+//!    needed root); then the parent-death signal (SIGKILL when phi3d dies; the switch clears
+//!    it, so it comes after) and `no_new_privs`, which Landlock and seccomp both require.
 //! 4. [`landlock_rules`]: the filesystem (and, from Landlock ABI 4, TCP) allow-list.
 //! 5. [`seccomp`]: a deny-list of system calls no tool needs, installed last so that the steps
 //!    above may still use `unshare` and friends.
+//!
+//! Outside the child: [`reaper`] kills what plugins forked when phi3d dies without stopping
+//! them, [`kill_user`] kills every process of a plugin's own uid, and [`harden_daemon`] makes
+//! phi3d itself non-dumpable.
+//!
+//! The parent-death signal fires when the *thread* that spawned the plugin exits; plugins are
+//! spawned from the runtime's worker threads, which live as long as phi3d.
 //!
 //! Everything is built in the parent; the child only makes system calls (see [`child`]). A
 //! step that fails in the child makes `spawn` fail, so a plugin never runs with less than the
@@ -24,6 +33,7 @@ mod netns;
 mod policy;
 mod probe;
 mod protections;
+mod reaper;
 mod rlimits;
 mod seccomp;
 #[cfg(test)]
@@ -36,9 +46,10 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
-pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, plugin_uid};
+pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, UidAllocator};
 pub use policy::{HostPort, NetworkPolicy, Policy, Requirement};
 pub use probe::KernelSupport;
+pub use reaper::{forget_group, watch_group};
 pub use protections::{
     LandlockProtection, NamespaceProtection, Protections, Rlimit, SeccompProtection, UserProtection,
 };
@@ -98,12 +109,19 @@ pub fn confine(
         }
     };
 
-    let unix_sockets_only = policy.network == NetworkPolicy::None;
+    let scoped = landlock.as_ref().is_some_and(|(_, report)| report.scoped);
+    let options = seccomp::Options {
+        network_sockets: policy.network != NetworkPolicy::None,
+        unix_sockets: !policy.unix_sockets.is_empty(),
+        // With a uid of its own the kernel already keeps the plugin from signalling phi3d or
+        // other plugins, and so does Landlock's signal scoping (ABI 6).
+        own_signals_only: !support.running_as_root && !scoped,
+    };
     let seccomp = if !support.seccomp {
         missing.push("system call filtering (the kernel has no seccomp filters)".to_owned());
         None
     } else {
-        match seccomp::build(unix_sockets_only)? {
+        match seccomp::build(options)? {
             Some(filters) => Some(filters),
             None => {
                 missing.push(format!("system call filtering (no seccomp filter for {})", std::env::consts::ARCH));
@@ -111,6 +129,23 @@ pub fn confine(
             }
         }
     };
+    if seccomp.is_none() {
+        missing.push("blocking the host's Unix sockets and executable memory files (needs seccomp)".to_owned());
+        if options.own_signals_only {
+            missing.push(
+                "signal isolation: the plugin shares phi3d's uid and could signal phi3d and other plugins \
+                 (needs seccomp, Landlock ABI 6 or phi3d running as root)"
+                    .to_owned(),
+            );
+        }
+    }
+    if !policy.unix_sockets.is_empty() {
+        missing.push(
+            "limiting Unix sockets to the listed paths (the kernel cannot filter connect() by path: \
+             any Unix socket the plugin can name is reachable)"
+                .to_owned(),
+        );
+    }
 
     let tcp_ports_filtered = landlock.as_ref().is_some_and(|(_, report)| report.tcp_connect_ports.is_some());
     match &policy.network {
@@ -145,13 +180,30 @@ pub fn confine(
     };
 
     command.env_clear().envs(env).process_group(0).kill_on_drop(true);
-    let steps = ChildSteps { limits, namespace, identity, landlock: landlock.map(|(rules, _)| rules), seccomp };
+    let mut steps = ChildSteps {
+        parent: std::process::id() as libc::pid_t,
+        limits,
+        namespace,
+        identity,
+        landlock: landlock.map(|(rules, _)| rules),
+        seccomp,
+    };
     // SAFETY: `ChildSteps::run` only makes async-signal-safe system calls on data prepared
     // above; it allocates nothing and takes no locks (see `child`).
     unsafe {
         command.pre_exec(move || steps.run());
     }
     Ok(protections)
+}
+
+/// Makes phi3d itself harder to reach for plugins that share its uid: not dumpable, so that
+/// its /proc files (`environ`, which may hold `HF_TOKEN`, and `mem`) belong to root and no
+/// process of its uid may ptrace it. Call it once, early in `serve`.
+pub fn harden_daemon() {
+    // SAFETY: prctl only changes a flag of the calling process.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(error = %io::Error::last_os_error(), "cannot make phi3d non-dumpable");
+    }
 }
 
 /// SIGKILLs every process in the group `pgid`: a plugin and whatever it left running.
@@ -174,8 +226,34 @@ pub fn kill_group(pgid: i32) {
     }
 }
 
+/// SIGKILLs every process of `uid`: what a plugin running as a uid of its own left anywhere.
+///
+/// Only for a uid that a [`UidAllocator`] gave one plugin, and only when phi3d is root; refuses
+/// (and logs) root, `nobody` and phi3d's own uid. A forked child takes the uid and sends
+/// `kill(-1, SIGKILL)`, which reaches exactly that uid's processes.
+pub fn kill_user(uid: u32) {
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if uid == 0 || uid == UNPRIVILEGED_UID || uid == own || own != 0 {
+        tracing::error!(uid, "refusing to kill every process of this uid: it is not a plugin's own");
+        return;
+    }
+    // SAFETY (child): credential calls and kill only, on plain integers.
+    let killed = probe::in_child(|| unsafe {
+        libc::setgroups(0, std::ptr::null()) == 0
+            && libc::setresgid(uid, uid, uid) == 0
+            && libc::setresuid(uid, uid, uid) == 0
+            && (libc::kill(-1, libc::SIGKILL) == 0 || *libc::__errno_location() == libc::ESRCH)
+    });
+    if !killed {
+        tracing::warn!(uid, "killing the processes of the plugin's uid failed");
+    }
+}
+
 /// The layers the child applies, in order, between fork and exec.
 struct ChildSteps {
+    /// phi3d's pid, to check that it is still the parent once the parent-death signal is set.
+    parent: libc::pid_t,
     limits: rlimits::Limits,
     namespace: Option<netns::NetNamespace>,
     identity: identity::Identity,
@@ -184,24 +262,64 @@ struct ChildSteps {
 }
 
 impl ChildSteps {
-    fn run(&self) -> io::Result<()> {
+    fn run(&mut self) -> io::Result<()> {
         let result = (|| {
+            // phi3d itself is not dumpable (see `harden_daemon`), which its forks inherit until
+            // they exec; the child must own its /proc files to write its id maps.
+            // SAFETY: prctl only changes a flag of the calling process.
+            child::check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, "prctl(PR_SET_DUMPABLE)")?;
             self.limits.apply()?;
+            close_inherited_descriptors()?;
             if let Some(namespace) = &self.namespace {
                 namespace.enter()?;
             }
             self.identity.apply()?;
+            // After the identity switch, which clears it: the plugin is SIGKILLed when phi3d
+            // dies, however it dies. Should phi3d have died already, the child gives up here.
+            // SAFETY: prctl and getppid only concern the calling process.
+            child::check(
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) },
+                "prctl(PR_SET_PDEATHSIG)",
+            )?;
+            if unsafe { libc::getppid() } != self.parent {
+                return Err(child::StepError::last("checking that phi3d is still running"));
+            }
             identity::set_no_new_privs()?;
             if let Some(landlock) = &self.landlock {
                 landlock.restrict()?;
             }
-            if let Some(seccomp) = &self.seccomp {
+            if let Some(seccomp) = &mut self.seccomp {
                 seccomp.apply()?;
             }
             Ok(())
         })();
         result.map_err(child::StepError::into_io)
     }
+}
+
+/// Marks every descriptor above stderr close-on-exec, so that the plugin gets only its three
+/// pipes and none of what phi3d itself inherited (a service manager's sockets, a lock file).
+/// Marked rather than closed: the standard library reports a failed exec through a descriptor
+/// of its own, which must stay open until the exec. Runs in the forked child.
+fn close_inherited_descriptors() -> Result<(), child::StepError> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes the calling process's descriptor flags (Linux 5.11).
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) } == 0 {
+        return Ok(());
+    }
+    // Older kernels: one descriptor at a time, up to the limit rlimits just set.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the local; fcntl only changes descriptor flags.
+    unsafe {
+        child::check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), "getrlimit(RLIMIT_NOFILE)")?;
+        for fd in 3..limit.rlim_cur.min(1 << 16) as libc::c_int {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The policy's environment plus the default `PATH`, with names the kernel would mangle refused.

@@ -28,9 +28,13 @@ pub struct Policy {
     pub max_open_files: u64,
     /// Largest file the plugin may write (RLIMIT_FSIZE).
     pub max_file_bytes: u64,
+    /// Unix socket files the plugin may connect to. Empty: `socket(AF_UNIX)` fails (socketpair
+    /// still works). The kernel cannot filter `connect()` by path, so a non-empty list allows
+    /// every Unix socket, and is reported as missing protection.
+    pub unix_sockets: Vec<PathBuf>,
     /// The plugin's whole environment: phi3d's own is never passed on.
     pub env: Vec<(String, String)>,
-    /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::plugin_uid`]).
+    /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::UidAllocator`]).
     pub run_as: u32,
 }
 

@@ -62,8 +62,12 @@ pub struct LandlockProtection {
 pub struct SeccompProtection {
     /// The system calls (and argument patterns) that fail.
     pub denied: Vec<&'static str>,
-    /// Sockets other than AF_UNIX fail.
-    pub unix_sockets_only: bool,
+    /// Sockets of families other than AF_UNIX can be made (the plugin has some network).
+    pub network_sockets: bool,
+    /// `socket(AF_UNIX)` works (the manifest names Unix sockets); `socketpair` always does.
+    pub unix_sockets: bool,
+    /// Signals reach only the plugin itself and its process group.
+    pub own_signals_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -100,8 +104,13 @@ impl Protections {
             lines.push(landlock_line(landlock));
         }
         if let Some(seccomp) = &self.seccomp {
-            let sockets = if seccomp.unix_sockets_only { "; sockets: AF_UNIX only" } else { "" };
-            lines.push(format!("seccomp: denied {}{sockets}", seccomp.denied.join(", ")));
+            let sockets = match (seccomp.network_sockets, seccomp.unix_sockets) {
+                (false, false) => "none (socketpair only)",
+                (false, true) => "AF_UNIX only",
+                (true, false) => "no AF_UNIX (socketpair only)",
+                (true, true) => "any family",
+            };
+            lines.push(format!("seccomp: denied {}; sockets: {sockets}", seccomp.denied.join(", ")));
         }
         lines.push(match &self.network_namespace {
             Some(NamespaceProtection { loopback_up: true, .. }) => {
@@ -122,7 +131,10 @@ fn landlock_line(landlock: &LandlockProtection) -> String {
         Some(ports) if ports.is_empty() => "TCP: no connect, no bind".to_owned(),
         Some(ports) => {
             let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
-            format!("TCP: connect to port {} only (any host), no bind", ports.join(", "))
+            format!(
+                "TCP: connect to port {} only, on any host (hosts are not enforced; UDP is not filtered), no bind",
+                ports.join(", ")
+            )
         }
     };
     let scoped =
@@ -161,7 +173,12 @@ mod tests {
                 tcp_connect_ports: Some(vec![8123]),
                 scoped: false,
             }),
-            seccomp: Some(SeccompProtection { denied: vec!["ptrace", "mount"], unix_sockets_only: false }),
+            seccomp: Some(SeccompProtection {
+                denied: vec!["ptrace", "mount"],
+                network_sockets: true,
+                unix_sockets: false,
+                own_signals_only: false,
+            }),
             network_namespace: None,
             missing: vec!["loopback-only network (needs a network namespace)".into()],
         }
@@ -173,11 +190,14 @@ mod tests {
         assert_eq!(lines[0], "user: uid 65534 gid 65534, no supplementary groups (dropped from root)");
         assert!(lines.contains(&"environment: only PATH, TZ".to_owned()));
         assert!(lines.contains(&"rlimits: processes 8".to_owned()));
-        assert!(lines.contains(&"seccomp: denied ptrace, mount".to_owned()));
+        assert!(lines.contains(&"seccomp: denied ptrace, mount; sockets: no AF_UNIX (socketpair only)".to_owned()));
         assert!(lines.contains(&"network namespace: the host's".to_owned()));
         let landlock = lines.iter().find(|line| line.starts_with("landlock ABI 4:")).unwrap();
         assert!(landlock.contains("read+execute /usr, /srv/data; read+write /var/tmp/x"), "{landlock}");
-        assert!(landlock.contains("connect to port 8123 only (any host), no bind"), "{landlock}");
+        assert!(
+            landlock.contains("connect to port 8123 only, on any host (hosts are not enforced; UDP is not filtered), no bind"),
+            "{landlock}"
+        );
         assert!(landlock.contains("NOT scoped"), "{landlock}");
         assert_eq!(lines.last().unwrap(), "MISSING: loopback-only network (needs a network namespace)");
     }

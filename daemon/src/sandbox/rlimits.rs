@@ -96,6 +96,7 @@ mod tests {
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network: NetworkPolicy::None,
+            unix_sockets: Vec::new(),
             memory_bytes: 256 << 20,
             cpu_seconds: 5,
             max_processes: 8,

@@ -23,6 +23,24 @@ use super::SandboxError;
 use super::child::StepError;
 use super::protections::SeccompProtection;
 
+/// What the filter allows beyond its fixed deny-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Options {
+    /// Sockets of families other than AF_UNIX (the plugin has some network).
+    pub(super) network_sockets: bool,
+    /// AF_UNIX sockets made with `socket` (the manifest names Unix socket paths). `socketpair`
+    /// is always allowed: it connects nothing outside the plugin.
+    pub(super) unix_sockets: bool,
+    /// Signals only to the plugin itself (`kill(0, ..)`, its own pid and process group, its own
+    /// threads): for plugins that share phi3d's uid on kernels without Landlock signal scoping.
+    pub(super) own_signals_only: bool,
+}
+
+/// Stands in the compiled filter for the plugin's pid, which is only known in the child.
+const SELF_PID: u32 = 0x7e57_0001;
+/// Stands in the compiled filter for minus the plugin's pid (its process group, for `kill`).
+const MINUS_SELF_PID: u32 = 0x7e57_0002;
+
 /// Compiled filters, ready for the child to install.
 pub(super) struct Filters {
     programs: Vec<seccompiler::BpfProgram>,
@@ -35,9 +53,21 @@ impl Filters {
     }
 
     /// Installs the filters on the calling process. Runs in the forked child, after
-    /// `no_new_privs`, which the kernel requires of an unprivileged caller.
-    pub(super) fn apply(&self) -> Result<(), StepError> {
-        for program in &self.programs {
+    /// `no_new_privs`, which the kernel requires of an unprivileged caller. The placeholders for
+    /// the child's own pid are filled in first, in place (no allocation).
+    pub(super) fn apply(&mut self) -> Result<(), StepError> {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        for program in &mut self.programs {
+            for instruction in program.iter_mut() {
+                if instruction.code == (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16 {
+                    if instruction.k == SELF_PID {
+                        instruction.k = pid;
+                    } else if instruction.k == MINUS_SELF_PID {
+                        instruction.k = pid.wrapping_neg();
+                    }
+                }
+            }
             seccompiler::apply_filter(program).map_err(|_| StepError::last("installing the seccomp filter"))?;
         }
         Ok(())
@@ -46,13 +76,13 @@ impl Filters {
 
 /// Builds the filters; `None` on an architecture seccompiler cannot target.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-pub(super) fn build(_unix_sockets_only: bool) -> Result<Option<Filters>, SandboxError> {
+pub(super) fn build(_options: Options) -> Result<Option<Filters>, SandboxError> {
     Ok(None)
 }
 
 /// Builds the filters; `None` on an architecture seccompiler cannot target.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(super) fn build(unix_sockets_only: bool) -> Result<Option<Filters>, SandboxError> {
+pub(super) fn build(options: Options) -> Result<Option<Filters>, SandboxError> {
     use std::collections::BTreeMap;
 
     use seccompiler::{
@@ -62,6 +92,9 @@ pub(super) fn build(unix_sockets_only: bool) -> Result<Option<Filters>, SandboxE
     let unconditional = COMMON_DENIED.iter().chain(arch::DENIED);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = unconditional.clone().map(|&(_, nr)| (nr, Vec::new())).collect();
     let mut denied: Vec<&'static str> = unconditional.map(|&(name, _)| name).collect();
+    let dword = |arg: u8, op: SeccompCmpOp, value: u32| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, u64::from(value))
+    };
 
     // One rule per flag, since a rule can only test masked bits for equality: any one of them
     // set makes the call fail. The flags are the first argument on both architectures.
@@ -80,10 +113,51 @@ pub(super) fn build(unix_sockets_only: bool) -> Result<Option<Filters>, SandboxE
     rules.insert(libc::SYS_clone, namespace_rules);
     denied.push("clone with namespace flags");
 
-    if unix_sockets_only {
-        let not_unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?;
-        rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![not_unix])?]);
-        denied.push("socket other than AF_UNIX");
+    // Sockets. A network namespace isolates abstract Unix sockets but not the host's socket
+    // files, and Landlock does not stop connect() on those; so `socket(AF_UNIX)` is refused
+    // unless the manifest asks for Unix sockets. `socketpair` stays allowed.
+    let af_unix = libc::AF_UNIX as u32;
+    match (options.network_sockets, options.unix_sockets) {
+        (false, false) => {
+            rules.insert(libc::SYS_socket, Vec::new());
+            denied.push("socket (socketpair still works)");
+        }
+        (false, true) => {
+            rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![dword(0, SeccompCmpOp::Ne, af_unix)?])?]);
+            denied.push("socket other than AF_UNIX");
+        }
+        (true, false) => {
+            rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![dword(0, SeccompCmpOp::Eq, af_unix)?])?]);
+            denied.push("socket(AF_UNIX) (socketpair still works)");
+        }
+        (true, true) => {}
+    }
+
+    // Write, never execute: a memory file must be sealed non-executable from the start, and
+    // nothing may be executed through a bare file descriptor.
+    let noexec_seal: u32 = libc::MFD_NOEXEC_SEAL;
+    let not_sealed = dword(1, SeccompCmpOp::MaskedEq(u64::from(noexec_seal)), 0)?;
+    rules.insert(libc::SYS_memfd_create, vec![SeccompRule::new(vec![not_sealed])?]);
+    denied.push("memfd_create without MFD_NOEXEC_SEAL");
+    let empty_path = libc::AT_EMPTY_PATH as u32;
+    let by_fd = dword(4, SeccompCmpOp::MaskedEq(u64::from(empty_path)), empty_path)?;
+    rules.insert(libc::SYS_execveat, vec![SeccompRule::new(vec![by_fd])?]);
+    denied.push("execveat of a file descriptor (AT_EMPTY_PATH)");
+
+    if options.own_signals_only {
+        let not_self = || dword(0, SeccompCmpOp::Ne, SELF_PID);
+        rules.insert(
+            libc::SYS_kill,
+            vec![SeccompRule::new(vec![
+                dword(0, SeccompCmpOp::Ne, 0)?,
+                not_self()?,
+                dword(0, SeccompCmpOp::Ne, MINUS_SELF_PID)?,
+            ])?],
+        );
+        for nr in [libc::SYS_tgkill, libc::SYS_tkill, libc::SYS_rt_sigqueueinfo, libc::SYS_rt_tgsigqueueinfo, libc::SYS_pidfd_open] {
+            rules.insert(nr, vec![SeccompRule::new(vec![not_self()?])?]);
+        }
+        denied.push("signals to any process but the plugin itself and its process group");
     }
 
     let deny = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch::TARGET)?;
@@ -97,7 +171,13 @@ pub(super) fn build(unix_sockets_only: bool) -> Result<Option<Filters>, SandboxE
     let mut programs = vec![BpfProgram::try_from(deny)?, BpfProgram::try_from(clone3)?];
     programs.extend(arch::extra_programs());
     denied.extend(arch::EXTRA_DENIED);
-    Ok(Some(Filters { programs, report: SeccompProtection { denied, unix_sockets_only } }))
+    let report = SeccompProtection {
+        denied,
+        network_sockets: options.network_sockets,
+        unix_sockets: options.unix_sockets,
+        own_signals_only: options.own_signals_only,
+    };
+    Ok(Some(Filters { programs, report }))
 }
 
 /// The `clone` flags that create namespaces. CLONE_NEWTIME is not among them: `clone` rejects
@@ -221,17 +301,151 @@ mod tests {
         if ret < 0 { unsafe { *libc::__errno_location() } } else { 0 }
     }
 
+    const NO_NETWORK: Options = Options { network_sockets: false, unix_sockets: false, own_signals_only: false };
+
     #[test]
     fn report_names_what_is_denied() {
-        let filters = build(true).unwrap().unwrap();
+        let filters = build(NO_NETWORK).unwrap().unwrap();
         let report = filters.report();
-        for name in
-            ["ptrace", "mount", "unshare", "setsid", "setpgid", "bpf", "io_uring_setup", "clone with namespace flags"]
-        {
+        for name in [
+            "ptrace",
+            "mount",
+            "unshare",
+            "setsid",
+            "setpgid",
+            "bpf",
+            "io_uring_setup",
+            "clone with namespace flags",
+            "socket (socketpair still works)",
+            "memfd_create without MFD_NOEXEC_SEAL",
+            "execveat of a file descriptor (AT_EMPTY_PATH)",
+        ] {
             assert!(report.denied.contains(&name), "{name} missing from {:?}", report.denied);
         }
-        assert!(report.unix_sockets_only);
-        assert!(!build(false).unwrap().unwrap().report().unix_sockets_only);
+        assert!(!report.network_sockets && !report.unix_sockets && !report.own_signals_only);
+        let network = build(Options { network_sockets: true, ..NO_NETWORK }).unwrap().unwrap().report();
+        assert!(network.denied.contains(&"socket(AF_UNIX) (socketpair still works)"), "{:?}", network.denied);
+        let signals = build(Options { own_signals_only: true, ..NO_NETWORK }).unwrap().unwrap().report();
+        assert!(signals.own_signals_only);
+    }
+
+    /// Installs `filters` in a forked child and runs `check` there.
+    fn confined_child(filters: Filters, check: impl Fn() -> bool) -> bool {
+        let filters = std::cell::RefCell::new(filters);
+        in_child(move || set_no_new_privs().is_ok() && filters.borrow_mut().apply().is_ok() && check())
+    }
+
+    fn unix_socket_at(path: &std::ffi::CStr) -> (i32, i32) {
+        // SAFETY: raw socket calls on a local address structure.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return (fd, errno_of(fd as libc::c_long));
+            }
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (slot, byte) in addr.sun_path.iter_mut().zip(path.to_bytes()) {
+                *slot = *byte as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let ret = libc::connect(fd, (&raw const addr).cast(), len);
+            (ret, errno_of(ret as libc::c_long))
+        }
+    }
+
+    #[test]
+    fn host_unix_sockets_are_out_of_reach_unless_asked_for_and_socketpair_works() {
+        if !KernelSupport::probe().seccomp {
+            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let path = std::ffi::CString::new(path.into_os_string().into_encoded_bytes()).unwrap();
+        // Unfiltered, the connect works: the test would prove nothing otherwise.
+        assert!(in_child(|| unix_socket_at(&path).0 == 0));
+        let socketpair_works = || {
+            let mut fds = [0; 2];
+            // SAFETY: socketpair writes two descriptors into the local array.
+            unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) == 0 }
+        };
+        for network_sockets in [false, true] {
+            let options = Options { network_sockets, ..NO_NETWORK };
+            assert!(
+                confined_child(build(options).unwrap().unwrap(), || unix_socket_at(&path) == (-1, libc::EPERM)
+                    && socketpair_works()),
+                "{options:?}"
+            );
+        }
+        let asked = Options { unix_sockets: true, ..NO_NETWORK };
+        assert!(confined_child(build(asked).unwrap().unwrap(), || unix_socket_at(&path).0 == 0));
+    }
+
+    #[test]
+    fn memory_files_cannot_be_executed() {
+        if !KernelSupport::probe().seccomp {
+            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            return;
+        }
+        let filters = build(NO_NETWORK).unwrap().unwrap();
+        // SAFETY (child): raw system calls on static strings; a successful execveat of /bin/true
+        // would replace the child, which then exits 0 and fails the check.
+        assert!(confined_child(filters, || unsafe {
+            let plain = libc::syscall(libc::SYS_memfd_create, c"plain".as_ptr(), 0);
+            let plain_errno = errno_of(plain);
+            let exec = libc::syscall(libc::SYS_memfd_create, c"exec".as_ptr(), 0x0010 /* MFD_EXEC */);
+            let exec_errno = errno_of(exec);
+            let sealed = libc::syscall(libc::SYS_memfd_create, c"sealed".as_ptr(), libc::MFD_NOEXEC_SEAL);
+            let program = libc::open(c"/bin/true".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            let argv = [c"true".as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            let by_fd = libc::syscall(
+                libc::SYS_execveat,
+                program,
+                c"".as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            plain_errno == libc::EPERM
+                && exec_errno == libc::EPERM
+                && sealed >= 0
+                && program >= 0
+                && errno_of(by_fd) == libc::EPERM
+        }));
+    }
+
+    #[test]
+    fn with_own_signals_only_nothing_outside_the_plugin_can_be_signalled() {
+        if !KernelSupport::probe().seccomp {
+            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            return;
+        }
+        // A bystander of the same uid, outside the plugin's process group.
+        let mut bystander = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let bystander_pid = bystander.id() as libc::pid_t;
+        // SAFETY: getpid has no preconditions.
+        let phi3d = unsafe { libc::getpid() };
+        let filters = build(Options { own_signals_only: true, ..NO_NETWORK }).unwrap().unwrap();
+        // SAFETY (child): signal 0 only checks permission; the other calls signal the child itself.
+        let confined = confined_child(filters, || unsafe {
+            let me = libc::getpid();
+            errno_of(libc::kill(phi3d, 0).into()) == libc::EPERM
+                && errno_of(libc::kill(bystander_pid, libc::SIGKILL).into()) == libc::EPERM
+                && errno_of(libc::kill(-1, 0).into()) == libc::EPERM
+                && errno_of(libc::syscall(libc::SYS_tgkill, phi3d, phi3d, 0)) == libc::EPERM
+                && errno_of(libc::syscall(libc::SYS_pidfd_open, phi3d, 0)) == libc::EPERM
+                && libc::kill(me, 0) == 0
+                && libc::kill(0, 0) == 0
+                && libc::syscall(libc::SYS_tgkill, me, libc::syscall(libc::SYS_gettid), 0) == 0
+                && libc::syscall(libc::SYS_pidfd_open, me, 0) >= 0
+        });
+        let alive = bystander.try_wait().unwrap().is_none();
+        let _ = bystander.kill();
+        let _ = bystander.wait();
+        assert!(confined, "a signal check failed in the confined child");
+        assert!(alive, "the bystander was killed");
     }
 
     #[test]
@@ -240,12 +454,12 @@ mod tests {
             eprintln!("SKIPPED: this kernel has no seccomp filters");
             return;
         }
-        let filters = build(true).unwrap().unwrap();
+        let filters = std::cell::RefCell::new(build(Options { unix_sockets: true, ..NO_NETWORK }).unwrap().unwrap());
         // SAFETY (child): raw system calls only. The calls that are expected to fail would,
         // should they succeed, only change the throwaway child (a new user namespace, its own
         // session), except clone and fork, whose children exit at once.
         assert!(in_child(|| unsafe {
-            if set_no_new_privs().is_err() || filters.apply().is_err() {
+            if set_no_new_privs().is_err() || filters.borrow_mut().apply().is_err() {
                 return false;
             }
             let fork_works = match libc::fork() {

@@ -38,6 +38,7 @@ fn default_policy() -> Policy {
         read_paths: Vec::new(),
         write_paths: Vec::new(),
         network: NetworkPolicy::None,
+        unix_sockets: Vec::new(),
         memory_bytes: 1 << 30,
         cpu_seconds: 30,
         max_processes: 32,
@@ -183,7 +184,9 @@ fn best_effort_reports_exactly_what_is_missing() {
     assert_eq!(protections.landlock, None);
     assert_eq!(protections.seccomp, None);
     assert_eq!(protections.network_namespace, None);
-    assert_eq!(protections.missing.len(), 3, "{:?}", protections.missing);
+    let expected = if support().running_as_root { 4 } else { 5 };
+    assert_eq!(protections.missing.len(), expected, "{:?}", protections.missing);
+    assert!(protections.to_string().contains("MISSING: blocking the host's Unix sockets"));
     assert_eq!(protections.rlimits.len(), 6);
     assert!(protections.to_string().contains("MISSING: network isolation"));
 
@@ -193,11 +196,42 @@ fn best_effort_reports_exactly_what_is_missing() {
 }
 
 #[test]
+fn a_shared_uid_needs_seccomp_or_landlock_scoping_for_signal_isolation() {
+    let shared_uid = KernelSupport { running_as_root: false, ..bare_kernel() };
+    let error =
+        confine(&mut Command::new("/bin/true"), &default_policy(), &shared_uid, Requirement::Strict).unwrap_err();
+    assert!(error.to_string().contains("signal isolation"), "{error}");
+    // With seccomp, the filter restricts signals and nothing about them is missing.
+    let with_seccomp = KernelSupport { seccomp: true, ..shared_uid.clone() };
+    let protections =
+        confine(&mut Command::new("/bin/true"), &default_policy(), &with_seccomp, Requirement::BestEffort).unwrap();
+    assert!(protections.seccomp.unwrap().own_signals_only);
+    assert!(!protections.missing.iter().any(|m| m.contains("signal")), "{:?}", protections.missing);
+    // Root gives each plugin a uid of its own: the kernel keeps signals apart.
+    let root = KernelSupport { running_as_root: true, seccomp: true, ..bare_kernel() };
+    let protections =
+        confine(&mut Command::new("/bin/true"), &default_policy(), &root, Requirement::BestEffort).unwrap();
+    assert!(!protections.seccomp.unwrap().own_signals_only);
+}
+
+#[test]
+fn unix_socket_paths_cannot_be_enforced_so_strict_refuses_them() {
+    let kernel = KernelSupport { seccomp: true, running_as_root: true, ..bare_kernel() };
+    let policy = Policy { unix_sockets: vec!["/run/some.sock".into()], ..default_policy() };
+    let protections = confine(&mut Command::new("/bin/true"), &policy, &kernel, Requirement::BestEffort).unwrap();
+    assert!(protections.seccomp.as_ref().unwrap().unix_sockets);
+    assert!(protections.missing.iter().any(|m| m.contains("limiting Unix sockets")), "{:?}", protections.missing);
+    let error = confine(&mut Command::new("/bin/true"), &policy, &kernel, Requirement::Strict).unwrap_err();
+    assert!(error.to_string().contains("Unix sockets"), "{error}");
+}
+
+#[test]
 fn no_network_needs_only_one_of_namespace_and_seccomp() {
     let kernel = KernelSupport { seccomp: true, ..bare_kernel() };
     let protections =
         confine(&mut Command::new("/bin/true"), &default_policy(), &kernel, Requirement::BestEffort).unwrap();
-    assert!(protections.seccomp.unwrap().unix_sockets_only);
+    let seccomp = protections.seccomp.unwrap();
+    assert!(!seccomp.network_sockets && !seccomp.unix_sockets);
     assert!(!protections.missing.iter().any(|m| m.contains("network")), "{:?}", protections.missing);
 }
 
@@ -363,10 +397,11 @@ async fn dangerous_system_calls_fail_with_eperm_and_ordinary_ones_work() {
         "io_uring_setup",
         "bpf",
         "socket_inet",
+        "socket_unix",
     ] {
         assert_eq!(answer(&answers, call), eperm, "{call}");
     }
-    for ordinary in ["thread", "fork", "socket_unix"] {
+    for ordinary in ["thread", "fork", "socketpair"] {
         assert_eq!(answer(&answers, ordinary), "ok", "{ordinary}");
     }
 
@@ -395,6 +430,21 @@ async fn root_runs_plugins_as_nobody() {
         assert_eq!(lines.next(), Some(expected.1.to_string().as_str()));
     }
     assert_eq!(finished.protections.user.switched_from_root, support().running_as_root);
+}
+
+#[tokio::test]
+async fn descriptors_phi3d_inherited_do_not_reach_the_plugin() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let file = tempfile::tempfile().unwrap();
+    // A descriptor without close-on-exec, as a service manager or a lock holder passes them.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: dup returns a new descriptor of this process, closed again below.
+    let inherited = unsafe { libc::dup(fd) };
+    assert!(inherited > 2);
+    let finished = run("/bin/sh", &["-c", &format!("[ -e /proc/self/fd/{inherited} ] && echo open || echo closed")], &default_policy()).await;
+    // SAFETY: closes the descriptor dup'ed above.
+    unsafe { libc::close(inherited) };
+    assert_eq!(finished.stdout, "closed\n", "{}", finished.stderr);
 }
 
 #[tokio::test]
@@ -571,6 +621,8 @@ fn hostile_syscalls() {
         say("socket_inet", outcome(inet));
         let unix = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         say("socket_unix", outcome(unix));
+        let mut pair = [0; 2];
+        say("socketpair", outcome(libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr())));
         say("fork", in_forked_child(|| 0));
     }
     let thread = std::thread::spawn(|| 7).join();

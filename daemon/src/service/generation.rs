@@ -19,6 +19,8 @@ use crate::engine::{Engine, LoadedModel, QueueError};
 pub struct RequestScope {
     pub registration: Registration,
     deadline_passed: Arc<AtomicBool>,
+    /// The deadline's timer, stopped when the request ends, not when the deadline would pass.
+    _timer: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl RequestScope {
@@ -28,10 +30,10 @@ impl RequestScope {
             Status::already_exists(format!("request_id `{request_id}` is already in flight; use a unique id per request"))
         })?;
         let deadline_passed = Arc::new(AtomicBool::new(false));
-        if let Some(deadline) = deadline {
+        let timer = deadline.map(|deadline| {
             let cancel = registration.cancel.clone();
             let passed = deadline_passed.clone();
-            tokio::spawn(async move {
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
                 tokio::select! {
                     () = tokio::time::sleep(deadline) => {
                         passed.store(true, Ordering::SeqCst);
@@ -39,9 +41,9 @@ impl RequestScope {
                     }
                     () = cancel.cancelled() => {}
                 }
-            });
-        }
-        Ok(RequestScope { registration, deadline_passed })
+            }))
+        });
+        Ok(RequestScope { registration, deadline_passed, _timer: timer })
     }
 
     pub fn request_id(&self) -> &str {
@@ -82,6 +84,13 @@ impl RequestScope {
         Ok(receiver)
     }
 
+    /// DEADLINE_EXCEEDED if the deadline has passed (whatever was running: a step, a plugin).
+    pub fn deadline_exceeded(&self) -> Option<Status> {
+        self.deadline_passed
+            .load(Ordering::SeqCst)
+            .then(|| Status::deadline_exceeded("the request's deadline passed during a tool call"))
+    }
+
     /// A cancelled completion caused by the deadline is DEADLINE_EXCEEDED for the client.
     pub fn deadline_status(&self, completion: &Completion) -> Option<Status> {
         (completion.stop_reason == StopReason::Cancelled && self.deadline_passed.load(Ordering::SeqCst)).then(|| {
@@ -90,5 +99,27 @@ impl RequestScope {
                 completion.completion_tokens
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_deadline_timer_ends_with_the_request() {
+        let requests = Arc::new(Requests::default());
+        let scope = RequestScope::begin(&requests, "r", Some(Duration::from_secs(3600))).unwrap();
+        let passed = scope.deadline_passed.clone();
+        tokio::task::yield_now().await;
+        assert_eq!(Arc::strong_count(&passed), 3, "the scope, the timer and this test");
+        drop(scope);
+        for _ in 0..100 {
+            if Arc::strong_count(&passed) == 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the timer outlived its request");
     }
 }

@@ -26,7 +26,7 @@ use crate::engine::{Engine, LoadedModel};
 use crate::plugins::PluginRegistry;
 use crate::tools::ToolFormat;
 use crate::tools::agent::AgentTurn;
-use crate::tools::conversation::{TemplateTurn, render};
+use crate::tools::conversation::{TemplateTurn, plain, render, tokenize_prompt};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
@@ -67,6 +67,7 @@ impl InferenceService {
             tools: plan.tools,
             messages: request.messages,
             max_steps: plan.max_steps,
+            call_max_tokens: self.defaults.tool_call_max_tokens,
             params,
             scope,
         };
@@ -74,7 +75,7 @@ impl InferenceService {
         // request's status rather than an error inside the stream.
         let first = turn.submit_step(&plan.first_mode)?;
         let (sink, events) = mpsc::unbounded_channel();
-        tokio::spawn(turn.run(first, sink));
+        tokio::spawn(turn.run(plan.first_mode, first, sink));
         Ok(Box::pin(UnboundedReceiverStream::new(events)))
     }
 
@@ -118,14 +119,16 @@ impl InferenceService {
 /// system message renders and tokenizes it, so that the request finds it cached.
 pub fn system_prefix_tokens(model: &LoadedModel, text: &str) -> Result<Vec<LlamaToken>, String> {
     let Some(template) = &model.chat_template else {
+        // Without a template, requests use Complete, whose prompts are tokenized this way.
         return Ok(model.model.vocab().tokenize(text.as_bytes(), true, true));
     };
-    let system = llama_cpp_2::model::LlamaChatMessage::new("system".into(), text.into()).map_err(|err| err.to_string())?;
+    let system =
+        llama_cpp_2::model::LlamaChatMessage::new("system".into(), plain(text)).map_err(|err| err.to_string())?;
     let rendered = model
         .model
         .apply_chat_template(template, &[system], false)
         .map_err(|err| format!("the model's chat template cannot render it: {err}"))?;
-    Ok(model.model.vocab().tokenize(rendered.as_bytes(), true, true))
+    Ok(tokenize_prompt(&model.model, &rendered))
 }
 
 /// The warm model, or UNAVAILABLE saying how far loading got.
@@ -153,13 +156,18 @@ impl Inference for InferenceService {
         let wants_tools = tool_options::wants_tools(request.tools.as_ref(), self.default_tool_choice);
         // Listing tools starts lazy plugins, so a plain chat does not ask.
         let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
-        if let Some(plan) = tool_options::plan(request.tools.as_ref(), self.default_tool_choice, &plugin_tools)? {
+        if let Some(plan) = tool_options::plan(
+            request.tools.as_ref(),
+            self.default_tool_choice,
+            &plugin_tools,
+            self.defaults.max_tool_steps,
+        )? {
             return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline).await?));
         }
         let turns: Vec<TemplateTurn> =
-            messages.iter().map(|(role, content)| TemplateTurn::new(*role, *content)).collect();
+            messages.iter().map(|(role, content)| TemplateTurn::new(*role, plain(content))).collect();
         let prompt = render(&model, &turns)?;
-        let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let tokens = tokenize_prompt(&model.model, &prompt);
         let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
         Ok(Response::new(stream))
     }

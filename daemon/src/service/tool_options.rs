@@ -5,6 +5,7 @@
 use phi3d_proto::v1::{ToolChoice, ToolOptions};
 use tonic::Status;
 
+use super::validate::invalid;
 use crate::plugins::ToolInfo;
 use crate::tools::toolset::{OfferedTool, StepMode, ToolSide};
 
@@ -36,7 +37,14 @@ fn implied_choice(options: &ToolOptions, default_choice: ToolChoice) -> ToolChoi
 }
 
 /// `None` when the turn is a plain chat (choice NONE, or AUTO with nothing to call).
-pub fn plan(options: Option<&ToolOptions>, default_choice: ToolChoice, plugin_tools: &[ToolInfo]) -> Result<Option<ToolPlan>, Status> {
+///
+/// `max_steps_limit` is the configured bound on `tools.max_steps` (`max_tool_steps`).
+pub fn plan(
+    options: Option<&ToolOptions>,
+    default_choice: ToolChoice,
+    plugin_tools: &[ToolInfo],
+    max_steps_limit: u32,
+) -> Result<Option<ToolPlan>, Status> {
     let fallback = ToolOptions::default();
     let options = options.unwrap_or(&fallback);
     let choice = match ToolChoice::try_from(options.choice) {
@@ -61,9 +69,11 @@ pub fn plan(options: Option<&ToolOptions>, default_choice: ToolChoice, plugin_to
     }
     for tool in plugin_tools {
         if options.allow.is_empty() || options.allow.contains(&tool.qualified_name) {
-            let offered = OfferedTool::new(tool.qualified_name.clone(), tool.description.clone(), tool.input_schema.clone(), ToolSide::Plugin)
-                .map_err(|err| Status::failed_precondition(format!("plugin {}: {err}", tool.plugin)))?;
-            tools.push(offered);
+            // A tool whose schema does not compile is left out; the others are still offered.
+            match OfferedTool::new(tool.qualified_name.clone(), tool.description.clone(), tool.input_schema.clone(), ToolSide::Plugin) {
+                Ok(offered) => tools.push(offered),
+                Err(err) => tracing::warn!(plugin = %tool.plugin, tool = %tool.qualified_name, "tool not offered: {err}"),
+            }
         }
     }
     for (index, client) in options.client_tools.iter().enumerate() {
@@ -103,7 +113,13 @@ pub fn plan(options: Option<&ToolOptions>, default_choice: ToolChoice, plugin_to
     } else {
         StepMode::Auto
     };
-    let max_steps = if options.max_steps == 0 { DEFAULT_MAX_STEPS } else { options.max_steps };
+    if options.max_steps > max_steps_limit {
+        return Err(invalid(format!(
+            "tools.max_steps is {}; this server allows at most {max_steps_limit} (max_tool_steps)",
+            options.max_steps
+        )));
+    }
+    let max_steps = if options.max_steps == 0 { DEFAULT_MAX_STEPS.min(max_steps_limit) } else { options.max_steps };
     Ok(Some(ToolPlan { tools, first_mode, max_steps }))
 }
 
@@ -114,6 +130,3 @@ fn known(tools: &[ToolInfo]) -> String {
     tools.iter().map(|tool| tool.qualified_name.as_str()).collect::<Vec<_>>().join(", ")
 }
 
-fn invalid(message: String) -> Status {
-    Status::invalid_argument(message)
-}

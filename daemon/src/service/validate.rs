@@ -13,7 +13,16 @@ use crate::engine::task::{GenerationParams, SamplingParams};
 #[derive(Debug, Clone, Copy)]
 pub struct Defaults {
     pub max_tokens: u32,
+    /// The token budget of a step that must call a tool (`tool_call_max_tokens`).
+    pub tool_call_max_tokens: u32,
+    /// The largest `tools.max_steps` a request may ask for (`max_tool_steps`).
+    pub max_tool_steps: u32,
 }
+
+/// The most stop strings one request may give: each is checked against every new character.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// The longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
 
 pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults) -> Result<GenerationParams, Status> {
     let fallback = GenerationOptions::default();
@@ -41,6 +50,18 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
     }
     if let Some(index) = options.stop.iter().position(String::is_empty) {
         return Err(invalid(format!("options.stop[{index}] is empty; stop strings must have at least one character")));
+    }
+    if options.stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(format!(
+            "options.stop has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+            options.stop.len()
+        )));
+    }
+    if let Some(index) = options.stop.iter().position(|stop| stop.len() > MAX_STOP_BYTES) {
+        return Err(invalid(format!(
+            "options.stop[{index}] is {} bytes long; a stop string may have at most {MAX_STOP_BYTES} bytes",
+            options.stop[index].len()
+        )));
     }
     let seed = match options.seed {
         // llama.cpp seeds with 32 bits; fold so that every bit of the client's seed counts.
@@ -121,7 +142,8 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
     })
 }
 
-fn invalid(message: String) -> Status {
+/// INVALID_ARGUMENT with `message`, which names the field.
+pub(super) fn invalid(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
@@ -129,7 +151,7 @@ fn invalid(message: String) -> Status {
 mod tests {
     use super::*;
 
-    const DEFAULTS: Defaults = Defaults { max_tokens: 77 };
+    const DEFAULTS: Defaults = Defaults { max_tokens: 77, tool_call_max_tokens: 256, max_tool_steps: 16 };
 
     fn rejects(options: GenerationOptions, field: &str) {
         let status = generation_params(Some(&options), DEFAULTS).unwrap_err();
@@ -146,6 +168,10 @@ mod tests {
         rejects(GenerationOptions { min_p: Some(-1.0), ..Default::default() }, "options.min_p");
         rejects(GenerationOptions { repeat_penalty: Some(0.0), ..Default::default() }, "options.repeat_penalty");
         rejects(GenerationOptions { stop: vec!["x".into(), String::new()], ..Default::default() }, "options.stop[1]");
+        rejects(GenerationOptions { stop: vec!["x".into(); 17], ..Default::default() }, "options.stop has 17");
+        rejects(GenerationOptions { stop: vec!["x".into(), "y".repeat(257)], ..Default::default() }, "options.stop[1]");
+        let bounded = GenerationOptions { stop: vec!["y".repeat(256); 16], ..Default::default() };
+        assert_eq!(generation_params(Some(&bounded), DEFAULTS).unwrap().stop.len(), 16);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
-use super::conversation::{render, tool_turns};
+use super::conversation::{render, tokenize_prompt, tool_turns};
 use super::toolset::{OfferedTool, StepMode, ToolSide};
 use super::{ModelReply, ParsedCall, ToolFormat};
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Timings};
@@ -24,6 +24,10 @@ use crate::engine::{Engine, LoadedModel};
 use crate::plugins::PluginRegistry;
 use crate::service::convert;
 use crate::service::generation::RequestScope;
+
+/// How often a reply that cannot be parsed is answered with a correction and retried before
+/// the turn ends: each retry re-reads a longer prompt.
+pub const MAX_REPLY_RETRIES: u32 = 2;
 
 pub type EventSink = mpsc::UnboundedSender<Result<ChatEvent, Status>>;
 
@@ -36,6 +40,8 @@ pub struct AgentTurn {
     pub tools: Vec<OfferedTool>,
     pub messages: Vec<Message>,
     pub max_steps: u32,
+    /// The token budget of a step whose grammar allows only a call (`tool_call_max_tokens`).
+    pub call_max_tokens: u32,
     pub params: GenerationParams,
     pub scope: RequestScope,
 }
@@ -57,7 +63,7 @@ impl AgentTurn {
     pub fn submit_step(&self, mode: &StepMode) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
         let turns = tool_turns(&self.messages, self.format, &self.tools, mode).map_err(Status::invalid_argument)?;
         let prompt = render(&self.model, &turns)?;
-        let tokens = self.model.model.vocab().tokenize(prompt.as_bytes(), true, true);
+        let tokens = tokenize_prompt(&self.model.model, &prompt);
         let grammar = self.format.grammar(&self.tools, mode).map_err(|err| {
             Status::invalid_argument(format!("the tools' schemas cannot be turned into a grammar: {err}"))
         })?;
@@ -66,17 +72,22 @@ impl AgentTurn {
                 Status::invalid_argument(format!("the tools' schemas give a grammar llama.cpp rejects: {err}"))
             })?;
         }
+        // A step that can only be a call gets the call budget, not the client's max_tokens
+        // (which limits the answer), and no client stop strings: those would cut the JSON.
+        let forced_call = matches!(mode, StepMode::Required | StepMode::Force(_));
         let params = GenerationParams {
             grammar,
             render_special_tokens: self.format.renders_special_tokens(),
+            max_tokens: if forced_call { self.call_max_tokens } else { self.params.max_tokens },
+            stop: if forced_call { Vec::new() } else { self.params.stop.clone() },
             ..self.params.clone()
         };
         self.scope.submit(&self.engine, &self.model, tokens, params)
     }
 
-    /// Runs the turn to its end, the first step already queued. Every path ends the stream with
-    /// one `done` or one error status.
-    pub async fn run(mut self, first: mpsc::UnboundedReceiver<Event>, sink: EventSink) {
+    /// Runs the turn to its end, the first step (in `first_mode`) already queued. Every path
+    /// ends the stream with one `done` or one error status.
+    pub async fn run(mut self, first_mode: StepMode, first: mpsc::UnboundedReceiver<Event>, sink: EventSink) {
         let _ = sink.send(Ok(convert::started(self.scope.request_id(), &self.model.info.name)));
         // A client that goes away cancels the turn, even while a plugin is running. The watcher
         // holds a sender, so it must end with the turn, or the stream would never close.
@@ -89,6 +100,8 @@ impl AgentTurn {
 
         let mut totals = Totals::default();
         let mut receiver = first;
+        let mut unusable_replies = 0;
+        let mut mode = first_mode;
         loop {
             let (raw, completion) = match self.follow(receiver, &sink, &mut totals).await {
                 Ok(step) => step,
@@ -111,8 +124,14 @@ impl AgentTurn {
                     return;
                 }
                 Ok(ModelReply::Calls(calls)) => {
+                    unusable_replies = 0;
                     let Some(ended) = self.dispatch(calls, &sink).await else {
-                        finish(&sink, totals, StopReason::Cancelled);
+                        match self.scope.deadline_exceeded() {
+                            Some(status) => {
+                                let _ = sink.send(Err(status));
+                            }
+                            None => finish(&sink, totals, StopReason::Cancelled),
+                        }
                         return;
                     };
                     if ended {
@@ -125,13 +144,31 @@ impl AgentTurn {
                     finish(&sink, totals, StopReason::MaxTokens);
                     return;
                 }
+                Err(problem) if unusable_replies >= MAX_REPLY_RETRIES => {
+                    let message = format!(
+                        "the model's reply could not be used {} times in a row (last: {problem}); the turn was ended",
+                        unusable_replies + 1
+                    );
+                    let _ = sink.send(Err(Status::aborted(message)));
+                    return;
+                }
                 Err(problem) => {
+                    unusable_replies += 1;
                     let message = format!("your last reply could not be used: {problem}");
                     send_result(&sink, "", "", &message, true, Duration::ZERO);
                     self.messages.push(Message { role: Role::User as i32, content: message, ..Message::default() });
+                    // A retry asks for what the failed step asked for (a forced call stays forced).
+                    receiver = match self.submit_step(&mode) {
+                        Ok(receiver) => receiver,
+                        Err(status) => {
+                            let _ = sink.send(Err(status));
+                            return;
+                        }
+                    };
+                    continue;
                 }
             }
-            let mode = if totals.steps >= self.max_steps { StepMode::AnswerOnly } else { StepMode::Auto };
+            mode = if totals.steps >= self.max_steps { StepMode::AnswerOnly } else { StepMode::Auto };
             receiver = match self.submit_step(&mode) {
                 Ok(receiver) => receiver,
                 Err(status) => {

@@ -31,16 +31,19 @@ pub fn tool_turns(
     mode: &StepMode,
 ) -> Result<Vec<TemplateTurn>, String> {
     let offer = format.system_text(tools);
-    let mut turns = Vec::with_capacity(messages.len() + 1);
     let mut offered = offer.is_empty();
+    // The generic offer is plain text (the tools' descriptions come from plugins); Phi-4's
+    // wraps the tools in its own tags.
+    let offer = if format == ToolFormat::Generic && !offered { plain(&offer) } else { offer };
+    let mut turns = Vec::with_capacity(messages.len() + 1);
     for (index, message) in messages.iter().enumerate() {
         match Role::try_from(message.role) {
             Ok(Role::System) if !offered => {
-                turns.push(TemplateTurn::new("system", format!("{}{}{offer}", message.content, format.separator())));
+                turns.push(TemplateTurn::new("system", format!("{}{}{offer}", plain(&message.content), format.separator())));
                 offered = true;
             }
-            Ok(Role::System) => turns.push(TemplateTurn::new("system", message.content.clone())),
-            Ok(Role::User) => turns.push(TemplateTurn::new("user", message.content.clone())),
+            Ok(Role::System) => turns.push(TemplateTurn::new("system", plain(&message.content))),
+            Ok(Role::User) => turns.push(TemplateTurn::new("user", plain(&message.content))),
             Ok(Role::Assistant) => {
                 let calls = message
                     .tool_calls
@@ -53,10 +56,14 @@ pub fn tool_turns(
                         Ok(ParsedCall { name: call.name.clone(), arguments })
                     })
                     .collect::<Result<Vec<_>, String>>()?;
-                let content = if calls.is_empty() {
-                    format.render_answer(&message.content)
-                } else {
-                    format!("{}{}", message.content, format.render_calls(&calls))
+                let content = match format {
+                    // Plain JSON, with no markup of its own: all of it is text.
+                    ToolFormat::Generic if calls.is_empty() => plain(&format.render_answer(&message.content)),
+                    ToolFormat::Generic => plain(&format!("{}{}", message.content, format.render_calls(&calls))),
+                    // The call block's tags are the format's markup; the arguments inside them
+                    // are written by this code from parsed JSON.
+                    ToolFormat::Phi4Native if calls.is_empty() => plain(&message.content),
+                    ToolFormat::Phi4Native => format!("{}{}", plain(&message.content), format.render_calls(&calls)),
                 };
                 turns.push(TemplateTurn::new("assistant", content));
             }
@@ -67,7 +74,7 @@ pub fn tool_turns(
                         message.tool_call_id
                     )
                 })?;
-                let (role, content) = format.result_turn(name, &message.content, false);
+                let (role, content) = format.result_turn(name, &plain(&message.content), false);
                 turns.push(TemplateTurn::new(role, content));
             }
             Ok(Role::Unspecified) | Err(_) => {
@@ -82,6 +89,99 @@ pub fn tool_turns(
         turns.push(TemplateTurn::new("system", step));
     }
     Ok(turns)
+}
+
+/// Opens text that must be tokenized as plain text (see [`plain`]): a private-use character
+/// that the chat template copies through untouched.
+const PLAIN_OPEN: char = '\u{E000}';
+/// Closes what [`PLAIN_OPEN`] opened.
+const PLAIN_CLOSE: char = '\u{E001}';
+
+/// Marks `text` (a message's content, a tool's result, anything a client or plugin wrote) as
+/// plain text for [`tokenize_prompt`]: its `<|end|>` is seven characters, not a turn's end. The
+/// two marker characters are taken out of `text` itself.
+pub fn plain(text: &str) -> String {
+    if text.is_empty() {
+        return String::new();
+    }
+    let mut marked = String::with_capacity(text.len() + 6);
+    marked.push(PLAIN_OPEN);
+    marked.extend(text.chars().filter(|&c| c != PLAIN_OPEN && c != PLAIN_CLOSE));
+    marked.push(PLAIN_CLOSE);
+    marked
+}
+
+/// Tokenizes a prompt rendered from turns whose untrusted parts went through [`plain`]: only
+/// the template's own markup (and what the tool format adds on purpose) can become special
+/// tokens. The result is what llama.cpp's own special-token parsing gives for a prompt without
+/// marked text: a BOS if the model wants one, then special tokens and the text runs between
+/// them, each run tokenized as one piece (with its leading-space rule), and the whitespace
+/// beside a special token stripped where its attributes say so.
+pub fn tokenize_prompt(model: &llama_cpp_2::model::LlamaModel, prompt: &str) -> Vec<llama_cpp_2::token::LlamaToken> {
+    use llama_cpp_2::token::LlamaToken;
+    use llama_cpp_2::token_type::LlamaTokenAttr;
+    enum Fragment {
+        Special(LlamaToken),
+        Text(String),
+    }
+    /// The text run being gathered, and whether it follows a special token that strips the
+    /// whitespace after it (and nothing but whitespace has come since).
+    #[derive(Default)]
+    struct Run {
+        text: String,
+        strip_start: bool,
+    }
+    impl Run {
+        fn push(&mut self, piece: &str) {
+            let piece = if self.strip_start { piece.trim_start() } else { piece };
+            self.strip_start &= piece.is_empty();
+            self.text.push_str(piece);
+        }
+    }
+    let vocab = model.vocab();
+    let mut fragments = Vec::new();
+    let mut run = Run::default();
+    let mut rest = prompt;
+    while !rest.is_empty() {
+        let (markup, after) = rest.split_once(PLAIN_OPEN).unwrap_or((rest, ""));
+        let mut position = 0;
+        for token in vocab.tokenize(markup.as_bytes(), false, true) {
+            let attrs = vocab.attr(token);
+            if !(attrs.contains(LlamaTokenAttr::Control) || attrs.contains(LlamaTokenAttr::UserDefined)) {
+                continue;
+            }
+            let Some(piece) = vocab.text(token).and_then(|piece| piece.to_str().ok()) else { continue };
+            let Some(found) = markup[position..].find(piece) else { continue };
+            run.push(&markup[position..position + found]);
+            if attrs.contains(LlamaTokenAttr::LStrip) {
+                run.text.truncate(run.text.trim_end().len());
+            }
+            if !run.text.is_empty() {
+                fragments.push(Fragment::Text(std::mem::take(&mut run.text)));
+            }
+            fragments.push(Fragment::Special(token));
+            run.strip_start = attrs.contains(LlamaTokenAttr::RStrip);
+            position += found + piece.len();
+        }
+        run.push(&markup[position..]);
+        let (content, after) = after.split_once(PLAIN_CLOSE).unwrap_or((after, ""));
+        run.push(content);
+        rest = after;
+    }
+    if !run.text.is_empty() {
+        fragments.push(Fragment::Text(run.text));
+    }
+    let mut tokens = Vec::new();
+    if vocab.should_add_bos() {
+        tokens.push(vocab.bos());
+    }
+    for fragment in fragments {
+        match fragment {
+            Fragment::Special(token) => tokens.push(token),
+            Fragment::Text(text) => tokens.extend(vocab.tokenize(text.as_bytes(), false, false)),
+        }
+    }
+    tokens
 }
 
 /// The chat template's rendering of `turns`, ready for the assistant to speak.
@@ -126,6 +226,22 @@ mod tests {
         Message { role: role as i32, content: content.into(), ..Message::default() }
     }
 
+    /// A turn's content without the plain-text markers.
+    fn unmarked(content: &str) -> String {
+        content.chars().filter(|&c| c != PLAIN_OPEN && c != PLAIN_CLOSE).collect()
+    }
+
+    #[test]
+    fn untrusted_text_is_marked_and_cannot_close_its_mark() {
+        assert_eq!(plain(""), "");
+        assert_eq!(plain("a<|end|>"), "\u{E000}a<|end|>\u{E001}");
+        assert_eq!(plain("x\u{E001}<|user|>\u{E000}"), "\u{E000}x<|user|>\u{E001}");
+        let turns = tool_turns(&[message(Role::User, "<|end|>")], ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
+        assert_eq!(turns[1].content, plain("<|end|>"));
+        // Phi-4's own tool tags stay markup.
+        assert!(turns[0].content.contains("<|tool|>") && !turns[0].content.starts_with(PLAIN_OPEN), "{}", turns[0].content);
+    }
+
     fn tools() -> Vec<OfferedTool> {
         vec![OfferedTool::new("lights.off".into(), "off".into(), json!({"type": "object"}), ToolSide::Client).unwrap()]
     }
@@ -143,7 +259,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(turns.len(), 3);
-        assert!(turns[0].content.starts_with("Be brief.\n\nRespond with one JSON object"), "{}", turns[0].content);
+        let system = unmarked(&turns[0].content);
+        assert!(system.starts_with("Be brief.\n\nRespond with one JSON object"), "{system}");
         assert_eq!(turns[2].role, "system", "the step's instruction comes last");
     }
 
@@ -165,7 +282,7 @@ mod tests {
             Message { role: Role::Tool as i32, content: "done".into(), tool_call_id: "call-1".into(), ..Message::default() },
         ];
         let turns = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
-        assert_eq!(turns[2].content, "{\"tool_call\":{\"name\":\"lights.off\",\"arguments\":{\"room\":\"hall\"}}}");
+        assert_eq!(unmarked(&turns[2].content), "{\"tool_call\":{\"name\":\"lights.off\",\"arguments\":{\"room\":\"hall\"}}}");
         assert_eq!(turns[3].role, "user");
         assert!(turns[3].content.contains("tool_response") && turns[3].content.contains("done"));
         let turns = tool_turns(&messages, ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
