@@ -22,6 +22,18 @@ pub struct StreamFigures {
     pub cached_tokens: u32,
 }
 
+impl StreamFigures {
+    /// From when the request was sent, its first text arrived and it ended.
+    fn new(sent: Instant, first: Instant, done_at: Instant, generate: usize, prompt_tokens: u32, cached: u32) -> Self {
+        StreamFigures {
+            first_token_ms: ms(first - sent),
+            decode_tok_s: (generate - 1) as f64 / (done_at - first).as_secs_f64(),
+            prompt_tokens,
+            cached_tokens: cached,
+        }
+    }
+}
+
 /// What a scenario needs from a server: phi3d over gRPC or llama-server over HTTP.
 pub trait Server {
     /// A raw completion of `prompt` (BOS added, specials parsed), greedy, `generate` tokens.
@@ -83,12 +95,7 @@ impl Phi3d {
             }
         }
         let (first, done_at) = (first.context("no text")?, done_at.context("no Done")?);
-        Ok(StreamFigures {
-            first_token_ms: ms(first - sent),
-            decode_tok_s: (generate - 1) as f64 / (done_at - first).as_secs_f64(),
-            prompt_tokens,
-            cached_tokens: cached,
-        })
+        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached))
     }
 }
 
@@ -190,12 +197,7 @@ impl LlamaServer {
         }
         let done_at = Instant::now();
         let first = first.context("llama-server streamed no text")?;
-        Ok(StreamFigures {
-            first_token_ms: ms(first - sent),
-            decode_tok_s: (generate - 1) as f64 / (done_at - first).as_secs_f64(),
-            prompt_tokens,
-            cached_tokens: cached,
-        })
+        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached))
     }
 }
 
