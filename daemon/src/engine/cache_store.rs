@@ -209,16 +209,6 @@ impl CacheStore {
         discard(&saved.path, reason);
     }
 
-    /// Cache files on disk for this key.
-    pub fn count(&self) -> usize {
-        let prefix = self.key.file_prefix();
-        self.files()
-            .unwrap_or_default()
-            .iter()
-            .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&prefix)))
-            .count()
-    }
-
     fn files(&self) -> std::io::Result<Vec<PathBuf>> {
         match std::fs::read_dir(&self.dir) {
             Ok(dir) => Ok(dir
@@ -328,7 +318,7 @@ mod tests {
         assert_eq!(firsts, [3, 4, 1]);
         assert_eq!(loaded[2].tokens.len(), 2);
         assert_eq!(loaded[0].state, vec![1; 100]);
-        assert_eq!(store.count(), 3);
+        assert_eq!(store.list().len(), 3);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&store.files().unwrap()[0]).unwrap().permissions().mode();
         assert_eq!(mode & 0o077, 0, "only phi3d reads the users' prompts: {mode:o}");
@@ -347,7 +337,7 @@ mod tests {
         assert_eq!(saved.unwrap(), 2);
         assert_eq!(serialised, [0, 1], "the third was never serialised");
         assert_eq!(store.save(&[item(9, &[9], false, 9)], state).unwrap(), 1);
-        assert_eq!(store.count(), 1, "files of an earlier save that were not saved again are removed");
+        assert_eq!(store.list().len(), 1, "files of an earlier save that were not saved again are removed");
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl Worker<'_> {
         let grows_to = (task.prompt.len() + task.params.max_tokens as usize).min(self.n_ctx);
         let needed = grows_to - placement.reuse;
         // Running alone, it gets what there is: generation ends when the context is full.
-        if !self.make_room(needed, placement.slot) && self.active_slots() > 0 {
+        if !self.make_room(needed, Some(placement.slot)) && self.active_slots() > 0 {
             return Err(task);
         }
         if self.fault_panic && task.request_id == FAULT_PANIC_REQUEST {
@@ -317,13 +317,19 @@ impl Worker<'_> {
 
     /// Keeps the first `keep` positions of a slot's sequence.
     fn truncate(&mut self, index: usize, keep: usize) {
-        let slot = &mut self.slots[index];
-        if slot.tokens.len() > keep {
-            let seq = u32::try_from(slot.seq_id).expect("sequence ids are small and positive");
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(keep as u32), None);
-            slot.tokens.truncate(keep);
-            self.cells.truncate(slot.seq_id, keep as u32);
+        let (seq_id, held) = (self.slots[index].seq_id, self.slots[index].tokens.len());
+        if held > keep {
+            self.remove_positions(seq_id, keep);
+            self.slots[index].tokens.truncate(keep);
+            self.cells.truncate(seq_id, keep as u32);
         }
+    }
+
+    /// Drops a sequence's cells from position `from` on, in llama.cpp only (the callers keep
+    /// their own records).
+    fn remove_positions(&mut self, seq_id: i32, from: usize) {
+        let seq = u32::try_from(seq_id).expect("sequence ids are small and positive");
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(from as u32), None);
     }
 
     /// Cells neither in use nor reserved by a busy slot.
@@ -333,8 +339,8 @@ impl Worker<'_> {
     }
 
     /// Evicts idle cached sequences, least recently used first, until `needed` cells are free.
-    /// `keep` is the slot being prepared. Returns whether they are.
-    fn make_room(&mut self, needed: usize, keep: usize) -> bool {
+    /// `keep` is the slot being prepared, if any. Returns whether they are.
+    fn make_room(&mut self, needed: usize, keep: Option<usize>) -> bool {
         loop {
             if self.free_cells() >= needed {
                 return true;
@@ -343,7 +349,7 @@ impl Worker<'_> {
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(index, slot)| *index != keep && !slot.is_busy() && self.cells.exclusive(slot.seq_id) > 0)
+                .filter(|(index, slot)| Some(*index) != keep && !slot.is_busy() && self.cells.exclusive(slot.seq_id) > 0)
                 .min_by_key(|(_, slot)| slot.last_used)
                 .map(|(index, _)| index);
             let Some(victim) = victim else { return false };
@@ -409,13 +415,15 @@ impl Worker<'_> {
                 Err(err) => {
                     // Undo whatever the failed decode wrote, so that positions stay consecutive.
                     for (index, _) in &feeds {
-                        let slot = &self.slots[*index];
-                        let seq = u32::try_from(slot.seq_id).expect("sequence ids are small and positive");
-                        let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(slot.tokens.len() as u32), None);
+                        let (seq_id, held) = (self.slots[*index].seq_id, self.slots[*index].tokens.len());
+                        self.remove_positions(seq_id, held);
                     }
                     if !evicted && matches!(err, DecodeError::NoKvCacheSlot) {
                         evicted = true;
-                        if self.evict_idle() > 0 {
+                        // Every idle cache that holds cells of its own goes; retry if any did.
+                        let before = self.cells.used();
+                        self.make_room(usize::MAX, None);
+                        if self.cells.used() < before {
                             continue;
                         }
                     }
@@ -473,17 +481,6 @@ impl Worker<'_> {
         }
         self.ctx.decode(&mut self.batch)?;
         Ok(logits)
-    }
-
-    /// Evicts every idle cached sequence that holds cells of its own; how many went.
-    fn evict_idle(&mut self) -> usize {
-        let victims: Vec<usize> = (0..self.slots.len())
-            .filter(|&index| !self.slots[index].is_busy() && self.cells.exclusive(self.slots[index].seq_id) > 0)
-            .collect();
-        for &index in &victims {
-            self.truncate(index, 0);
-        }
-        victims.len()
     }
 
     /// The count drops and the status is published before the client hears `Done`, so that a
@@ -610,8 +607,8 @@ impl Worker<'_> {
         let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq_id, LlamaStateSeqFlags::empty()) };
         let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
         if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq_id as u32), None, None);
             store.reject(saved, "llama.cpp did not restore the positions its tokens say");
+            self.remove_positions(seq_id, 0);
             return None;
         }
         self.cells.append(seq_id, entry.tokens.len() as u32);
