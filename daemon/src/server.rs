@@ -65,7 +65,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         pinned_prompts: config.pinned_prompts.clone(),
         render_prefix: crate::service::inference::system_prefix_tokens,
         prompt_cache_dir: config.prompt_cache_dir.clone(),
-        prompt_cache_disk_bytes: config.prompt_cache_disk_mb * 1_000_000,
+        prompt_cache_disk_bytes: config.prompt_cache_disk_mb.saturating_mul(1_000_000),
         cancel: stopping.clone(),
     })?;
 
