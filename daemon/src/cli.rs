@@ -1,5 +1,5 @@
-//! The command line: `serve` runs the daemon; `pull`, `chat`, `status` and `tools` are small
-//! tools around it.
+//! The command line: `serve` runs the daemon; `pull`, `chat`, `status`, `tools` and `token`
+//! are small tools around it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, DEFAULT_CONFIG_PATH, Settings};
 
 mod client;
+mod connect;
+mod token;
 
 #[derive(Parser)]
 #[command(name = "phi3d", version, about = "Keeps a Phi-3 family model warm and serves it over gRPC")]
@@ -48,6 +50,8 @@ enum Command {
     Status(client::StatusArgs),
     /// List the tools a running daemon's plugins offer, with their sandbox protections
     Tools(client::StatusArgs),
+    /// Manage the bearer tokens clients authenticate with
+    Token(token::TokenArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Chat(args) => runtime().and_then(|runtime| runtime.block_on(client::chat(args))),
         Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
         Command::Tools(args) => runtime().and_then(|runtime| runtime.block_on(client::tools(args))),
+        Command::Token(args) => token::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

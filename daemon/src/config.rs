@@ -96,6 +96,44 @@ pub struct Settings {
     /// The most tool round trips a request's tools.max_steps may ask for
     #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
     pub max_tool_steps: Option<u32>,
+
+    // Who may connect, and how much one client may ask.
+    /// Also listen on this Unix socket, e.g. /run/phi3d/phi3d.sock
+    #[arg(long, env = "PHI3D_UNIX_SOCKET")]
+    pub unix_socket: Option<PathBuf>,
+    /// The Unix socket's permissions, in octal (default 660: owner and group)
+    #[arg(long, env = "PHI3D_UNIX_SOCKET_MODE")]
+    pub unix_socket_mode: Option<String>,
+    /// The group that owns the Unix socket (name or number)
+    #[arg(long, env = "PHI3D_UNIX_SOCKET_GROUP")]
+    pub unix_socket_group: Option<String>,
+    /// Bearer tokens (`phi3d token create`); when the file exists, every RPC but health needs one
+    #[arg(long, env = "PHI3D_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the TCP listener
+    #[arg(long, env = "PHI3D_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM)
+    #[arg(long, env = "PHI3D_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS
+    #[arg(long, env = "PHI3D_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve a listener reachable from the network even with no authentication configured
+    #[arg(long, env = "PHI3D_ALLOW_UNAUTHENTICATED_NETWORK", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_unauthenticated_network: Option<bool>,
+    /// Largest request message in bytes
+    #[arg(long, env = "PHI3D_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<u32>,
+    /// Longest prompt in tokens (default: the context size)
+    #[arg(long, env = "PHI3D_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<u32>,
+    /// The most max_tokens a request may ask for (default: the context size)
+    #[arg(long, env = "PHI3D_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<u32>,
+    /// Requests one client (token, or address without tokens) may have in flight at once
+    #[arg(long, env = "PHI3D_MAX_STREAMS_PER_CLIENT")]
+    pub max_streams_per_client: Option<u32>,
 }
 
 /// The `[sandbox]` table.
@@ -175,15 +213,30 @@ impl Settings {
             prompt_cache_disk_mb: over.prompt_cache_disk_mb.or(self.prompt_cache_disk_mb),
             tool_call_max_tokens: over.tool_call_max_tokens.or(self.tool_call_max_tokens),
             max_tool_steps: over.max_tool_steps.or(self.max_tool_steps),
+            unix_socket: over.unix_socket.or(self.unix_socket),
+            unix_socket_mode: over.unix_socket_mode.or(self.unix_socket_mode),
+            unix_socket_group: over.unix_socket_group.or(self.unix_socket_group),
+            token_file: over.token_file.or(self.token_file),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            tls_client_ca: over.tls_client_ca.or(self.tls_client_ca),
+            allow_unauthenticated_network: over.allow_unauthenticated_network.or(self.allow_unauthenticated_network),
+            max_request_bytes: over.max_request_bytes.or(self.max_request_bytes),
+            max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
+            max_tokens_limit: over.max_tokens_limit.or(self.max_tokens_limit),
+            max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 33] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
+    "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
+    "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
+    "max_streams_per_client",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -195,6 +248,13 @@ pub const DEFAULT_PROMPT_CACHE_DISK_MB: u64 = 2048;
 pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
 /// The largest `tools.max_steps` unless configured.
 pub const DEFAULT_MAX_TOOL_STEPS: u32 = 16;
+
+/// Requests above this many bytes are refused unless configured: a long conversation with
+/// tool schemas is tens of kilobytes.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1024 * 1024;
+/// Streams one client may have open unless configured: enough for a home's integrations
+/// behind one token, while leaving most of the default queue to everyone else.
+pub const DEFAULT_MAX_STREAMS_PER_CLIENT: u32 = 8;
 
 /// Where plugin manifests live unless configured.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
@@ -245,6 +305,16 @@ pub struct Config {
     pub prompt_cache_disk_mb: u64,
     pub tool_call_max_tokens: u32,
     pub max_tool_steps: u32,
+    pub unix_socket: Option<PathBuf>,
+    pub unix_socket_mode: u32,
+    pub unix_socket_group: Option<String>,
+    pub token_file: PathBuf,
+    pub tls: crate::listeners::tls::TlsFiles,
+    pub allow_unauthenticated_network: bool,
+    pub max_request_bytes: u32,
+    pub max_prompt_tokens: u32,
+    pub max_tokens_limit: u32,
+    pub max_streams_per_client: u32,
 }
 
 impl Config {
@@ -299,6 +369,28 @@ impl Config {
             prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
             tool_call_max_tokens: settings.tool_call_max_tokens.unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS),
             max_tool_steps: settings.max_tool_steps.unwrap_or(DEFAULT_MAX_TOOL_STEPS),
+            unix_socket: settings.unix_socket,
+            unix_socket_mode: match settings.unix_socket_mode.as_deref() {
+                None => 0o660,
+                Some(text) => u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|mode| *mode <= 0o777)
+                    .ok_or_else(|| {
+                        ConfigError(format!("unix_socket_mode: `{text}` is not an octal mode such as 660 or 600"))
+                    })?,
+            },
+            unix_socket_group: settings.unix_socket_group,
+            token_file: settings.token_file.unwrap_or_else(|| PathBuf::from(crate::auth::tokens::DEFAULT_TOKEN_FILE)),
+            tls: crate::listeners::tls::TlsFiles {
+                cert: settings.tls_cert,
+                key: settings.tls_key,
+                client_ca: settings.tls_client_ca,
+            },
+            allow_unauthenticated_network: settings.allow_unauthenticated_network.unwrap_or(false),
+            max_request_bytes: settings.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
+            max_prompt_tokens: settings.max_prompt_tokens.unwrap_or(ctx_size),
+            max_tokens_limit: settings.max_tokens_limit.unwrap_or(ctx_size),
+            max_streams_per_client: settings.max_streams_per_client.unwrap_or(DEFAULT_MAX_STREAMS_PER_CLIENT),
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
@@ -310,6 +402,16 @@ impl Config {
         at_least("batch_size", config.batch_size, 1)?;
         at_least("queue_size", config.queue_size, 1)?;
         at_least("max_tokens", config.max_tokens, 1)?;
+        at_least("max_request_bytes", config.max_request_bytes, 1024)?;
+        at_least("max_prompt_tokens", config.max_prompt_tokens, 1)?;
+        at_least("max_tokens_limit", config.max_tokens_limit, 1)?;
+        at_least("max_streams_per_client", config.max_streams_per_client, 1)?;
+        if config.max_tokens > config.max_tokens_limit {
+            return Err(ConfigError(format!(
+                "max_tokens: the default reply length {} is above max_tokens_limit {}; lower one or raise the other",
+                config.max_tokens, config.max_tokens_limit
+            )));
+        }
         if config.model.trim().is_empty() {
             return Err(ConfigError(
                 "model: empty; set a GGUF path or a catalogue name such as phi-3-mini-4k-instruct"
@@ -376,7 +478,11 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n";
+                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n\
+                    unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
+                    token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
+                    allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
+                    max_tokens_limit = 16\nmax_streams_per_client = 2\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -386,6 +492,7 @@ mod tests {
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
+        assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }

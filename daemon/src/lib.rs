@@ -2,9 +2,11 @@
 //!
 //! See ARCHITECTURE.md at the repository root for the code map.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod listeners;
 pub mod logging;
 pub mod model;
 pub mod plugins;

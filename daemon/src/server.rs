@@ -10,16 +10,21 @@ use std::sync::Arc;
 
 use phi3d_proto::v1::admin_server::AdminServer;
 use phi3d_proto::v1::inference_server::InferenceServer;
-use tokio::net::TcpListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::Authenticator;
+use crate::auth::tokens::TokenStore;
 use crate::config::{Config, SandboxRequire};
+use crate::listeners::Listeners;
 use crate::plugins::PluginRegistry;
 use crate::sandbox::{KernelSupport, Requirement};
 use crate::engine::{Engine, EngineConfig};
 use crate::service::admin::AdminService;
 use crate::service::inference::InferenceService;
+use crate::service::limits::Limits;
 use crate::service::requests::Requests;
 use crate::service::validate::Defaults;
 
@@ -37,10 +42,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let model_path = crate::model::resolve(&config.model, &config.model_dir, config.offline)
         .await
         .map_err(anyhow::Error::msg)?;
-    let listener = TcpListener::bind(config.listen).await.map_err(|err| {
-        anyhow::anyhow!("listen: cannot bind {}: {err}; choose another address with --listen", config.listen)
-    })?;
-    tracing::info!(addr = %listener.local_addr()?, model = %model_path.display(), "listening");
+    let tokens = Arc::new(TokenStore::open(config.token_file.clone()).map_err(anyhow::Error::msg)?);
+    let tls = config.tls.server_config()?;
+    let listeners = Listeners::open(&config).await?;
+    listeners.check_exposure(tokens.required() || config.tls.client_ca.is_some(), config.allow_unauthenticated_network)?;
+    tracing::info!(
+        tcp = ?listeners.tcp_addresses(),
+        unix = ?config.unix_socket.as_ref().filter(|_| !listeners.activated),
+        tls = tls.is_some(),
+        client_certificates = config.tls.client_ca.is_some(),
+        tokens = tokens.required(),
+        model = %model_path.display(),
+        "listening"
+    );
 
     let support = KernelSupport::probe();
     tracing::info!(%support, "plugin sandbox");
@@ -75,7 +89,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     }
     health.set_service_status("phi3d.v1.Admin", ServingStatus::Serving).await;
 
-    let requests = Arc::new(Requests::default());
+    let limits = Limits {
+        max_request_bytes: config.max_request_bytes,
+        max_prompt_tokens: config.max_prompt_tokens,
+        max_streams_per_client: config.max_streams_per_client,
+    };
+    let requests = Arc::new(Requests::new(limits));
     let (engine_failed_tx, engine_failed) = tokio::sync::oneshot::channel();
     let watch_engine = engine.clone();
     let watch_stopping = stopping.clone();
@@ -120,6 +139,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             max_tokens: config.max_tokens,
             tool_call_max_tokens: config.tool_call_max_tokens,
             max_tool_steps: config.max_tool_steps,
+            max_tokens_limit: config.max_tokens_limit,
         },
         plugins.clone(),
         config.tool_choice,
@@ -144,18 +164,49 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         engine_error
     });
 
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(InferenceServer::new(inference))
-        .add_service(AdminServer::new(admin))
+    // Every service but health answers only callers the authenticator lets through.
+    let auth = Authenticator::new(tokens);
+    let inference = InterceptedService::new(
+        InferenceServer::new(inference).max_decoding_message_size(limits.decoding_limit()),
+        auth.clone(),
+    );
+    let admin = InterceptedService::new(AdminServer::new(admin), auth.clone());
+    let reflection = InterceptedService::new(reflection, auth.clone());
+    let reflection_alpha = InterceptedService::new(reflection_alpha, auth);
+    let routes = |mut builder: tonic::transport::Server| {
+        builder
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
+            .add_service(reflection_alpha.clone())
+            .add_service(inference.clone())
+            .add_service(admin.clone())
+    };
+    // The socket file is removed when this binding goes, after the servers have stopped.
+    let Listeners { tcp, unix, socket_file: _socket_file, .. } = listeners;
+    let tcp_server = async {
+        if tcp.is_empty() {
+            return Ok(());
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
         // Streams are many small messages: without TCP_NODELAY each one may wait ~40 ms on
         // the previous one's acknowledgement (measured: +20 ms on the first token).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stopping.clone().cancelled_owned(),
-        );
+        let incoming =
+            futures::stream::select_all(tcp.into_iter().map(|listener| TcpIncoming::from(listener).with_nodelay(Some(true))));
+        routes(builder).serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned()).await
+    };
+    let unix_server = async {
+        if unix.is_empty() {
+            return Ok(());
+        }
+        let incoming = futures::stream::select_all(unix.into_iter().map(UnixListenerStream::new));
+        routes(tonic::transport::Server::builder())
+            .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned())
+            .await
+    };
+    let server = futures::future::try_join(tcp_server, unix_server);
     // A client that keeps its connection open must not hold the daemon up forever.
     let drain_limit = async {
         stopping.cancelled().await;

@@ -8,17 +8,15 @@ use phi3d_proto::v1::{
     ChatRequest, GenerationOptions, GetStatusRequest, ListToolsRequest, Message, Role, StopReason, ToolChoice, ToolOptions,
     chat_event,
 };
-use tonic::transport::Channel;
 
-const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+use super::connect::{Connection, ServerArgs};
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
     /// What to say; without it, an interactive conversation on stdin
     prompt: Option<String>,
-    /// The daemon's address
-    #[arg(long, env = "PHI3D_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// A system message to start the conversation with
     #[arg(long)]
     system: Option<String>,
@@ -39,22 +37,12 @@ pub struct ChatArgs {
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// The daemon's address
-    #[arg(long, env = "PHI3D_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
-        .map_err(|err| anyhow::anyhow!("address `{addr}`: {err}; use e.g. {DEFAULT_ADDR}"))?;
-    endpoint
-        .connect()
-        .await
-        .map_err(|err| anyhow::anyhow!("cannot reach phi3d at {addr}: {err}; is `phi3d serve` running?"))
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let mut client = InferenceClient::new(connect(&args.addr).await?);
+    let mut client = InferenceClient::new(args.server.connect().await?);
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(Message { role: Role::System as i32, content: system.clone(), ..Message::default() });
@@ -82,7 +70,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
 }
 
 /// Streams one reply to stdout and appends it to the conversation.
-async fn turn(client: &mut InferenceClient<Channel>, args: &ChatArgs, messages: &mut Vec<Message>) -> anyhow::Result<()> {
+async fn turn(client: &mut InferenceClient<Connection>, args: &ChatArgs, messages: &mut Vec<Message>) -> anyhow::Result<()> {
     let request = ChatRequest {
         request_id: String::new(),
         messages: messages.clone(),
@@ -139,7 +127,7 @@ async fn turn(client: &mut InferenceClient<Channel>, args: &ChatArgs, messages: 
 }
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let mut client = AdminClient::new(connect(&args.addr).await?);
+    let mut client = AdminClient::new(args.server.connect().await?);
     let status = client.get_status(GetStatusRequest {}).await.map_err(status_error)?.into_inner();
     let model = status.model.unwrap_or_default();
     println!("phi3d {}  up {}s", status.version, status.uptime_seconds);
@@ -184,7 +172,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub async fn tools(args: StatusArgs) -> anyhow::Result<()> {
-    let mut client = AdminClient::new(connect(&args.addr).await?);
+    let mut client = AdminClient::new(args.server.connect().await?);
     let listing = client.list_tools(ListToolsRequest {}).await.map_err(status_error)?.into_inner();
     println!("sandbox: {}", listing.sandbox_support);
     if listing.tools.is_empty() {

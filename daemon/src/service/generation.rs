@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::requests::{Registration, Requests};
 use super::validate;
+use crate::auth::Client;
 use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
 use crate::engine::{Engine, LoadedModel, QueueError};
@@ -19,16 +20,21 @@ use crate::engine::{Engine, LoadedModel, QueueError};
 pub struct RequestScope {
     pub registration: Registration,
     deadline_passed: Arc<AtomicBool>,
+    max_prompt_tokens: u32,
     /// The deadline's timer, stopped when the request ends, not when the deadline would pass.
     _timer: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl RequestScope {
     /// Registers the id and arms the client's deadline, if it sent one.
-    pub fn begin(requests: &Arc<Requests>, request_id: &str, deadline: Option<Duration>) -> Result<RequestScope, Status> {
-        let registration = requests.register(request_id).ok_or_else(|| {
-            Status::already_exists(format!("request_id `{request_id}` is already in flight; use a unique id per request"))
-        })?;
+    pub fn begin(
+        requests: &Arc<Requests>,
+        request_id: &str,
+        client: &Client,
+        deadline: Option<Duration>,
+    ) -> Result<RequestScope, Status> {
+        let registration = requests.register(request_id, client)?;
+        let max_prompt_tokens = requests.limits.max_prompt_tokens;
         let deadline_passed = Arc::new(AtomicBool::new(false));
         let timer = deadline.map(|deadline| {
             let cancel = registration.cancel.clone();
@@ -43,7 +49,7 @@ impl RequestScope {
                 }
             }))
         });
-        Ok(RequestScope { registration, deadline_passed, _timer: timer })
+        Ok(RequestScope { registration, deadline_passed, max_prompt_tokens, _timer: timer })
     }
 
     pub fn request_id(&self) -> &str {
@@ -58,7 +64,7 @@ impl RequestScope {
         prompt: Vec<LlamaToken>,
         params: GenerationParams,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
-        validate::fits_context(prompt.len(), model.info.context_length)?;
+        validate::fits_context(prompt.len(), model.info.context_length, self.max_prompt_tokens)?;
         // Compiling a grammar can take a while for large schemas: it happens here, on the
         // async side, never on the worker thread that every slot's decoding waits on.
         let sampler = if params.grammar.is_some() {
@@ -109,7 +115,7 @@ mod tests {
     #[tokio::test]
     async fn the_deadline_timer_ends_with_the_request() {
         let requests = Arc::new(Requests::default());
-        let scope = RequestScope::begin(&requests, "r", Some(Duration::from_secs(3600))).unwrap();
+        let scope = RequestScope::begin(&requests, "r", &Client::Unknown, Some(Duration::from_secs(3600))).unwrap();
         let passed = scope.deadline_passed.clone();
         tokio::task::yield_now().await;
         assert_eq!(Arc::strong_count(&passed), 3, "the scope, the timer and this test");

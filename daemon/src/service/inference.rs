@@ -18,9 +18,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::generation::RequestScope;
-use super::requests::Requests;
+use super::requests::{CancelOutcome, Requests};
 use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
+use crate::auth::Client;
 use crate::engine::task::{Event, GenerationParams};
 use crate::engine::{Engine, LoadedModel};
 use crate::plugins::PluginRegistry;
@@ -56,9 +57,10 @@ impl InferenceService {
         request: ChatRequest,
         plan: ToolPlan,
         params: GenerationParams,
+        client: &Client,
         deadline: Option<std::time::Duration>,
     ) -> Result<EventStream, Status> {
-        let scope = RequestScope::begin(&self.requests, &request.request_id, deadline)?;
+        let scope = RequestScope::begin(&self.requests, &request.request_id, client, deadline)?;
         let turn = AgentTurn {
             engine: self.engine.clone(),
             format: ToolFormat::detect(&model),
@@ -86,9 +88,10 @@ impl InferenceService {
         request_id: &str,
         prompt: Vec<LlamaToken>,
         params: GenerationParams,
+        client: &Client,
         deadline: Option<std::time::Duration>,
     ) -> Result<EventStream, Status> {
-        let scope = RequestScope::begin(&self.requests, request_id, deadline)?;
+        let scope = RequestScope::begin(&self.requests, request_id, client, deadline)?;
         let receiver = scope.submit(&self.engine, model, prompt, params)?;
         let started = convert::started(scope.request_id(), &model.info.name);
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -149,7 +152,9 @@ impl Inference for InferenceService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let deadline = validate::grpc_timeout(request.metadata());
+        let client = Client::of(&request);
         let request = request.into_inner();
+        self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let messages = validate::chat_messages(&request.messages)?;
         let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
@@ -162,29 +167,32 @@ impl Inference for InferenceService {
             &plugin_tools,
             self.defaults.max_tool_steps,
         )? {
-            return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline).await?));
+            return Ok(Response::new(self.tool_turn(model, request, plan, params, &client, deadline).await?));
         }
         let turns: Vec<TemplateTurn> =
             messages.iter().map(|(role, content)| TemplateTurn::new(*role, plain(content))).collect();
         let prompt = render(&model, &turns)?;
         let tokens = tokenize_prompt(&model.model, &prompt);
-        let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
+        let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
         Ok(Response::new(stream))
     }
 
     async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<Self::CompleteStream>, Status> {
         let deadline = validate::grpc_timeout(request.metadata());
+        let client = Client::of(&request);
         let request = request.into_inner();
+        self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let prompt = validate::prompt(&request.prompt)?;
         let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
         let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
-        let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
+        let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
         Ok(Response::new(stream))
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let request = request.into_inner();
+        self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let vocab = model.model.vocab();
         let tokens = vocab.tokenize(request.text.as_bytes(), request.add_special, request.parse_special);
@@ -197,12 +205,19 @@ impl Inference for InferenceService {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
+        let client = Client::of(&request);
         let request_id = request.into_inner().request_id;
         if request_id.is_empty() {
             return Err(Status::invalid_argument("request_id must not be empty"));
         }
-        let found = self.requests.cancel(&request_id);
-        tracing::debug!(%request_id, found, "cancel");
-        Ok(Response::new(CancelResponse { found }))
+        let outcome = self.requests.cancel(&request_id, &client);
+        tracing::debug!(%request_id, ?outcome, "cancel");
+        match outcome {
+            CancelOutcome::Cancelled => Ok(Response::new(CancelResponse { found: true })),
+            CancelOutcome::NotFound => Ok(Response::new(CancelResponse { found: false })),
+            CancelOutcome::NotYours => Err(Status::permission_denied(format!(
+                "request `{request_id}` belongs to another client; a client may cancel only its own requests"
+            ))),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The requests in flight, by request_id, so that `Cancel` can reach them and shutdown can
-//! stop them all.
+//! The requests in flight, by request_id, with the client each belongs to: `Cancel` reaches
+//! them (only its own client's), shutdown stops them all, and a client's streams are counted
+//! against `max_streams_per_client`.
 //!
 //! A request is registered for exactly as long as its stream lives: the [`Registration`] is
 //! dropped with the stream, whether it ended, failed or the client went away.
@@ -8,12 +9,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::limits::Limits;
+use crate::auth::Client;
 
 #[derive(Default)]
 pub struct Requests {
-    in_flight: Mutex<HashMap<String, CancellationToken>>,
+    in_flight: Mutex<HashMap<String, InFlight>>,
     /// Parent of every request's token: cancelling it stops them all.
     shutdown: CancellationToken,
+    pub limits: Limits,
+}
+
+struct InFlight {
+    cancel: CancellationToken,
+    client: Client,
 }
 
 /// A request's entry in the registry; removes it when dropped.
@@ -23,29 +34,51 @@ pub struct Registration {
     pub cancel: CancellationToken,
 }
 
+/// What `Cancel` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    Cancelled,
+    NotFound,
+    /// The request belongs to another client, which this one must not disturb.
+    NotYours,
+}
+
 impl Requests {
-    /// Registers `request_id`, or makes one up when it is empty. `None` when that id is taken.
-    pub fn register(self: &Arc<Self>, request_id: &str) -> Option<Registration> {
-        let request_id =
-            if request_id.is_empty() { format!("req-{:016x}", rand::random::<u64>()) } else { request_id.to_owned() };
-        let cancel = self.shutdown.child_token();
-        let mut in_flight = self.in_flight.lock().expect("request registry lock");
-        if in_flight.contains_key(&request_id) {
-            return None;
-        }
-        in_flight.insert(request_id.clone(), cancel.clone());
-        Some(Registration { requests: self.clone(), request_id, cancel })
+    pub fn new(limits: Limits) -> Self {
+        Requests { limits, ..Requests::default() }
     }
 
-    /// Cancels a request; false when no request has that id.
-    pub fn cancel(&self, request_id: &str) -> bool {
+    /// Registers `request_id` for `client`, or makes an id up when it is empty. ALREADY_EXISTS
+    /// when the id is taken, RESOURCE_EXHAUSTED when the client has all its streams open.
+    pub fn register(self: &Arc<Self>, request_id: &str, client: &Client) -> Result<Registration, Status> {
+        let id = if request_id.is_empty() { format!("req-{:016x}", rand::random::<u64>()) } else { request_id.to_owned() };
+        let mut in_flight = self.in_flight.lock().expect("request registry lock");
+        if in_flight.contains_key(&id) {
+            return Err(Status::already_exists(format!(
+                "request_id `{request_id}` is already in flight; use a unique id per request"
+            )));
+        }
+        let open = in_flight.values().filter(|request| request.client == *client).count();
+        if open >= self.limits.max_streams_per_client as usize {
+            return Err(Status::resource_exhausted(format!(
+                "{client} already has {open} requests in flight, the most one client may have                  (max_streams_per_client); wait for one to finish"
+            )));
+        }
+        let cancel = self.shutdown.child_token();
+        in_flight.insert(id.clone(), InFlight { cancel: cancel.clone(), client: client.clone() });
+        Ok(Registration { requests: self.clone(), request_id: id, cancel })
+    }
+
+    /// Cancels `client`'s request `request_id`.
+    pub fn cancel(&self, request_id: &str, client: &Client) -> CancelOutcome {
         let in_flight = self.in_flight.lock().expect("request registry lock");
         match in_flight.get(request_id) {
-            Some(token) => {
-                token.cancel();
-                true
+            Some(request) if request.client != *client => CancelOutcome::NotYours,
+            Some(request) => {
+                request.cancel.cancel();
+                CancelOutcome::Cancelled
             }
-            None => false,
+            None => CancelOutcome::NotFound,
         }
     }
 
@@ -66,23 +99,42 @@ impl Drop for Registration {
 mod tests {
     use super::*;
 
+    const ME: Client = Client::LocalUser(1000);
+
     #[test]
     fn ids_are_unique_while_in_flight_and_free_after() {
         let requests = Arc::new(Requests::default());
-        let first = requests.register("a").unwrap();
-        assert!(requests.register("a").is_none());
-        assert!(requests.cancel("a"));
+        let first = requests.register("a", &ME).unwrap();
+        assert_eq!(requests.register("a", &ME).err().unwrap().code(), tonic::Code::AlreadyExists);
+        assert_eq!(requests.cancel("a", &ME), CancelOutcome::Cancelled);
         assert!(first.cancel.is_cancelled());
         drop(first);
-        assert!(!requests.cancel("a"));
-        assert!(requests.register("a").is_some());
+        assert_eq!(requests.cancel("a", &ME), CancelOutcome::NotFound);
+        assert!(requests.register("a", &ME).is_ok());
+    }
+
+    #[test]
+    fn a_client_cancels_only_its_own_and_has_a_stream_limit() {
+        let limits = Limits { max_streams_per_client: 2, ..Limits::default() };
+        let requests = Arc::new(Requests::new(limits));
+        let other = Client::Token("other".into());
+        let mine = requests.register("a", &ME).unwrap();
+        assert_eq!(requests.cancel("a", &other), CancelOutcome::NotYours);
+        assert!(!mine.cancel.is_cancelled());
+        let _second = requests.register("b", &ME).unwrap();
+        let refused = requests.register("c", &ME).err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("max_streams_per_client"), "{}", refused.message());
+        assert!(requests.register("c", &other).is_ok(), "another client is not affected");
+        drop(mine);
+        assert!(requests.register("c2", &ME).is_ok(), "a finished stream frees its place");
     }
 
     #[test]
     fn made_up_ids_differ_and_shutdown_reaches_all() {
         let requests = Arc::new(Requests::default());
-        let one = requests.register("").unwrap();
-        let two = requests.register("").unwrap();
+        let one = requests.register("", &ME).unwrap();
+        let two = requests.register("", &ME).unwrap();
         assert_ne!(one.request_id, two.request_id);
         requests.cancel_all();
         assert!(one.cancel.is_cancelled() && two.cancel.is_cancelled());

@@ -17,6 +17,8 @@ pub struct Defaults {
     pub tool_call_max_tokens: u32,
     /// The largest `tools.max_steps` a request may ask for (`max_tool_steps`).
     pub max_tool_steps: u32,
+    /// The largest `max_tokens` a request may ask for (`max_tokens_limit`).
+    pub max_tokens_limit: u32,
 }
 
 /// The most stop strings one request may give: each is checked against every new character.
@@ -69,6 +71,12 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
         None => rand::random(),
     };
     let max_tokens = if options.max_tokens == 0 { defaults.max_tokens } else { options.max_tokens };
+    if max_tokens > defaults.max_tokens_limit {
+        return Err(invalid(format!(
+            "options.max_tokens {max_tokens} is above this phi3d's limit of {} (max_tokens_limit)",
+            defaults.max_tokens_limit
+        )));
+    }
     Ok(GenerationParams {
         max_tokens,
         sampling: SamplingParams { temperature, top_p, top_k, min_p, repeat_penalty, seed },
@@ -116,7 +124,13 @@ pub fn prompt(prompt: &str) -> Result<&str, Status> {
 }
 
 /// A prompt must leave room for at least one generated token; nothing is truncated.
-pub fn fits_context(prompt_tokens: usize, ctx_size: u32) -> Result<(), Status> {
+pub fn fits_context(prompt_tokens: usize, ctx_size: u32, max_prompt_tokens: u32) -> Result<(), Status> {
+    if prompt_tokens > max_prompt_tokens as usize {
+        return Err(invalid(format!(
+            "the prompt is {prompt_tokens} tokens; this phi3d accepts at most {max_prompt_tokens} \
+             (max_prompt_tokens); shorten the prompt"
+        )));
+    }
     if prompt_tokens + 1 > ctx_size as usize {
         return Err(invalid(format!(
             "the prompt is {prompt_tokens} tokens but the context holds {ctx_size} (ctx_size), \
@@ -151,7 +165,7 @@ pub(super) fn invalid(message: String) -> Status {
 mod tests {
     use super::*;
 
-    const DEFAULTS: Defaults = Defaults { max_tokens: 77, tool_call_max_tokens: 256, max_tool_steps: 16 };
+    const DEFAULTS: Defaults = Defaults { max_tokens: 77, tool_call_max_tokens: 256, max_tool_steps: 16, max_tokens_limit: 1000 };
 
     fn rejects(options: GenerationOptions, field: &str) {
         let status = generation_params(Some(&options), DEFAULTS).unwrap_err();
@@ -197,8 +211,10 @@ mod tests {
 
     #[test]
     fn context_overflow_names_both_numbers() {
-        assert!(fits_context(4095, 4096).is_ok());
-        let message = fits_context(5000, 4096).unwrap_err().message().to_owned();
+        assert!(fits_context(4095, 4096, 4096).is_ok());
+        let limited = fits_context(100, 4096, 99).unwrap_err();
+        assert!(limited.message().contains("max_prompt_tokens"), "{}", limited.message());
+        let message = fits_context(5000, 4096, 4096).unwrap_err().message().to_owned();
         assert!(message.contains("5000") && message.contains("4096"), "{message}");
     }
 

@@ -1,0 +1,81 @@
+//! Where phi3d listens: the sockets systemd passed (socket activation), or else the TCP
+//! address and the Unix socket the config names; and the rule that a listener reachable from
+//! the network needs authentication.
+//!
+//! TLS, when configured, covers the TCP listeners; the Unix socket is guarded by its file
+//! mode and group instead (TLS to a local peer adds nothing a file permission does not).
+
+pub mod activation;
+pub mod tls;
+pub mod unix;
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::Config;
+
+/// The bound listening sockets.
+pub struct Listeners {
+    pub tcp: Vec<TcpListener>,
+    pub unix: Vec<UnixListener>,
+    /// The socket file phi3d created, removed when this is dropped (never one systemd passed).
+    pub socket_file: Option<unix::SocketFile>,
+    pub activated: bool,
+}
+
+impl Listeners {
+    /// Takes the sockets systemd passed, or binds the configured ones.
+    pub async fn open(config: &Config) -> anyhow::Result<Listeners> {
+        if let Some(passed) = activation::passed_listeners()? {
+            tracing::info!(
+                tcp = passed.tcp.len(),
+                unix = passed.unix.len(),
+                "using the sockets systemd passed; listen and unix_socket are not bound"
+            );
+            return Ok(Listeners { tcp: passed.tcp, unix: passed.unix, socket_file: None, activated: true });
+        }
+        let tcp = TcpListener::bind(config.listen).await.map_err(|err| {
+            anyhow::anyhow!("listen: cannot bind {}: {err}; choose another address with --listen", config.listen)
+        })?;
+        let mut listeners = Listeners { tcp: vec![tcp], unix: Vec::new(), socket_file: None, activated: false };
+        if let Some(path) = &config.unix_socket {
+            let (listener, file) = unix::bind(path, config.unix_socket_mode, config.unix_socket_group.as_deref())?;
+            listeners.unix.push(listener);
+            listeners.socket_file = Some(file);
+        }
+        Ok(listeners)
+    }
+
+    /// The TCP addresses, for the log and the network check.
+    pub fn tcp_addresses(&self) -> Vec<SocketAddr> {
+        self.tcp.iter().filter_map(|listener| listener.local_addr().ok()).collect()
+    }
+
+    /// Refuses a TCP listener that other machines can reach when nobody has to authenticate.
+    pub fn check_exposure(&self, authenticated: bool, allow_unauthenticated_network: bool) -> anyhow::Result<()> {
+        let exposed: Vec<String> = self
+            .tcp_addresses()
+            .into_iter()
+            .filter(|address| !address.ip().to_canonical().is_loopback())
+            .map(|address| address.to_string())
+            .collect();
+        if exposed.is_empty() || authenticated {
+            return Ok(());
+        }
+        if allow_unauthenticated_network {
+            tracing::warn!(
+                listeners = exposed.join(", "),
+                "anyone on the network can use this phi3d: no authentication is configured \
+                 (allow_unauthenticated_network = true)"
+            );
+            return Ok(());
+        }
+        anyhow::bail!(
+            "{} can be reached from the network, but no authentication is configured: create a token with \
+             `phi3d token create NAME`, or set tls_client_ca to require client certificates; or listen on \
+             127.0.0.1; or set allow_unauthenticated_network = true to serve anyone who can reach it",
+            exposed.join(", ")
+        )
+    }
+}

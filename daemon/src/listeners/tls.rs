@@ -1,0 +1,71 @@
+//! TLS for the TCP listeners (rustls, through tonic): the server's certificate and key, and
+//! optionally a CA whose client certificates are required (mTLS). A client without a valid
+//! certificate is refused during the handshake, before any RPC.
+
+use std::path::{Path, PathBuf};
+
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+/// The TLS files the config names.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// tonic's TLS settings, `None` when TLS is off; errors name the key and the file.
+    pub fn server_config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let (cert, key) = match (&self.cert, &self.key) {
+            (None, None) => {
+                if self.client_ca.is_some() {
+                    anyhow::bail!("tls_client_ca: client certificates need TLS; set tls_cert and tls_key too");
+                }
+                return Ok(None);
+            }
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => anyhow::bail!("tls_cert is set but tls_key is not; TLS needs both"),
+            (None, Some(_)) => anyhow::bail!("tls_key is set but tls_cert is not; TLS needs both"),
+        };
+        let cert_pem = read_pem("tls_cert", cert, "CERTIFICATE")?;
+        let key_pem = read_pem("tls_key", key, "PRIVATE KEY")?;
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+        if let Some(client_ca) = &self.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read_pem("tls_client_ca", client_ca, "CERTIFICATE")?));
+        }
+        Ok(Some(config))
+    }
+}
+
+/// Reads a PEM file, checking that it holds what `key` should name (tonic only says "invalid
+/// data" much later, without saying which file).
+fn read_pem(key: &str, path: &Path, label: &str) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|err| anyhow::anyhow!("{key}: cannot read {}: {err}", path.display()))?;
+    let text = String::from_utf8_lossy(&pem);
+    let holds = text.lines().any(|line| line.starts_with("-----BEGIN ") && line.contains(label));
+    if !holds {
+        anyhow::bail!("{key}: {} is not a PEM file with a {label} block", path.display());
+    }
+    Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_a_configuration_is_refused_by_name() {
+        let only_cert = TlsFiles { cert: Some("/c.pem".into()), ..TlsFiles::default() };
+        assert!(only_cert.server_config().unwrap_err().to_string().starts_with("tls_cert is set but tls_key"));
+        let only_ca = TlsFiles { client_ca: Some("/ca.pem".into()), ..TlsFiles::default() };
+        assert!(only_ca.server_config().unwrap_err().to_string().starts_with("tls_client_ca:"));
+        assert!(TlsFiles::default().server_config().unwrap().is_none());
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("key.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let files = TlsFiles { cert: Some(not_pem.clone()), key: Some(not_pem), client_ca: None };
+        let err = files.server_config().unwrap_err().to_string();
+        assert!(err.starts_with("tls_cert:") && err.contains("CERTIFICATE"), "{err}");
+    }
+}
