@@ -327,6 +327,7 @@ impl Config {
             ))
         })?;
         let ctx_size = settings.ctx_size.unwrap_or(DEFAULT_CTX_SIZE);
+        let max_tokens_limit = settings.max_tokens_limit.unwrap_or(ctx_size);
         let kv_type = match settings.kv_type.as_deref() {
             None => KvType::F16,
             Some(text) => text.parse().map_err(|err| ConfigError(format!("kv_type: {err}")))?,
@@ -341,7 +342,9 @@ impl Config {
             ctx_size,
             batch_size: settings.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             queue_size: settings.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
-            max_tokens: settings.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            // A limit below the default lowers the default with it; only two explicit values
+            // can disagree.
+            max_tokens: settings.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS.min(max_tokens_limit)),
             mlock: settings.mlock.unwrap_or(false),
             offline: settings.offline.unwrap_or(false),
             log: settings.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
@@ -389,7 +392,7 @@ impl Config {
             allow_unauthenticated_network: settings.allow_unauthenticated_network.unwrap_or(false),
             max_request_bytes: settings.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES),
             max_prompt_tokens: settings.max_prompt_tokens.unwrap_or(ctx_size),
-            max_tokens_limit: settings.max_tokens_limit.unwrap_or(ctx_size),
+            max_tokens_limit,
             max_streams_per_client: settings.max_streams_per_client.unwrap_or(DEFAULT_MAX_STREAMS_PER_CLIENT),
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
@@ -527,6 +530,23 @@ mod tests {
         let settings = Settings { kv_type: Some("q5".into()), ..Settings::default() };
         let err = Config::from_settings(settings).unwrap_err().to_string();
         assert!(err.starts_with("kv_type:") && err.contains("q8_0"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_checked_and_a_low_limit_lowers_the_default() {
+        let low = Config::from_settings(Settings { max_tokens_limit: Some(20), ..Settings::default() }).unwrap();
+        assert_eq!((low.max_tokens, low.max_tokens_limit), (20, 20));
+        let both = Settings { max_tokens: Some(30), max_tokens_limit: Some(20), ..Settings::default() };
+        let err = Config::from_settings(both).unwrap_err().to_string();
+        assert!(err.starts_with("max_tokens:") && err.contains("max_tokens_limit 20"), "{err}");
+        let err = Config::from_settings(Settings { unix_socket_mode: Some("rw".into()), ..Settings::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("unix_socket_mode:"), "{err}");
+        let err = Config::from_settings(Settings { max_request_bytes: Some(10), ..Settings::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("max_request_bytes:"), "{err}");
     }
 
     #[test]

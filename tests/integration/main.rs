@@ -12,5 +12,6 @@ mod lifecycle;
 mod tokenizer;
 mod plugins;
 mod prompt_cache;
+mod security;
 mod slots;
 mod tools;

@@ -39,6 +39,10 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     config: String,
+    /// Listening sockets handed over as systemd does (descriptors 3, 4, …), and the TCP
+    /// address among them that the harness waits on.
+    activation: Option<(Vec<std::os::fd::OwnedFd>, SocketAddr)>,
+    listen_ip: std::net::IpAddr,
 }
 
 impl DaemonBuilder {
@@ -49,7 +53,21 @@ impl DaemonBuilder {
             args: Vec::new(),
             env: Vec::new(),
             config: String::new(),
+            activation: None,
+            listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
+    }
+
+    /// Listens on `ip` (e.g. 0.0.0.0, reachable from the network) instead of loopback.
+    pub fn listen_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.listen_ip = ip;
+        self
+    }
+
+    /// Passes `sockets` the way systemd's socket activation does; `addr` is the TCP one.
+    pub fn socket_activation(mut self, sockets: Vec<std::os::fd::OwnedFd>, addr: SocketAddr) -> Self {
+        self.activation = Some((sockets, addr));
+        self
     }
 
     pub fn arg(mut self, arg: impl Into<String>) -> Self {
@@ -75,8 +93,11 @@ impl DaemonBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("phi3d.toml");
         std::fs::write(&config, &self.config).expect("write config");
-        let addr = free_port();
-        let mut command = Command::new(&self.binary);
+        let addr = self.activation.as_ref().map_or_else(|| free_port(self.listen_ip), |(_, addr)| *addr);
+        let mut command = match &self.activation {
+            None => Command::new(&self.binary),
+            Some((sockets, _)) => activated(&self.binary, sockets),
+        };
         command
             .arg("serve")
             .arg("--config")
@@ -91,6 +112,8 @@ impl DaemonBuilder {
             .env("PHI3D_LOG", "info,phi3d=debug")
             // The prompt cache saved at exit stays with this daemon unless a test shares one.
             .env("PHI3D_PROMPT_CACHE_DIR", dir.path().join("prompt-cache"))
+            // Nor does a machine's /etc/phi3d/tokens.toml: tokens are off until a test makes this file.
+            .env("PHI3D_TOKEN_FILE", dir.path().join("tokens.toml"))
             .env_remove("RUST_LOG")
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
@@ -120,12 +143,50 @@ impl DaemonBuilder {
     }
 }
 
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+/// A command that starts `binary` with `sockets` as descriptors 3, 4, … and `LISTEN_PID` /
+/// `LISTEN_FDS` set, as systemd does. The shell learns the pid the daemon will have (`exec`
+/// keeps it), which the parent cannot know before the fork.
+fn activated(binary: &Path, sockets: &[std::os::fd::OwnedFd]) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("/bin/sh");
+    command.arg("-c").arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"").arg(binary);
+    command.env("LISTEN_FDS", sockets.len().to_string());
+    let raw: Vec<i32> = sockets.iter().map(|socket| socket.as_raw_fd()).collect();
+    // Between fork and exec only async-signal-safe calls: fcntl and dup2. Each socket is first
+    // moved above the target range so that no dup2 overwrites one still to be moved.
+    unsafe {
+        command.pre_exec(move || {
+            let mut high = Vec::with_capacity(raw.len());
+            for fd in &raw {
+                let moved = unsafe { libc::fcntl(*fd, libc::F_DUPFD, 100) };
+                if moved < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(moved);
+            }
+            for (index, fd) in high.iter().enumerate() {
+                if unsafe { libc::dup2(*fd, 3 + index as i32) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+fn free_port(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).expect("bind a free port");
     listener.local_addr().expect("local addr")
 }
 
 impl Daemon {
+    /// The daemon's own temporary directory (its config file, prompt cache and token file).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

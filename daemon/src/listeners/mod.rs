@@ -79,3 +79,24 @@ impl Listeners {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn listening_on(address: &str) -> Listeners {
+        let tcp = TcpListener::bind(address).await.unwrap();
+        Listeners { tcp: vec![tcp], unix: Vec::new(), socket_file: None, activated: false }
+    }
+
+    #[tokio::test]
+    async fn only_a_network_listener_needs_authentication() {
+        let loopback = listening_on("127.0.0.1:0").await;
+        assert!(loopback.check_exposure(false, false).is_ok());
+        let network = listening_on("0.0.0.0:0").await;
+        let err = network.check_exposure(false, false).unwrap_err().to_string();
+        assert!(err.contains("no authentication is configured") && err.contains("phi3d token create"), "{err}");
+        assert!(network.check_exposure(true, false).is_ok());
+        assert!(network.check_exposure(false, true).is_ok(), "the explicit override");
+    }
+}
