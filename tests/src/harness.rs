@@ -159,14 +159,14 @@ fn activated(binary: &Path, sockets: &[std::os::fd::OwnedFd]) -> Command {
         command.pre_exec(move || {
             let mut high = Vec::with_capacity(raw.len());
             for fd in &raw {
-                let moved = unsafe { libc::fcntl(*fd, libc::F_DUPFD, 100) };
+                let moved = libc::fcntl(*fd, libc::F_DUPFD, 100);
                 if moved < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 high.push(moved);
             }
             for (index, fd) in high.iter().enumerate() {
-                if unsafe { libc::dup2(*fd, 3 + index as i32) } < 0 {
+                if libc::dup2(*fd, 3 + index as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
