@@ -134,6 +134,9 @@ pub struct Settings {
     /// Requests one client (token, or address without tokens) may have in flight at once
     #[arg(long, env = "PHI3D_MAX_STREAMS_PER_CLIENT")]
     pub max_streams_per_client: Option<u32>,
+    /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
+    #[arg(long, env = "PHI3D_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
 }
 
 /// The `[sandbox]` table.
@@ -225,18 +228,19 @@ impl Settings {
             max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
             max_tokens_limit: over.max_tokens_limit.or(self.max_tokens_limit),
             max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
+            http_listen: over.http_listen.or(self.http_listen),
         }
     }
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 33] = [
+const KEYS: [&str; 34] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
     "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
     "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
-    "max_streams_per_client",
+    "max_streams_per_client", "http_listen",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -315,6 +319,7 @@ pub struct Config {
     pub max_prompt_tokens: u32,
     pub max_tokens_limit: u32,
     pub max_streams_per_client: u32,
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -394,6 +399,14 @@ impl Config {
             max_prompt_tokens: settings.max_prompt_tokens.unwrap_or(ctx_size),
             max_tokens_limit,
             max_streams_per_client: settings.max_streams_per_client.unwrap_or(DEFAULT_MAX_STREAMS_PER_CLIENT),
+            http_listen: match settings.http_listen.as_deref() {
+                None => None,
+                Some(text) => Some(text.parse().map_err(|_| {
+                    ConfigError(format!(
+                        "http_listen: `{text}` is not an IP:PORT address; use e.g. 127.0.0.1:11434 (Ollama's port)"
+                    ))
+                })?),
+            },
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
@@ -485,7 +498,7 @@ mod tests {
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
-                    max_tokens_limit = 16\nmax_streams_per_client = 2\n";
+                    max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));

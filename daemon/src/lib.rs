@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod http;
 pub mod listeners;
 pub mod logging;
 pub mod model;

@@ -132,7 +132,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let inference = InferenceService::new(
+    let inference = Arc::new(InferenceService::new(
         engine.clone(),
         requests.clone(),
         Defaults {
@@ -143,9 +143,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         },
         plugins.clone(),
         config.tool_choice,
-    );
+    ));
     let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
 
+    let http_state = crate::http::HttpState {
+        inference: inference.clone(),
+        engine: engine.clone(),
+        tokens: tokens.clone(),
+        model_name: model_name(&config.model, &model_path),
+    };
     let stopper = stopping.clone();
     // Closing the queue does not keep anything alive; open client connections still hold
     // engine handles, so the queue must be closed explicitly for the worker to end.
@@ -167,7 +173,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Every service but health answers only callers the authenticator lets through.
     let auth = Authenticator::new(tokens);
     let inference = InterceptedService::new(
-        InferenceServer::new(inference).max_decoding_message_size(limits.decoding_limit()),
+        InferenceServer::from_arc(inference).max_decoding_message_size(limits.decoding_limit()),
         auth.clone(),
     );
     let admin = InterceptedService::new(AdminServer::new(admin), auth.clone());
@@ -182,10 +188,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .add_service(admin.clone())
     };
     // The socket file is removed when this binding goes, after the servers have stopped.
-    let Listeners { tcp, unix, socket_file: _socket_file, .. } = listeners;
+    let Listeners { tcp, unix, http, socket_file: _socket_file, .. } = listeners;
     let tcp_server = async {
         if tcp.is_empty() {
-            return Ok(());
+            return anyhow::Ok(());
         }
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = tls {
@@ -195,18 +201,27 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         // the previous one's acknowledgement (measured: +20 ms on the first token).
         let incoming =
             futures::stream::select_all(tcp.into_iter().map(|listener| TcpIncoming::from(listener).with_nodelay(Some(true))));
-        routes(builder).serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned()).await
+        routes(builder).serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned()).await?;
+        anyhow::Ok(())
     };
     let unix_server = async {
         if unix.is_empty() {
-            return Ok(());
+            return anyhow::Ok(());
         }
         let incoming = futures::stream::select_all(unix.into_iter().map(UnixListenerStream::new));
         routes(tonic::transport::Server::builder())
             .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned())
-            .await
+            .await?;
+        anyhow::Ok(())
     };
-    let server = futures::future::try_join(tcp_server, unix_server);
+    let http_server = async {
+        if let Some(listener) = http {
+            tracing::info!(addr = %listener.local_addr()?, "serving the Ollama and OpenAI APIs");
+            crate::http::serve(listener, http_state, stopping.clone()).await?;
+        }
+        anyhow::Ok(())
+    };
+    let server = futures::future::try_join3(tcp_server, unix_server, http_server);
     // A client that keeps its connection open must not hold the daemon up forever.
     let drain_limit = async {
         stopping.cancelled().await;
@@ -239,6 +254,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         anyhow::bail!(reason);
     }
     Ok(())
+}
+
+/// The name the HTTP APIs list the model by: its catalogue name, or its file's stem.
+fn model_name(configured: &str, path: &std::path::Path) -> String {
+    match crate::model::ModelRef::parse(configured) {
+        Ok(crate::model::ModelRef::Catalogue(entry)) => entry.name.to_owned(),
+        _ => path.file_stem().map_or_else(|| "phi3d".to_owned(), |stem| stem.to_string_lossy().into_owned()),
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -8,6 +8,7 @@ mod common;
 mod config;
 mod download;
 mod errors;
+mod http_bridges;
 mod lifecycle;
 mod tokenizer;
 mod plugins;

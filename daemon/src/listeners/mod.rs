@@ -19,6 +19,8 @@ use crate::config::Config;
 pub struct Listeners {
     pub tcp: Vec<TcpListener>,
     pub unix: Vec<UnixListener>,
+    /// The HTTP bridges' listener (`http_listen`), bound by phi3d in every case.
+    pub http: Option<TcpListener>,
     /// The socket file phi3d created, removed when this is dropped (never one systemd passed).
     pub socket_file: Option<unix::SocketFile>,
     pub activated: bool,
@@ -27,18 +29,24 @@ pub struct Listeners {
 impl Listeners {
     /// Takes the sockets systemd passed, or binds the configured ones.
     pub async fn open(config: &Config) -> anyhow::Result<Listeners> {
+        let http = match config.http_listen {
+            None => None,
+            Some(address) => Some(TcpListener::bind(address).await.map_err(|err| {
+                anyhow::anyhow!("http_listen: cannot bind {address}: {err}; choose another address with --http-listen")
+            })?),
+        };
         if let Some(passed) = activation::passed_listeners()? {
             tracing::info!(
                 tcp = passed.tcp.len(),
                 unix = passed.unix.len(),
                 "using the sockets systemd passed; listen and unix_socket are not bound"
             );
-            return Ok(Listeners { tcp: passed.tcp, unix: passed.unix, socket_file: None, activated: true });
+            return Ok(Listeners { tcp: passed.tcp, unix: passed.unix, http, socket_file: None, activated: true });
         }
         let tcp = TcpListener::bind(config.listen).await.map_err(|err| {
             anyhow::anyhow!("listen: cannot bind {}: {err}; choose another address with --listen", config.listen)
         })?;
-        let mut listeners = Listeners { tcp: vec![tcp], unix: Vec::new(), socket_file: None, activated: false };
+        let mut listeners = Listeners { tcp: vec![tcp], unix: Vec::new(), http, socket_file: None, activated: false };
         if let Some(path) = &config.unix_socket {
             let (listener, file) = unix::bind(path, config.unix_socket_mode, config.unix_socket_group.as_deref())?;
             listeners.unix.push(listener);
@@ -47,9 +55,9 @@ impl Listeners {
         Ok(listeners)
     }
 
-    /// The TCP addresses, for the log and the network check.
+    /// The TCP addresses (gRPC and HTTP), for the log and the network check.
     pub fn tcp_addresses(&self) -> Vec<SocketAddr> {
-        self.tcp.iter().filter_map(|listener| listener.local_addr().ok()).collect()
+        self.tcp.iter().chain(&self.http).filter_map(|listener| listener.local_addr().ok()).collect()
     }
 
     /// Refuses a TCP listener that other machines can reach when nobody has to authenticate.
@@ -86,7 +94,7 @@ mod tests {
 
     async fn listening_on(address: &str) -> Listeners {
         let tcp = TcpListener::bind(address).await.unwrap();
-        Listeners { tcp: vec![tcp], unix: Vec::new(), socket_file: None, activated: false }
+        Listeners { tcp: vec![tcp], unix: Vec::new(), http: None, socket_file: None, activated: false }
     }
 
     #[tokio::test]

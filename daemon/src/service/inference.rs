@@ -50,6 +50,11 @@ impl InferenceService {
         InferenceService { engine, requests, defaults, plugins, default_tool_choice }
     }
 
+    /// The largest request body the HTTP bridges should read (`max_request_bytes`).
+    pub fn max_request_bytes(&self) -> usize {
+        self.requests.limits.max_request_bytes as usize
+    }
+
     /// A chat turn with tools: the agent loop runs in its own task and streams every step.
     async fn tool_turn(
         &self,

@@ -1,0 +1,155 @@
+//! The HTTP bridges: Ollama's and OpenAI's APIs, for the clients people already run (Home
+//! Assistant's Ollama integration, the `ollama` and `openai` libraries).
+//!
+//! A bridge request becomes a `ChatRequest` handed to the same `InferenceService` the gRPC
+//! listener uses, with the caller as its `Client`: validation, limits, the queue, slots, the
+//! prompt cache and tools are exactly gRPC's. Each API keeps its own wire shapes and its own
+//! error shape, in its own file.
+
+pub mod ollama;
+pub mod openai;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use phi3d_proto::v1::ChatRequest;
+use phi3d_proto::v1::inference_server::Inference;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Client;
+use crate::auth::tokens::TokenStore;
+use crate::engine::{Engine, LoadState};
+use crate::service::inference::{EventStream, InferenceService};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct HttpState {
+    pub inference: Arc<InferenceService>,
+    pub engine: Engine,
+    pub tokens: Arc<TokenStore>,
+    /// The name clients know the model by: the catalogue name or the file's stem.
+    pub model_name: String,
+}
+
+/// Which error shape a path's clients expect.
+#[derive(Clone, Copy)]
+enum Api {
+    Ollama,
+    OpenAi,
+}
+
+impl Api {
+    fn of(path: &str) -> Api {
+        if path.starts_with("/api/") { Api::Ollama } else { Api::OpenAi }
+    }
+}
+
+/// A refusal in the caller's API's shape.
+pub struct ApiError {
+    api: Api,
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(api: Api, status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { api, status, message: message.into() }
+    }
+
+    /// A gRPC status from the shared service, as the HTTP status that means the same.
+    fn from_status(api: Api, status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let http = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::AlreadyExists => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(api, http, status.message())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.api {
+            Api::Ollama => serde_json::json!({ "error": self.message }),
+            Api::OpenAi => serde_json::json!({ "error": {
+                "message": self.message,
+                "type": openai::error_type(self.status),
+                "code": openai::error_code(self.status),
+            }}),
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl HttpState {
+    /// Runs a chat through the shared service as `client`.
+    async fn chat(&self, api: Api, client: Client, request: ChatRequest) -> Result<EventStream, ApiError> {
+        let mut request = tonic::Request::new(request);
+        request.extensions_mut().insert(client);
+        match Inference::chat(&*self.inference, request).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(ApiError::from_status(api, &status)),
+        }
+    }
+
+    /// The loaded model's facts, or `None` while it loads.
+    fn model(&self) -> Option<Arc<crate::engine::LoadedModel>> {
+        match self.engine.state() {
+            LoadState::Ready(model) => Some(model),
+            _ => None,
+        }
+    }
+}
+
+/// Bearer tokens, as on gRPC: 401 in the API's shape when one is needed and missing or wrong.
+async fn authenticate(State(state): State<HttpState>, mut request: Request, next: Next) -> Response {
+    let api = Api::of(request.uri().path());
+    let header = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+    let token = header.and_then(|value| {
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let client = match state.tokens.check(token) {
+        Ok(Some(name)) => Client::Token(name),
+        Ok(None) => match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(peer)) => Client::Address(peer.ip().to_canonical()),
+            None => Client::Unknown,
+        },
+        Err(rejection) => {
+            tracing::warn!(path = request.uri().path(), reason = %rejection, "HTTP request refused");
+            return ApiError::new(api, StatusCode::UNAUTHORIZED, rejection.to_string()).into_response();
+        }
+    };
+    request.extensions_mut().insert(client);
+    next.run(request).await
+}
+
+/// Serves the bridges on `listener` until `stopping` is cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping: CancellationToken) -> std::io::Result<()> {
+    let router = axum::Router::new()
+        .merge(ollama::routes())
+        .merge(openai::routes())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(state.inference.max_request_bytes()))
+        .with_state(state);
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stopping.cancelled_owned())
+        .await
+}
+
+/// Seconds since the epoch, for the APIs' `created` fields.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
