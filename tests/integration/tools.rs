@@ -133,6 +133,50 @@ async fn a_forced_call_is_valid_runs_in_the_plugin_and_feeds_the_model() {
     assert!(usage.cached_prompt_tokens > 100 && usage.cached_prompt_tokens > usage.prompt_tokens / 3, "{usage:?}");
 }
 
+/// The README's path for a new user: `cargo run --release -- serve` builds only `phi3d`, and
+/// no plugins folder is configured or installed. The bundled manifests are served, the clock
+/// runs as phi3d itself under the plugin's name, and homeassistant is listed as unconfigured.
+#[tokio::test]
+async fn a_new_users_daemon_serves_the_bundled_plugins() {
+    if Path::new(phi3d::config::DEFAULT_PLUGINS_DIR).exists() {
+        eprintln!("skipped: {} exists on this machine, so phi3d uses it", phi3d::config::DEFAULT_PLUGINS_DIR);
+        return;
+    }
+    // phi3d alone in its folder, as `cargo run` leaves it: no plugin binaries beside it.
+    let bin = tempfile::tempdir().unwrap();
+    let phi3d = bin.path().join("phi3d");
+    std::fs::copy(PHI3D, &phi3d).unwrap();
+    let daemon = phi3d_tests::harness::DaemonBuilder::new(&phi3d, crate::common::tiny_model())
+        .unconfigured_plugins_dir()
+        .env("PATH", "/usr/bin:/bin")
+        .start()
+        .await;
+    assert!(daemon.stderr().contains("plugins folder: the bundled plugins"), "{}", daemon.stderr());
+
+    let output = phi3d_tests::harness::run(&phi3d, &["tools", "--addr", &daemon.url()], &[]);
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{listing}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(listing.contains("clock.now  (plugin clock)"), "{listing}\n{}", daemon.stderr());
+    assert!(listing.contains("homeassistant.call_service") && listing.contains("NOT CONFIGURED (HA_TOKEN"), "{listing}");
+
+    let output = phi3d_tests::harness::run(
+        &phi3d,
+        &["chat", "--addr", &daemon.url(), "--tools", "auto", "--seed", "11", "What time is it in Tokyo?"],
+        &[],
+    );
+    assert!(output.status.success(), "{}\n{}", String::from_utf8_lossy(&output.stderr), daemon.stderr());
+
+    // The README's grpcurl example: the call reaches the plugin, which answers.
+    let forced = ToolOptions { force: "clock.now".into(), max_steps: 1, ..Default::default() };
+    let turn = run(&daemon, tool_request("What time is it?", forced, 160)).await.unwrap();
+    let result = &turn.results[0];
+    assert!(
+        !result.is_error || result.content.contains("time zone"),
+        "the bundled clock ran: {result:?}\n{}",
+        daemon.stderr()
+    );
+}
+
 /// The current year, as the clock plugin prints it.
 fn chrono_year() -> String {
     let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();

@@ -39,6 +39,9 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     config: String,
+    /// Whether the daemon gets an empty plugins folder (the default, so that a test sees only
+    /// the plugins it installs) or none, to find its plugins as a new user's daemon would.
+    empty_plugins_dir: bool,
 }
 
 impl DaemonBuilder {
@@ -49,6 +52,7 @@ impl DaemonBuilder {
             args: Vec::new(),
             env: Vec::new(),
             config: String::new(),
+            empty_plugins_dir: true,
         }
     }
 
@@ -66,6 +70,13 @@ impl DaemonBuilder {
     /// machine's /etc/phi3d/phi3d.toml never leaks into a test).
     pub fn config(mut self, toml: impl Into<String>) -> Self {
         self.config = toml.into();
+        self
+    }
+
+    /// Leaves `plugins_dir` unset, so that the daemon uses the default folder or, where that
+    /// does not exist, the bundled plugins.
+    pub fn unconfigured_plugins_dir(mut self) -> Self {
+        self.empty_plugins_dir = false;
         self
     }
 
@@ -92,6 +103,14 @@ impl DaemonBuilder {
             // The prompt cache saved at exit stays with this daemon unless a test shares one.
             .env("PHI3D_PROMPT_CACHE_DIR", dir.path().join("prompt-cache"))
             .env_remove("RUST_LOG")
+            .env_remove("PHI3D_PLUGINS_DIR");
+        if self.empty_plugins_dir {
+            // A --plugins-dir among the test's own arguments wins over this.
+            let plugins = dir.path().join("plugins");
+            std::fs::create_dir(&plugins).expect("create the plugins folder");
+            command.env("PHI3D_PLUGINS_DIR", plugins);
+        }
+        command
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -47,6 +47,9 @@ pub struct Manifest {
     pub name: String,
     /// The resolved, absolute program to run.
     pub command: PathBuf,
+    /// The name it runs under (`argv[0]`) when that is not `command`: phi3d itself serving a
+    /// bundled plugin (see `plugins::bundled`).
+    pub arg0: Option<String>,
     pub args: Vec<String>,
     pub start: StartMode,
     /// The complete environment of the plugin; nothing is inherited from phi3d.
@@ -130,21 +133,26 @@ pub struct ManifestError {
     pub message: String,
 }
 
-/// Where bare command names are looked for, in order, after the phi3d binary's own folder.
+/// Where bare command names are looked for: the phi3d binary's own folder, then `PATH`, then
+/// the plugins built into phi3d.
 #[derive(Debug, Clone, Default)]
 pub struct CommandSearch {
     /// The folder of the running phi3d binary.
     pub exe_dir: Option<PathBuf>,
     /// The folders of `PATH`.
     pub path: Vec<PathBuf>,
+    /// The running phi3d binary, which serves a bundled plugin when run under its name.
+    pub phi3d: Option<PathBuf>,
 }
 
 impl CommandSearch {
-    /// The search of the running process: `std::env::current_exe`'s folder, then `PATH`.
+    /// The search of the running process: `std::env::current_exe`'s folder, then `PATH`, then
+    /// `std::env::current_exe` itself for a bundled plugin.
     pub fn from_env() -> Self {
-        let exe_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let phi3d = std::env::current_exe().ok();
+        let exe_dir = phi3d.as_deref().and_then(Path::parent).map(Path::to_path_buf);
         let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-        CommandSearch { exe_dir, path }
+        CommandSearch { exe_dir, path, phi3d }
     }
 
     fn find(&self, name: &str) -> Option<PathBuf> {
@@ -184,7 +192,7 @@ impl Manifest {
             Some(value) => top.string("command", value)?,
             None => return Err(top.err("command", "missing; say which program to run".into())),
         };
-        let command = resolve_command(&command, folder, search).map_err(|m| top.err("command", m))?;
+        let (command, arg0) = resolve_command(&command, folder, search).map_err(|m| top.err("command", m))?;
 
         let args = match top.take("args") {
             Some(value) => top.strings("args", value)?,
@@ -211,7 +219,7 @@ impl Manifest {
         };
 
         top.finish()?;
-        Ok(Manifest { file: file.to_path_buf(), name, command, args, start, env, permissions })
+        Ok(Manifest { file: file.to_path_buf(), name, command, arg0, args, start, env, permissions })
     }
 }
 
@@ -332,7 +340,8 @@ fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Result<PathBuf, String> {
+/// The program to run and, for a bundled plugin served by phi3d itself, the name to run it as.
+fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Result<(PathBuf, Option<String>), String> {
     if command.is_empty() || command.contains('\0') {
         return Err(format!("{command:?} is not a program"));
     }
@@ -342,13 +351,17 @@ fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Resu
     } else if command.contains('/') {
         folder.join(path)
     } else {
-        return search.find(command).ok_or_else(|| {
-            let beside = search.exe_dir.as_ref().map(|d| format!("{} or ", d.display())).unwrap_or_default();
-            format!("cannot find {command:?} in {beside}PATH")
-        });
+        if let Some(found) = search.find(command) {
+            return Ok((found, None));
+        }
+        if let Some(phi3d) = search.phi3d.as_ref().filter(|_| super::bundled::is_bundled(command)) {
+            return Ok((phi3d.clone(), Some(command.to_owned())));
+        }
+        let beside = search.exe_dir.as_ref().map(|d| format!("{} or ", d.display())).unwrap_or_default();
+        return Err(format!("cannot find {command:?} in {beside}PATH"));
     };
     if is_executable_file(&resolved) {
-        Ok(resolved)
+        Ok((resolved, None))
     } else {
         Err(format!("{} is not an executable file", resolved.display()))
     }
@@ -465,7 +478,7 @@ mod tests {
         let tool = dir.path().join("tool");
         std::fs::write(&tool, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let search = CommandSearch { exe_dir: Some(dir.path().to_path_buf()), path: Vec::new() };
+        let search = CommandSearch { exe_dir: Some(dir.path().to_path_buf()), path: Vec::new(), phi3d: None };
         Setup { dir, search }
     }
 
@@ -570,10 +583,20 @@ mod tests {
         assert_eq!(m.command, absolute);
 
         // A bare name falls back to PATH when it is not next to phi3d.
-        let on_path =
-            CommandSearch { exe_dir: Some(PathBuf::from("/nonexistent")), path: vec![s.dir.path().to_path_buf()] };
+        let on_path = CommandSearch {
+            exe_dir: Some(PathBuf::from("/nonexistent")),
+            path: vec![s.dir.path().to_path_buf()],
+            phi3d: None,
+        };
         let m = Manifest::parse(&s.dir.path().join("a.toml"), "command = \"tool\"", &on_path).unwrap();
         assert_eq!(m.command, absolute);
+
+        // A bundled plugin installed nowhere is phi3d itself, run under the plugin's name.
+        let built_in = CommandSearch { phi3d: Some(absolute.clone()), ..CommandSearch::default() };
+        let m = Manifest::parse(&s.dir.path().join("c.toml"), "command = \"phi3d-plugin-clock\"", &built_in).unwrap();
+        assert_eq!((m.command, m.arg0.as_deref()), (absolute.clone(), Some("phi3d-plugin-clock")));
+        let (field, _) = s.error("command = \"phi3d-plugin-nothing\"");
+        assert_eq!(field.as_deref(), Some("command"));
 
         let (field, message) = s.error("command = \"no-such-tool\"");
         assert_eq!(field.as_deref(), Some("command"));

@@ -73,6 +73,9 @@ impl PluginProcess {
         run_as: u32,
     ) -> Result<PluginProcess, String> {
         let mut command = Command::new(&manifest.command);
+        if let Some(arg0) = &manifest.arg0 {
+            command.arg0(arg0);
+        }
         command
             .args(&manifest.args)
             .current_dir("/")
