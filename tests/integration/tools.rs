@@ -192,13 +192,23 @@ async fn daemon_with_fixture(plugins: &Path, tools: &str, permissions: &str) -> 
     tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await
 }
 
-/// One tool whose schema does not compile is left out; the plugin's other tools still work.
+/// One tool whose schema does not compile is left out, and ListTools and `phi3d tools` say
+/// why; the plugin's other tools still work.
 #[tokio::test]
 async fn a_tool_with_a_broken_schema_does_not_take_the_others_down() {
     let plugins = tempfile::tempdir().unwrap();
     let manifest = crate::plugins::manifest(&["--tools=echo,fail", "--bad-schema"], "");
     std::fs::write(plugins.path().join("fixture.toml"), manifest).unwrap();
     let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.path().to_str().unwrap()).start().await;
+    let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
+    assert_eq!(listing.tools.iter().map(|tool| tool.name.as_str()).collect::<Vec<_>>(), ["fixture.echo"]);
+    assert_eq!(listing.skipped.len(), 1, "{listing:?}");
+    let skipped = &listing.skipped[0];
+    assert_eq!((skipped.name.as_str(), skipped.plugin.as_str()), ("fixture.fail", "fixture"));
+    assert!(skipped.reason.contains("input schema is not a valid JSON schema"), "{skipped:?}");
+    let output = phi3d_tests::harness::run(Path::new(PHI3D), &["tools", "--addr", &daemon.url()], &[]);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("fixture.fail  (plugin fixture): skipped, not offered to the model: its input schema"), "{printed}");
     let required = ToolOptions { choice: ToolChoice::Required as i32, max_steps: 1, ..Default::default() };
     let turn = run(&daemon, tool_request("echo?", required, 160)).await.unwrap();
     assert_eq!(turn.calls[0].name, "fixture.echo", "{turn:?}");

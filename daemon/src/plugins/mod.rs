@@ -28,4 +28,4 @@ mod transport;
 mod watch;
 
 pub use manifest::{CommandSearch, Endpoint, Manifest, ManifestError, Network, Permissions, StartMode};
-pub use registry::{PluginRegistry, RegistryError, ToolInfo, ToolOutcome};
+pub use registry::{PluginRegistry, RegistryError, SkippedTool, ToolInfo, ToolListing, ToolOutcome};
