@@ -245,6 +245,48 @@ async fn a_deadline_that_passes_during_a_plugin_call_is_deadline_exceeded() {
     assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
 }
 
+/// A call ends within its timeout plus a little, end to end, however hostile the plugin: here
+/// two chats call a tool that never answers, at once, on a plugin that serves one call at a
+/// time. The second call's wait for the first, the restart backoff after the first is killed
+/// and the restart itself all come out of its own timeout, not on top of it.
+#[tokio::test]
+async fn every_call_ends_within_its_timeout_plus_a_grace() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    /// The kill, the error result and its way through the agent to the client.
+    const GRACE: Duration = Duration::from_millis(1500);
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_fixture(plugins.path(), "silent", "timeout_seconds = 2\nmax_concurrent_calls = 1\n").await;
+    // Started first, so that both chats find its tools (a listing never waits for a start).
+    daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap();
+    let chats: Vec<_> = (0..2)
+        .map(|index| {
+            let tools = ToolOptions { force: "fixture.silent".into(), max_steps: 1, ..Default::default() };
+            let request = tool_request(&format!("wait {index}"), tools, 160);
+            let url = daemon.url();
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+                let mut client = phi3d_proto::v1::inference_client::InferenceClient::new(channel);
+                let mut stream = client.chat(request).await.unwrap().into_inner();
+                let (mut called, mut answered) = (None, None);
+                while let Some(ChatEvent { event }) = stream.message().await.unwrap() {
+                    match event {
+                        Some(chat_event::Event::ToolCall(_)) => called = Some(Instant::now()),
+                        Some(chat_event::Event::ToolResult(result)) => answered = Some((Instant::now(), result)),
+                        _ => {}
+                    }
+                }
+                let (answered, result) = answered.expect("a tool result");
+                (answered - called.expect("a tool call"), result)
+            })
+        })
+        .collect();
+    for chat in chats {
+        let (took, result) = chat.await.unwrap();
+        assert!(result.is_error, "{result:?}");
+        assert!(took <= TIMEOUT + GRACE, "the result came {took:?} after the call: {result:?}\n{}", daemon.stderr());
+    }
+}
+
 #[tokio::test]
 async fn required_calls_a_tool_first_and_none_never_does() {
     let plugins = tempfile::tempdir().unwrap();

@@ -380,21 +380,30 @@ impl PluginRegistry {
     }
 
     /// Calls a tool by its qualified name (`plugin.tool`). Every failure is an `is_error`
-    /// outcome. Never hangs: waiting for a free call slot, waiting out a restart backoff,
-    /// starting the plugin and the call itself are each bounded by the plugin's
-    /// `timeout_seconds`. Each call is logged for audit (target `phi3d::audit`).
+    /// outcome. Never hangs: everything the call needs (starting the plugin and listing its
+    /// tools, a free call slot, waiting out a restart backoff, the call itself) shares one
+    /// deadline, the plugin's `timeout_seconds` from now. Each call is logged for audit
+    /// (target `phi3d::audit`).
     pub async fn call(&self, qualified_name: &str, arguments: serde_json::Value) -> ToolOutcome {
         let started = Instant::now();
         let (plugin_name, tool) = qualified_name.split_once('.').unwrap_or((qualified_name, ""));
         let result = match self.plugin(plugin_name) {
             _ if self.inner.shutdown.is_cancelled() => Err("phi3d is shutting down".to_string()),
-            Some(plugin) => match plugin.tools().await {
-                Ok((tools, _)) if tools.iter().any(|t| t.name == tool) => {
-                    Ok(plugin.call(tool, qualified_name, arguments).await)
+            Some(plugin) => {
+                let timeout = plugin.manifest().permissions.timeout;
+                let deadline = tokio::time::Instant::now() + timeout;
+                match tokio::time::timeout_at(deadline, plugin.tools()).await {
+                    Ok(Ok((tools, _))) if tools.iter().any(|t| t.name == tool) => {
+                        Ok(plugin.call(tool, qualified_name, arguments, deadline).await)
+                    }
+                    Ok(Ok(_)) => Err(self.unknown(qualified_name).await),
+                    Ok(Err(error)) => Err(format!("the tool {qualified_name} is not available: {error}")),
+                    Err(_) => Err(format!(
+                        "the tool {qualified_name} is not available: its plugin did not start within {} s",
+                        timeout.as_secs()
+                    )),
                 }
-                Ok(_) => Err(self.unknown(qualified_name).await),
-                Err(error) => Err(format!("the tool {qualified_name} is not available: {error}")),
-            },
+            }
             None => Err(self.unknown(qualified_name).await),
         };
         let (content, is_error) = match result {
