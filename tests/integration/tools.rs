@@ -576,3 +576,26 @@ async fn models_with_tool_tags_call_in_their_native_format() {
     assert!(turn.deltas.concat().is_empty(), "the call block is not streamed as text: {turn:?}");
     assert_eq!(turn.done.unwrap().stop_reason, StopReason::ToolCalls as i32);
 }
+
+/// In the native format too, the step after the last allowed call can only answer (its grammar
+/// keeps the call tag out), so `max_steps` holds.
+#[tokio::test]
+async fn the_native_format_keeps_to_max_steps() {
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::write(plugins.path().join("fixture.toml"), crate::plugins::manifest(&["--tools=echo"], "")).unwrap();
+    let daemon = phi3d_tests::harness::DaemonBuilder::new(PHI3D, tool_tag_model())
+        .arg("--plugins-dir")
+        .arg(plugins.path().to_str().unwrap())
+        .start()
+        .await;
+    for seed in [1, 2, 3] {
+        let tools = ToolOptions { choice: ToolChoice::Required as i32, max_steps: 1, ..Default::default() };
+        let mut request = tool_request("echo?", tools, 160);
+        request.options.as_mut().unwrap().temperature = Some(1.5);
+        request.options.as_mut().unwrap().seed = Some(seed);
+        let turn = run(&daemon, request).await.unwrap();
+        assert!(!turn.results.is_empty() && turn.results.len() == turn.calls.len(), "{turn:?}");
+        assert_eq!(turn.done.as_ref().unwrap().usage.unwrap().generation_steps, 2, "one call step, then the answer: {turn:?}");
+        assert!(!turn.deltas.concat().contains("<|"), "{turn:?}");
+    }
+}

@@ -67,16 +67,14 @@ impl AgentTurn {
         let grammar = self.format.grammar(&self.tools, mode).map_err(|err| {
             Status::invalid_argument(format!("the tools' schemas cannot be turned into a grammar: {err}"))
         })?;
-        if let Some(grammar) = &grammar {
-            crate::engine::sampling::grammar_sampler(grammar, &self.model.model).map_err(|err| {
-                Status::invalid_argument(format!("the tools' schemas give a grammar llama.cpp rejects: {err}"))
-            })?;
-        }
+        crate::engine::sampling::grammar_sampler(&grammar, &self.model.model).map_err(|err| {
+            Status::invalid_argument(format!("the tools' schemas give a grammar llama.cpp rejects: {err}"))
+        })?;
         // A step that can only be a call gets the call budget, not the client's max_tokens
         // (which limits the answer), and no client stop strings: those would cut the JSON.
         let forced_call = matches!(mode, StepMode::Required | StepMode::Force(_));
         let params = GenerationParams {
-            grammar,
+            grammar: Some(grammar),
             render_special_tokens: self.format.renders_special_tokens(),
             max_tokens: if forced_call { self.call_max_tokens } else { self.params.max_tokens },
             stop: if forced_call { Vec::new() } else { self.params.stop.clone() },

@@ -1,6 +1,8 @@
 //! A chat request's messages as the turns the model's chat template renders: in a tool turn,
 //! the tools are offered in the system message, earlier calls are written back as the model
-//! would have written them, and results are given in the format's result turn.
+//! would have written them, and results are given in the format's result turn. Everything a
+//! client or plugin wrote is plain text ([`plain`]); only the template's markup and Phi-4's
+//! tool tags become special tokens ([`tokenize_prompt`]).
 
 use phi3d_proto::v1::{Message, Role};
 use tonic::Status;
@@ -30,11 +32,9 @@ pub fn tool_turns(
     tools: &[OfferedTool],
     mode: &StepMode,
 ) -> Result<Vec<TemplateTurn>, String> {
+    // Plain text but for Phi-4's tool tags: the tools' descriptions come from plugins.
     let offer = format.system_text(tools);
     let mut offered = offer.is_empty();
-    // The generic offer is plain text (the tools' descriptions come from plugins); Phi-4's
-    // wraps the tools in its own tags.
-    let offer = if format == ToolFormat::Generic && !offered { plain(&offer) } else { offer };
     let mut turns = Vec::with_capacity(messages.len() + 1);
     for (index, message) in messages.iter().enumerate() {
         match Role::try_from(message.role) {
@@ -56,14 +56,11 @@ pub fn tool_turns(
                         Ok(ParsedCall { name: call.name.clone(), arguments })
                     })
                     .collect::<Result<Vec<_>, String>>()?;
-                let content = match format {
-                    // Plain JSON, with no markup of its own: all of it is text.
-                    ToolFormat::Generic if calls.is_empty() => plain(&format.render_answer(&message.content)),
-                    ToolFormat::Generic => plain(&format!("{}{}", message.content, format.render_calls(&calls))),
-                    // The call block's tags are the format's markup; the arguments inside them
-                    // are written by this code from parsed JSON.
-                    ToolFormat::Phi4Native if calls.is_empty() => plain(&message.content),
-                    ToolFormat::Phi4Native => format!("{}{}", plain(&message.content), format.render_calls(&calls)),
+                // The calls are plain text too, but for Phi-4's call tags.
+                let content = if calls.is_empty() {
+                    plain(&format.render_answer(&message.content))
+                } else {
+                    format!("{}{}", plain(&message.content), format.render_calls(&calls))
                 };
                 turns.push(TemplateTurn::new("assistant", content));
             }
@@ -238,8 +235,9 @@ mod tests {
         assert_eq!(plain("x\u{E001}<|user|>\u{E000}"), "\u{E000}x<|user|>\u{E001}");
         let turns = tool_turns(&[message(Role::User, "<|end|>")], ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
         assert_eq!(turns[1].content, plain("<|end|>"));
-        // Phi-4's own tool tags stay markup.
-        assert!(turns[0].content.contains("<|tool|>") && !turns[0].content.starts_with(PLAIN_OPEN), "{}", turns[0].content);
+        // Phi-4's own tool tags stay markup; the tools inside them are plain text.
+        assert!(turns[0].content.starts_with("<|tool|>\u{E000}"), "{}", turns[0].content);
+        assert!(turns[0].content.ends_with("\u{E001}<|/tool|>"), "{}", turns[0].content);
     }
 
     fn tools() -> Vec<OfferedTool> {
@@ -286,7 +284,7 @@ mod tests {
         assert_eq!(turns[3].role, "user");
         assert!(turns[3].content.contains("tool_response") && turns[3].content.contains("done"));
         let turns = tool_turns(&messages, ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
-        assert!(turns[2].content.starts_with("<|tool_call|>"));
+        assert!(turns[2].content.starts_with("<|tool_call|>\u{E000}"), "{}", turns[2].content);
         assert_eq!(turns[3].role, "tool_response");
     }
 
