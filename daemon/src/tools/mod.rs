@@ -17,6 +17,62 @@ use crate::engine::LoadedModel;
 use crate::engine::task::Grammar;
 use toolset::{OfferedTool, StepMode};
 
+/// Who wrote a message of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl ChatRole {
+    /// The role's name in chat templates.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            ChatRole::System => "system",
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+            ChatRole::Tool => "tool",
+        }
+    }
+}
+
+/// One message of a chat request, checked (`service::validate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+    /// The calls an assistant message made.
+    pub tool_calls: Vec<CallRecord>,
+    /// For a tool message: the id of the call it answers.
+    pub tool_call_id: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: ChatRole, content: impl Into<String>) -> Self {
+        ChatMessage { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: String::new() }
+    }
+}
+
+/// A call made earlier in the conversation, with its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// Why a conversation cannot become a prompt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromptError {
+    #[error("the model has no chat template; use Complete with a raw prompt")]
+    NoChatTemplate,
+    /// The request's messages are at fault; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// A call the model made, before validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedCall {
