@@ -232,6 +232,7 @@ impl PluginRegistry {
                     Some(other) => {
                         let error = ManifestError {
                             file: file.clone(),
+                            line: None,
                             field: Some("name".into()),
                             message: format!(
                                 "the plugin name {:?} is already used by {}",
