@@ -260,7 +260,8 @@ pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 /// behind one token, while leaving most of the default queue to everyone else.
 pub const DEFAULT_MAX_STREAMS_PER_CLIENT: u32 = 8;
 
-/// Where plugin manifests live unless configured.
+/// Where plugin manifests live unless configured (when it does not exist, the bundled
+/// manifests are served: see `plugins::bundled`).
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -299,7 +300,9 @@ pub struct Config {
     pub mlock: bool,
     pub offline: bool,
     pub log: String,
-    pub plugins_dir: PathBuf,
+    /// `None`: not configured; `plugins::bundled::plugins_folder` picks the default folder or
+    /// the bundled manifests.
+    pub plugins_dir: Option<PathBuf>,
     pub tool_choice: phi3d_proto::v1::ToolChoice,
     pub sandbox_require: SandboxRequire,
     pub slots: u32,
@@ -353,7 +356,7 @@ impl Config {
             mlock: settings.mlock.unwrap_or(false),
             offline: settings.offline.unwrap_or(false),
             log: settings.log.unwrap_or_else(|| DEFAULT_LOG.to_owned()),
-            plugins_dir: settings.plugins_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS_DIR)),
+            plugins_dir: settings.plugins_dir,
             tool_choice: match settings.tool_choice.as_deref() {
                 None | Some("none") => phi3d_proto::v1::ToolChoice::None,
                 Some("auto") => phi3d_proto::v1::ToolChoice::Auto,

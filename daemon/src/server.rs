@@ -62,7 +62,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         SandboxRequire::Strict => Requirement::Strict,
         SandboxRequire::BestEffort => Requirement::BestEffort,
     };
-    let plugins = PluginRegistry::start(config.plugins_dir.clone(), support.clone(), requirement).await?;
+    let folder = crate::plugins::bundled::plugins_folder(config.plugins_dir.as_deref());
+    tracing::info!(dir = %folder.path.display(), "plugins folder: {}", folder.origin);
+    let plugins = PluginRegistry::start(folder.path, support.clone(), requirement).await?;
 
     // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
     // the graceful shutdown does not wait on them; a model still loading stops loading.

@@ -133,6 +133,50 @@ async fn a_forced_call_is_valid_runs_in_the_plugin_and_feeds_the_model() {
     assert!(usage.cached_prompt_tokens > 100 && usage.cached_prompt_tokens > usage.prompt_tokens / 3, "{usage:?}");
 }
 
+/// The README's path for a new user: `cargo run --release -- serve` builds only `phi3d`, and
+/// no plugins folder is configured or installed. The bundled manifests are served, the clock
+/// runs as phi3d itself under the plugin's name, and homeassistant is listed as unconfigured.
+#[tokio::test]
+async fn a_new_users_daemon_serves_the_bundled_plugins() {
+    if Path::new(phi3d::config::DEFAULT_PLUGINS_DIR).exists() {
+        eprintln!("skipped: {} exists on this machine, so phi3d uses it", phi3d::config::DEFAULT_PLUGINS_DIR);
+        return;
+    }
+    // phi3d alone in its folder, as `cargo run` leaves it: no plugin binaries beside it.
+    let bin = tempfile::tempdir().unwrap();
+    let phi3d = bin.path().join("phi3d");
+    std::fs::copy(PHI3D, &phi3d).unwrap();
+    let daemon = phi3d_tests::harness::DaemonBuilder::new(&phi3d, crate::common::tiny_model())
+        .unconfigured_plugins_dir()
+        .env("PATH", "/usr/bin:/bin")
+        .start()
+        .await;
+    assert!(daemon.stderr().contains("plugins folder: the bundled plugins"), "{}", daemon.stderr());
+
+    let output = phi3d_tests::harness::run(&phi3d, &["tools", "--addr", &daemon.url()], &[]);
+    let listing = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{listing}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(listing.contains("clock.now  (plugin clock)"), "{listing}\n{}", daemon.stderr());
+    assert!(listing.contains("homeassistant.call_service") && listing.contains("NOT CONFIGURED (HA_TOKEN"), "{listing}");
+
+    let output = phi3d_tests::harness::run(
+        &phi3d,
+        &["chat", "--addr", &daemon.url(), "--tools", "auto", "--seed", "11", "What time is it in Tokyo?"],
+        &[],
+    );
+    assert!(output.status.success(), "{}\n{}", String::from_utf8_lossy(&output.stderr), daemon.stderr());
+
+    // The README's grpcurl example: the call reaches the plugin, which answers.
+    let forced = ToolOptions { force: "clock.now".into(), max_steps: 1, ..Default::default() };
+    let turn = run(&daemon, tool_request("What time is it?", forced, 160)).await.unwrap();
+    let result = &turn.results[0];
+    assert!(
+        !result.is_error || result.content.contains("time zone"),
+        "the bundled clock ran: {result:?}\n{}",
+        daemon.stderr()
+    );
+}
+
 /// The current year, as the clock plugin prints it.
 fn chrono_year() -> String {
     let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -148,13 +192,23 @@ async fn daemon_with_fixture(plugins: &Path, tools: &str, permissions: &str) -> 
     tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await
 }
 
-/// One tool whose schema does not compile is left out; the plugin's other tools still work.
+/// One tool whose schema does not compile is left out, and ListTools and `phi3d tools` say
+/// why; the plugin's other tools still work.
 #[tokio::test]
 async fn a_tool_with_a_broken_schema_does_not_take_the_others_down() {
     let plugins = tempfile::tempdir().unwrap();
     let manifest = crate::plugins::manifest(&["--tools=echo,fail", "--bad-schema"], "");
     std::fs::write(plugins.path().join("fixture.toml"), manifest).unwrap();
     let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.path().to_str().unwrap()).start().await;
+    let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
+    assert_eq!(listing.tools.iter().map(|tool| tool.name.as_str()).collect::<Vec<_>>(), ["fixture.echo"]);
+    assert_eq!(listing.skipped.len(), 1, "{listing:?}");
+    let skipped = &listing.skipped[0];
+    assert_eq!((skipped.name.as_str(), skipped.plugin.as_str()), ("fixture.fail", "fixture"));
+    assert!(skipped.reason.contains("input schema is not a valid JSON schema"), "{skipped:?}");
+    let output = phi3d_tests::harness::run(Path::new(PHI3D), &["tools", "--addr", &daemon.url()], &[]);
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("fixture.fail  (plugin fixture): skipped, not offered to the model: its input schema"), "{printed}");
     let required = ToolOptions { choice: ToolChoice::Required as i32, max_steps: 1, ..Default::default() };
     let turn = run(&daemon, tool_request("echo?", required, 160)).await.unwrap();
     assert_eq!(turn.calls[0].name, "fixture.echo", "{turn:?}");
@@ -189,6 +243,48 @@ async fn a_deadline_that_passes_during_a_plugin_call_is_deadline_exceeded() {
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("during a tool call"), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+}
+
+/// A call ends within its timeout plus a little, end to end, however hostile the plugin: here
+/// two chats call a tool that never answers, at once, on a plugin that serves one call at a
+/// time. The second call's wait for the first, the restart backoff after the first is killed
+/// and the restart itself all come out of its own timeout, not on top of it.
+#[tokio::test]
+async fn every_call_ends_within_its_timeout_plus_a_grace() {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    /// The kill, the error result and its way through the agent to the client.
+    const GRACE: Duration = Duration::from_millis(1500);
+    let plugins = tempfile::tempdir().unwrap();
+    let daemon = daemon_with_fixture(plugins.path(), "silent", "timeout_seconds = 2\nmax_concurrent_calls = 1\n").await;
+    // Started first, so that both chats find its tools (a listing never waits for a start).
+    daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap();
+    let chats: Vec<_> = (0..2)
+        .map(|index| {
+            let tools = ToolOptions { force: "fixture.silent".into(), max_steps: 1, ..Default::default() };
+            let request = tool_request(&format!("wait {index}"), tools, 160);
+            let url = daemon.url();
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+                let mut client = phi3d_proto::v1::inference_client::InferenceClient::new(channel);
+                let mut stream = client.chat(request).await.unwrap().into_inner();
+                let (mut called, mut answered) = (None, None);
+                while let Some(ChatEvent { event }) = stream.message().await.unwrap() {
+                    match event {
+                        Some(chat_event::Event::ToolCall(_)) => called = Some(Instant::now()),
+                        Some(chat_event::Event::ToolResult(result)) => answered = Some((Instant::now(), result)),
+                        _ => {}
+                    }
+                }
+                let (answered, result) = answered.expect("a tool result");
+                (answered - called.expect("a tool call"), result)
+            })
+        })
+        .collect();
+    for chat in chats {
+        let (took, result) = chat.await.unwrap();
+        assert!(result.is_error, "{result:?}");
+        assert!(took <= TIMEOUT + GRACE, "the result came {took:?} after the call: {result:?}\n{}", daemon.stderr());
+    }
 }
 
 #[tokio::test]
@@ -479,4 +575,27 @@ async fn models_with_tool_tags_call_in_their_native_format() {
     }
     assert!(turn.deltas.concat().is_empty(), "the call block is not streamed as text: {turn:?}");
     assert_eq!(turn.done.unwrap().stop_reason, StopReason::ToolCalls as i32);
+}
+
+/// In the native format too, the step after the last allowed call can only answer (its grammar
+/// keeps the call tag out), so `max_steps` holds.
+#[tokio::test]
+async fn the_native_format_keeps_to_max_steps() {
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::write(plugins.path().join("fixture.toml"), crate::plugins::manifest(&["--tools=echo"], "")).unwrap();
+    let daemon = phi3d_tests::harness::DaemonBuilder::new(PHI3D, tool_tag_model())
+        .arg("--plugins-dir")
+        .arg(plugins.path().to_str().unwrap())
+        .start()
+        .await;
+    for seed in [1, 2, 3] {
+        let tools = ToolOptions { choice: ToolChoice::Required as i32, max_steps: 1, ..Default::default() };
+        let mut request = tool_request("echo?", tools, 160);
+        request.options.as_mut().unwrap().temperature = Some(1.5);
+        request.options.as_mut().unwrap().seed = Some(seed);
+        let turn = run(&daemon, request).await.unwrap();
+        assert!(!turn.results.is_empty() && turn.results.len() == turn.calls.len(), "{turn:?}");
+        assert_eq!(turn.done.as_ref().unwrap().usage.unwrap().generation_steps, 2, "one call step, then the answer: {turn:?}");
+        assert!(!turn.deltas.concat().contains("<|"), "{turn:?}");
+    }
 }

@@ -43,6 +43,9 @@ pub struct DaemonBuilder {
     /// address among them that the harness waits on.
     activation: Option<(Vec<std::os::fd::OwnedFd>, SocketAddr)>,
     listen_ip: std::net::IpAddr,
+    /// Whether the daemon gets an empty plugins folder (the default, so that a test sees only
+    /// the plugins it installs) or none, to find its plugins as a new user's daemon would.
+    empty_plugins_dir: bool,
 }
 
 impl DaemonBuilder {
@@ -55,6 +58,7 @@ impl DaemonBuilder {
             config: String::new(),
             activation: None,
             listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            empty_plugins_dir: true,
         }
     }
 
@@ -87,6 +91,13 @@ impl DaemonBuilder {
         self
     }
 
+    /// Leaves `plugins_dir` unset, so that the daemon uses the default folder or, where that
+    /// does not exist, the bundled plugins.
+    pub fn unconfigured_plugins_dir(mut self) -> Self {
+        self.empty_plugins_dir = false;
+        self
+    }
+
     /// Starts the daemon and returns once its port accepts connections (the model may still
     /// be loading).
     pub async fn spawn(self) -> Daemon {
@@ -115,6 +126,14 @@ impl DaemonBuilder {
             // Nor does a machine's /etc/phi3d/tokens.toml: tokens are off until a test makes this file.
             .env("PHI3D_TOKEN_FILE", dir.path().join("tokens.toml"))
             .env_remove("RUST_LOG")
+            .env_remove("PHI3D_PLUGINS_DIR");
+        if self.empty_plugins_dir {
+            // A --plugins-dir among the test's own arguments wins over this.
+            let plugins = dir.path().join("plugins");
+            std::fs::create_dir(&plugins).expect("create the plugins folder");
+            command.env("PHI3D_PLUGINS_DIR", plugins);
+        }
+        command
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -175,7 +175,7 @@ pub async fn tools(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = AdminClient::new(args.server.connect().await?);
     let listing = client.list_tools(ListToolsRequest {}).await.map_err(status_error)?.into_inner();
     println!("sandbox: {}", listing.sandbox_support);
-    if listing.tools.is_empty() {
+    if listing.tools.is_empty() && listing.skipped.is_empty() {
         println!("no tools (no plugin manifests in the plugins directory)");
     }
     for tool in listing.tools {
@@ -187,6 +187,9 @@ pub async fn tools(args: StatusArgs) -> anyhow::Result<()> {
         for protection in tool.protections {
             println!("  - {protection}");
         }
+    }
+    for tool in listing.skipped {
+        println!("\n{}  (plugin {}): skipped, not offered to the model: {}", tool.name, tool.plugin, tool.reason);
     }
     Ok(())
 }

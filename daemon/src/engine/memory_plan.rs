@@ -183,6 +183,8 @@ fn cgroup_headroom() -> Option<u64> {
     Some(max.saturating_sub(current))
 }
 
+/// A size in the largest binary unit that keeps it at least 1 ("1.5 GiB"), for every message
+/// and log line that shows one.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut value = bytes as f64;
@@ -238,6 +240,8 @@ mod tests {
     #[test]
     fn bytes_read_like_a_person_writes_them() {
         assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(2_390_000_000), "2.2 GiB");
         assert_eq!(human_bytes(384 * 1024), "384.0 KiB");
     }
 }

@@ -35,9 +35,8 @@ pub fn build_sampler(params: &GenerationParams, model: &LlamaModel) -> Result<Ll
     Ok(LlamaSampler::chain_simple(chain))
 }
 
-/// Builds the grammar sampler alone: the async side calls this to reject a bad grammar
-/// before the task is queued.
-pub fn grammar_sampler(grammar: &Grammar, model: &LlamaModel) -> Result<LlamaSampler, String> {
+/// The grammar's sampler: lazy, switched on by its trigger, when it has one.
+fn grammar_sampler(grammar: &Grammar, model: &LlamaModel) -> Result<LlamaSampler, String> {
     let sampler = match &grammar.trigger {
         None => LlamaSampler::grammar(model, &grammar.gbnf, "root"),
         Some(trigger) => {

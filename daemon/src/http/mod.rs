@@ -36,7 +36,7 @@ pub struct HttpState {
 }
 
 /// Which error shape a path's clients expect.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Api {
     Ollama,
     OpenAi,
@@ -49,6 +49,7 @@ impl Api {
 }
 
 /// A refusal in the caller's API's shape.
+#[derive(Debug)]
 pub struct ApiError {
     api: Api,
     status: StatusCode,

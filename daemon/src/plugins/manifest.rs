@@ -21,10 +21,11 @@
 //! max_file_size_mb = 0
 //! ```
 //!
-//! The table is walked by hand rather than derived with serde so that every error names the
-//! file and the dotted field (`clock.toml: permissions.network: ...`): an operator editing a
-//! manifest on a device sees exactly which line to fix. Unknown keys are rejected, because a
-//! misspelt permission silently falling back to a default is a security surprise.
+//! The file is read with serde (`deny_unknown_fields`), and every error names the file, the
+//! line and the dotted field (`clock.toml:12: permissions.network: ...`, the field found by
+//! `serde_path_to_error`): an operator editing a manifest on a device sees exactly which line
+//! to fix. Unknown keys are rejected, because a misspelt permission silently falling back to a
+//! default is a security surprise.
 //!
 //! The command is resolved when the manifest is loaded, so a missing binary is reported at
 //! once instead of at the first tool call.
@@ -33,7 +34,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use toml::{Table, Value};
+use serde::Deserialize;
 
 /// A mebibyte: the unit of `memory_mb` and `max_file_size_mb`.
 const MIB: u64 = 1024 * 1024;
@@ -47,6 +48,9 @@ pub struct Manifest {
     pub name: String,
     /// The resolved, absolute program to run.
     pub command: PathBuf,
+    /// The name it runs under (`argv[0]`) when that is not `command`: phi3d itself serving a
+    /// bundled plugin (see `plugins::bundled`).
+    pub arg0: Option<String>,
     pub args: Vec<String>,
     pub start: StartMode,
     /// The complete environment of the plugin; nothing is inherited from phi3d.
@@ -121,30 +125,42 @@ impl Default for Permissions {
     }
 }
 
-/// Why a manifest was rejected: the file, the field (if one is to blame) and what is wrong.
+/// Why a manifest was rejected: the file, the line and the field (if one is to blame) and
+/// what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {}{message}", file.display(), field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+#[error(
+    "{}{}: {}{message}",
+    file.display(),
+    line.map(|line| format!(":{line}")).unwrap_or_default(),
+    field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default()
+)]
 pub struct ManifestError {
     pub file: PathBuf,
+    pub line: Option<usize>,
     pub field: Option<String>,
     pub message: String,
 }
 
-/// Where bare command names are looked for, in order, after the phi3d binary's own folder.
+/// Where bare command names are looked for: the phi3d binary's own folder, then `PATH`, then
+/// the plugins built into phi3d.
 #[derive(Debug, Clone, Default)]
 pub struct CommandSearch {
     /// The folder of the running phi3d binary.
     pub exe_dir: Option<PathBuf>,
     /// The folders of `PATH`.
     pub path: Vec<PathBuf>,
+    /// The running phi3d binary, which serves a bundled plugin when run under its name.
+    pub phi3d: Option<PathBuf>,
 }
 
 impl CommandSearch {
-    /// The search of the running process: `std::env::current_exe`'s folder, then `PATH`.
+    /// The search of the running process: `std::env::current_exe`'s folder, then `PATH`, then
+    /// `std::env::current_exe` itself for a bundled plugin.
     pub fn from_env() -> Self {
-        let exe_dir = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
+        let phi3d = std::env::current_exe().ok();
+        let exe_dir = phi3d.as_deref().and_then(Path::parent).map(Path::to_path_buf);
         let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-        CommandSearch { exe_dir, path }
+        CommandSearch { exe_dir, path, phi3d }
     }
 
     fn find(&self, name: &str) -> Option<PathBuf> {
@@ -153,6 +169,83 @@ impl CommandSearch {
             .chain(self.path.iter())
             .map(|dir| dir.join(name))
             .find(|candidate| is_executable_file(candidate))
+    }
+}
+
+/// The file as written: serde's shape of it, checked further by [`Manifest::parse`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    name: Option<String>,
+    command: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    start: StartSetting,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    permissions: PermissionsFile,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StartSetting {
+    #[default]
+    Lazy,
+    Startup,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionsFile {
+    #[serde(default)]
+    read: Vec<String>,
+    #[serde(default)]
+    write: Vec<String>,
+    network: Option<Network>,
+    #[serde(default)]
+    unix_sockets: Vec<String>,
+    memory_mb: Option<i64>,
+    cpu_seconds: Option<i64>,
+    timeout_seconds: Option<i64>,
+    max_output_bytes: Option<i64>,
+    max_concurrent_calls: Option<i64>,
+    max_processes: Option<i64>,
+    max_open_files: Option<i64>,
+    max_file_size_mb: Option<i64>,
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Network, D::Error> {
+        struct NetworkVisitor;
+        impl<'de> serde::de::Visitor<'de> for NetworkVisitor {
+            type Value = Network;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"none\", \"loopback\" or a list of host:port")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Network, E> {
+                match value {
+                    "none" => Ok(Network::None),
+                    "loopback" => Ok(Network::Loopback),
+                    other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Network, A::Error> {
+                let mut endpoints = Vec::new();
+                while let Some(item) = items.next_element::<String>()? {
+                    let endpoint = parse_endpoint(&item).ok_or_else(|| {
+                        serde::de::Error::custom(format!("{item:?} is not host:port (port 1 to 65535)"))
+                    })?;
+                    endpoints.push(endpoint);
+                }
+                Ok(Network::Connect(endpoints))
+            }
+        }
+        deserializer.deserialize_any(NetworkVisitor)
     }
 }
 
@@ -166,146 +259,137 @@ impl Manifest {
     /// Validates the text of a manifest that lives (or would live) at `file`; the path gives the
     /// default name and the folder relative paths are resolved against.
     pub fn parse(file: &Path, text: &str, search: &CommandSearch) -> Result<Manifest, ManifestError> {
-        let table: Table = text.parse().map_err(|e: toml::de::Error| {
-            // The error's own Display is a multi-line snippet; one log line reads better.
-            let line = e.span().map_or(1, |span| text[..span.start].matches('\n').count() + 1);
-            error(file, None, format!("invalid TOML at line {line}: {}", e.message().trim()))
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| syntax_error(file, text, &e))?;
+        let parsed: ManifestFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.span().map(|span| line_of(text, span.start));
+            let message = in_toml_words(inner.message().trim());
+            ManifestError { file: file.to_path_buf(), line, field: (field != ".").then_some(field), message }
         })?;
+        let at = |field: &str, message: String| ManifestError {
+            file: file.to_path_buf(),
+            line: key_line(text, field),
+            field: Some(field.to_owned()),
+            message,
+        };
         let folder = file.parent().unwrap_or(Path::new("."));
-        let mut top = Fields::new(file, None, table);
 
-        let name = match top.take("name") {
-            Some(value) => top.string("name", value)?,
+        let name = match parsed.name {
+            Some(name) => name,
             None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         };
-        validate_name(&name).map_err(|m| top.err("name", m))?;
-
-        let command = match top.take("command") {
-            Some(value) => top.string("command", value)?,
-            None => return Err(top.err("command", "missing; say which program to run".into())),
+        validate_name(&name).map_err(|m| at("name", m))?;
+        let command = parsed.command.ok_or_else(|| at("command", "missing; say which program to run".into()))?;
+        let (command, arg0) = resolve_command(&command, folder, search).map_err(|m| at("command", m))?;
+        let start = match parsed.start {
+            StartSetting::Lazy => StartMode::Lazy,
+            StartSetting::Startup => StartMode::Startup,
         };
-        let command = resolve_command(&command, folder, search).map_err(|m| top.err("command", m))?;
+        for (key, value) in &parsed.env {
+            let field = format!("env.{key}");
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(at(&field, "a variable name must be non-empty and hold no '=' or NUL".into()));
+            }
+            if value.contains('\0') {
+                return Err(at(&field, "a value must not hold NUL".into()));
+            }
+        }
 
-        let args = match top.take("args") {
-            Some(value) => top.strings("args", value)?,
-            None => Vec::new(),
+        let p = parsed.permissions;
+        let defaults = Permissions::default();
+        let paths = |key: &str, list: Vec<String>| -> Result<Vec<PathBuf>, ManifestError> {
+            list.into_iter()
+                .map(|s| {
+                    if s.is_empty() || s.contains('\0') {
+                        Err(at(&format!("permissions.{key}"), format!("{s:?} is not a path")))
+                    } else {
+                        Ok(folder.join(s))
+                    }
+                })
+                .collect()
         };
-
-        let start = match top.take("start") {
-            None => StartMode::Lazy,
-            Some(Value::String(s)) if s == "lazy" => StartMode::Lazy,
-            Some(Value::String(s)) if s == "startup" => StartMode::Startup,
-            Some(other) => {
-                return Err(top.err("start", format!("expected \"lazy\" or \"startup\", got {}", show(&other))));
+        let number = |key: &str, value: Option<i64>, min: u64, max: u64| -> Result<Option<u64>, ManifestError> {
+            match value {
+                None => Ok(None),
+                Some(n) if (min as i64..=max as i64).contains(&n) => Ok(Some(n as u64)),
+                Some(n) => Err(at(&format!("permissions.{key}"), format!("expected a whole number from {min} to {max}, got {n}"))),
             }
         };
-
-        let env = match top.take("env") {
-            Some(value) => parse_env(&top.table("env", value)?)?,
-            None => BTreeMap::new(),
+        let permissions = Permissions {
+            read: paths("read", p.read)?,
+            write: paths("write", p.write)?,
+            network: p.network.unwrap_or(defaults.network),
+            unix_sockets: paths("unix_sockets", p.unix_sockets)?,
+            memory_bytes: number("memory_mb", p.memory_mb, 1, 1 << 20)?.map_or(defaults.memory_bytes, |mb| mb * MIB),
+            cpu_seconds: number("cpu_seconds", p.cpu_seconds, 1, 86_400)?.unwrap_or(defaults.cpu_seconds),
+            timeout: number("timeout_seconds", p.timeout_seconds, 1, 86_400)?.map_or(defaults.timeout, Duration::from_secs),
+            max_output_bytes: number("max_output_bytes", p.max_output_bytes, 1, 1 << 30)?
+                .map_or(defaults.max_output_bytes, |n| n as usize),
+            max_concurrent_calls: number("max_concurrent_calls", p.max_concurrent_calls, 1, 1024)?
+                .map_or(defaults.max_concurrent_calls, |n| n as usize),
+            max_processes: number("max_processes", p.max_processes, 1, 1 << 16)?.unwrap_or(defaults.max_processes),
+            max_open_files: number("max_open_files", p.max_open_files, 1, 1 << 20)?.unwrap_or(defaults.max_open_files),
+            max_file_bytes: number("max_file_size_mb", p.max_file_size_mb, 0, 1 << 20)?
+                .map_or(defaults.max_file_bytes, |mb| mb * MIB),
         };
-
-        let permissions = match top.take("permissions") {
-            Some(value) => parse_permissions(top.table("permissions", value)?, folder)?,
-            None => Permissions::default(),
-        };
-
-        top.finish()?;
-        Ok(Manifest { file: file.to_path_buf(), name, command, args, start, env, permissions })
+        Ok(Manifest { file: file.to_path_buf(), name, command, arg0, args: parsed.args, start, env: parsed.env, permissions })
     }
 }
 
-fn parse_env(fields: &Fields) -> Result<BTreeMap<String, String>, ManifestError> {
-    let mut env = BTreeMap::new();
-    for (key, value) in &fields.table {
-        let field = format!("env.{key}");
-        if key.is_empty() || key.contains(['=', '\0']) {
-            return Err(fields.err_at(&field, "a variable name must be non-empty and hold no '=' or NUL".into()));
+/// A TOML syntax error, on one line (its own Display is a multi-line snippet).
+fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> ManifestError {
+    let line = e.span().map_or(1, |span| line_of(text, span.start));
+    ManifestError {
+        file: file.to_path_buf(),
+        line: Some(line),
+        field: None,
+        message: format!("invalid TOML: {}", e.message().trim().replace('\n', " ")),
+    }
+}
+
+/// serde's message in the words of TOML: tables, lists, whole numbers, keys. (Its "unknown
+/// field `x`, expected one of ..." already lists the valid keys.)
+fn in_toml_words(message: &str) -> String {
+    let message = message.replace('\n', " ");
+    // A list where a table belongs reaches a struct as a sequence of the wrong length.
+    if message.starts_with("invalid length") && message.contains("expected struct") {
+        return "expected a table, got a list".to_owned();
+    }
+    message
+        .replacen("unknown field", "unknown key", 1)
+        .replace("expected a sequence", "expected a list")
+        .replace("expected a map", "expected a table")
+        .replace("expected i64", "expected a whole number")
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line that sets `field` (`permissions.read`: the `read` key inside `[permissions]`, or
+/// a dotted or inline form), for errors found after parsing.
+fn key_line(text: &str, field: &str) -> Option<usize> {
+    let (table, key) = field.split_once('.').map_or((None, field), |(table, key)| (Some(table), key));
+    let mut current: Option<String> = None;
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
+            current = Some(header.trim().to_owned());
+            continue;
         }
-        let Value::String(value) = value else {
-            return Err(fields.err_at(&field, format!("expected a string, got {}", show(value))));
+        let assigned = line.split_once('=').map(|(left, _)| left.trim().trim_matches('"'));
+        let here = match (table, current.as_deref()) {
+            (None, None) => assigned == Some(key),
+            (Some(table), Some(current)) if table == current => assigned == Some(key),
+            (Some(table), None) => assigned == Some(&format!("{table}.{key}")) || assigned == Some(table),
+            _ => false,
         };
-        if value.contains('\0') {
-            return Err(fields.err_at(&field, "a value must not hold NUL".into()));
+        if here {
+            return Some(index + 1);
         }
-        env.insert(key.clone(), value.clone());
     }
-    Ok(env)
-}
-
-fn parse_permissions(mut p: Fields, folder: &Path) -> Result<Permissions, ManifestError> {
-    let defaults = Permissions::default();
-    let paths = |p: &Fields, key: &str, value: Value| -> Result<Vec<PathBuf>, ManifestError> {
-        let list = p.strings(key, value)?;
-        list.into_iter()
-            .map(|s| {
-                if s.is_empty() || s.contains('\0') {
-                    Err(p.err(key, format!("{s:?} is not a path")))
-                } else {
-                    Ok(folder.join(s))
-                }
-            })
-            .collect()
-    };
-    let read = match p.take("read") {
-        Some(value) => paths(&p, "read", value)?,
-        None => defaults.read,
-    };
-    let write = match p.take("write") {
-        Some(value) => paths(&p, "write", value)?,
-        None => defaults.write,
-    };
-    let network = match p.take("network") {
-        Some(value) => parse_network(&p, value)?,
-        None => defaults.network,
-    };
-    let unix_sockets = match p.take("unix_sockets") {
-        Some(value) => paths(&p, "unix_sockets", value)?,
-        None => defaults.unix_sockets,
-    };
-    let memory_mb = p.number("memory_mb", 1, 1 << 20)?;
-    let cpu_seconds = p.number("cpu_seconds", 1, 86_400)?;
-    let timeout_seconds = p.number("timeout_seconds", 1, 86_400)?;
-    let max_output_bytes = p.number("max_output_bytes", 1, 1 << 30)?;
-    let max_concurrent_calls = p.number("max_concurrent_calls", 1, 1024)?;
-    let max_processes = p.number("max_processes", 1, 1 << 16)?;
-    let max_open_files = p.number("max_open_files", 1, 1 << 20)?;
-    let max_file_size_mb = p.number("max_file_size_mb", 0, 1 << 20)?;
-    p.finish()?;
-    Ok(Permissions {
-        read,
-        write,
-        network,
-        unix_sockets,
-        memory_bytes: memory_mb.map_or(defaults.memory_bytes, |mb| mb * MIB),
-        cpu_seconds: cpu_seconds.unwrap_or(defaults.cpu_seconds),
-        timeout: timeout_seconds.map_or(defaults.timeout, Duration::from_secs),
-        max_output_bytes: max_output_bytes.map_or(defaults.max_output_bytes, |n| n as usize),
-        max_concurrent_calls: max_concurrent_calls.map_or(defaults.max_concurrent_calls, |n| n as usize),
-        max_processes: max_processes.unwrap_or(defaults.max_processes),
-        max_open_files: max_open_files.unwrap_or(defaults.max_open_files),
-        max_file_bytes: max_file_size_mb.map_or(defaults.max_file_bytes, |mb| mb * MIB),
-    })
-}
-
-fn parse_network(p: &Fields, value: Value) -> Result<Network, ManifestError> {
-    let expected =
-        || p.err("network", format!("expected \"none\", \"loopback\" or a list of host:port, got {}", show(&value)));
-    match &value {
-        Value::String(s) if s == "none" => Ok(Network::None),
-        Value::String(s) if s == "loopback" => Ok(Network::Loopback),
-        Value::Array(items) => {
-            let mut endpoints = Vec::with_capacity(items.len());
-            for item in items {
-                let Value::String(s) = item else { return Err(expected()) };
-                let endpoint = parse_endpoint(s)
-                    .ok_or_else(|| p.err("network", format!("{s:?} is not host:port (port 1 to 65535)")))?;
-                endpoints.push(endpoint);
-            }
-            Ok(Network::Connect(endpoints))
-        }
-        _ => Err(expected()),
-    }
+    None
 }
 
 /// `host:port`, with IPv6 hosts in brackets (`[::1]:8123`).
@@ -332,7 +416,8 @@ fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Result<PathBuf, String> {
+/// The program to run and, for a bundled plugin served by phi3d itself, the name to run it as.
+fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Result<(PathBuf, Option<String>), String> {
     if command.is_empty() || command.contains('\0') {
         return Err(format!("{command:?} is not a program"));
     }
@@ -342,13 +427,17 @@ fn resolve_command(command: &str, folder: &Path, search: &CommandSearch) -> Resu
     } else if command.contains('/') {
         folder.join(path)
     } else {
-        return search.find(command).ok_or_else(|| {
-            let beside = search.exe_dir.as_ref().map(|d| format!("{} or ", d.display())).unwrap_or_default();
-            format!("cannot find {command:?} in {beside}PATH")
-        });
+        if let Some(found) = search.find(command) {
+            return Ok((found, None));
+        }
+        if let Some(phi3d) = search.phi3d.as_ref().filter(|_| super::bundled::is_bundled(command)) {
+            return Ok((phi3d.clone(), Some(command.to_owned())));
+        }
+        let beside = search.exe_dir.as_ref().map(|d| format!("{} or ", d.display())).unwrap_or_default();
+        return Err(format!("cannot find {command:?} in {beside}PATH"));
     };
     if is_executable_file(&resolved) {
-        Ok(resolved)
+        Ok((resolved, None))
     } else {
         Err(format!("{} is not an executable file", resolved.display()))
     }
@@ -359,94 +448,8 @@ fn is_executable_file(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// A value as the operator wrote it, for "got ..." in messages.
-fn show(value: &Value) -> String {
-    match value {
-        Value::String(s) => format!("{s:?}"),
-        Value::Table(_) => "a table".into(),
-        other => other.to_string(),
-    }
-}
-
 fn error(file: &Path, field: Option<&str>, message: String) -> ManifestError {
-    ManifestError { file: file.to_path_buf(), field: field.map(str::to_string), message }
-}
-
-/// The keys of one table, taken one by one so that what is left at the end is unknown.
-struct Fields<'a> {
-    file: &'a Path,
-    /// The dotted prefix of this table's keys (`permissions`), `None` at the top.
-    prefix: Option<&'static str>,
-    table: Table,
-}
-
-impl<'a> Fields<'a> {
-    fn new(file: &'a Path, prefix: Option<&'static str>, table: Table) -> Self {
-        Fields { file, prefix, table }
-    }
-
-    fn path(&self, key: &str) -> String {
-        match self.prefix {
-            Some(prefix) => format!("{prefix}.{key}"),
-            None => key.to_string(),
-        }
-    }
-
-    fn err(&self, key: &str, message: String) -> ManifestError {
-        error(self.file, Some(&self.path(key)), message)
-    }
-
-    /// An error for a field path already complete (used where keys are data, as in `[env]`).
-    fn err_at(&self, field: &str, message: String) -> ManifestError {
-        error(self.file, Some(field), message)
-    }
-
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.table.remove(key)
-    }
-
-    fn string(&self, key: &str, value: Value) -> Result<String, ManifestError> {
-        match value {
-            Value::String(s) => Ok(s),
-            other => Err(self.err(key, format!("expected a string, got {}", show(&other)))),
-        }
-    }
-
-    fn strings(&self, key: &str, value: Value) -> Result<Vec<String>, ManifestError> {
-        let not_list = |v: &Value| self.err(key, format!("expected a list of strings, got {}", show(v)));
-        let Value::Array(items) = &value else { return Err(not_list(&value)) };
-        items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => Ok(s.clone()),
-                _ => Err(not_list(&value)),
-            })
-            .collect()
-    }
-
-    fn table(&self, key: &'static str, value: Value) -> Result<Fields<'a>, ManifestError> {
-        match value {
-            Value::Table(table) => Ok(Fields::new(self.file, Some(key), table)),
-            other => Err(self.err(key, format!("expected a table, got {}", show(&other)))),
-        }
-    }
-
-    /// An optional whole number within `min..=max`.
-    fn number(&mut self, key: &str, min: u64, max: u64) -> Result<Option<u64>, ManifestError> {
-        let Some(value) = self.take(key) else { return Ok(None) };
-        match value {
-            Value::Integer(n) if (min as i64..=max as i64).contains(&n) => Ok(Some(n as u64)),
-            other => Err(self.err(key, format!("expected a whole number from {min} to {max}, got {}", show(&other)))),
-        }
-    }
-
-    /// Rejects whatever key nobody took.
-    fn finish(self) -> Result<(), ManifestError> {
-        match self.table.keys().next() {
-            None => Ok(()),
-            Some(key) => Err(self.err(key, "unknown key".into())),
-        }
-    }
+    ManifestError { file: file.to_path_buf(), line: None, field: field.map(str::to_string), message }
 }
 
 #[cfg(test)]
@@ -465,7 +468,7 @@ mod tests {
         let tool = dir.path().join("tool");
         std::fs::write(&tool, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let search = CommandSearch { exe_dir: Some(dir.path().to_path_buf()), path: Vec::new() };
+        let search = CommandSearch { exe_dir: Some(dir.path().to_path_buf()), path: Vec::new(), phi3d: None };
         Setup { dir, search }
     }
 
@@ -570,10 +573,20 @@ mod tests {
         assert_eq!(m.command, absolute);
 
         // A bare name falls back to PATH when it is not next to phi3d.
-        let on_path =
-            CommandSearch { exe_dir: Some(PathBuf::from("/nonexistent")), path: vec![s.dir.path().to_path_buf()] };
+        let on_path = CommandSearch {
+            exe_dir: Some(PathBuf::from("/nonexistent")),
+            path: vec![s.dir.path().to_path_buf()],
+            phi3d: None,
+        };
         let m = Manifest::parse(&s.dir.path().join("a.toml"), "command = \"tool\"", &on_path).unwrap();
         assert_eq!(m.command, absolute);
+
+        // A bundled plugin installed nowhere is phi3d itself, run under the plugin's name.
+        let built_in = CommandSearch { phi3d: Some(absolute.clone()), ..CommandSearch::default() };
+        let m = Manifest::parse(&s.dir.path().join("c.toml"), "command = \"phi3d-plugin-clock\"", &built_in).unwrap();
+        assert_eq!((m.command, m.arg0.as_deref()), (absolute.clone(), Some("phi3d-plugin-clock")));
+        let (field, _) = s.error("command = \"phi3d-plugin-nothing\"");
+        assert_eq!(field.as_deref(), Some("command"));
 
         let (field, message) = s.error("command = \"no-such-tool\"");
         assert_eq!(field.as_deref(), Some("command"));
@@ -607,41 +620,41 @@ mod tests {
             ("command = \"tool\"\nnetwork = 1", "network", "unknown key"),
             ("command = \"tool\"\n[permissions]\nreed = []", "permissions.reed", "unknown key"),
             ("args = []", "command", "missing"),
-            ("command = 5", "command", "expected a string, got 5"),
+            ("command = 5", "command", "integer `5`, expected a string"),
             ("command = \"\"", "command", "is not a program"),
             ("name = \"a.b\"\ncommand = \"tool\"", "name", "is not a plugin name"),
             ("name = \"\"\ncommand = \"tool\"", "name", "is not a plugin name"),
             ("name = 1\ncommand = \"tool\"", "name", "expected a string"),
-            ("command = \"tool\"\nargs = \"-x\"", "args", "expected a list of strings"),
-            ("command = \"tool\"\nargs = [1]", "args", "expected a list of strings"),
-            ("command = \"tool\"\nstart = \"later\"", "start", "expected \"lazy\" or \"startup\", got \"later\""),
-            ("command = \"tool\"\nenv = 1", "env", "expected a table"),
-            ("command = \"tool\"\n[env]\nTZ = 1", "env.TZ", "expected a string, got 1"),
+            ("command = \"tool\"\nargs = \"-x\"", "args", "expected a list"),
+            ("command = \"tool\"\nargs = [1]", "args[0]", "expected a string"),
+            ("command = \"tool\"\nstart = \"later\"", "start", "unknown variant `later`, expected `lazy` or `startup`"),
+            ("command = \"tool\"\nenv = 1", "env", "integer `1`, expected a table"),
+            ("command = \"tool\"\n[env]\nTZ = 1", "env.TZ", "integer `1`, expected a string"),
             ("command = \"tool\"\npermissions = []", "permissions", "expected a table"),
-            ("command = \"tool\"\n[permissions]\nread = \"/\"", "permissions.read", "expected a list of strings"),
+            ("command = \"tool\"\n[permissions]\nread = \"/\"", "permissions.read", "expected a list"),
             ("command = \"tool\"\n[permissions]\nwrite = [\"\"]", "permissions.write", "is not a path"),
             (
                 "command = \"tool\"\n[permissions]\nnetwork = 5",
                 "permissions.network",
-                "expected \"none\", \"loopback\" or a list of host:port, got 5",
+                "integer `5`, expected \"none\", \"loopback\" or a list of host:port",
             ),
             (
                 "command = \"tool\"\n[permissions]\nnetwork = \"all\"",
                 "permissions.network",
-                "expected \"none\", \"loopback\" or a list of host:port, got \"all\"",
+                "string \"all\", expected \"none\", \"loopback\" or a list of host:port",
             ),
-            ("command = \"tool\"\n[permissions]\nnetwork = [1]", "permissions.network", "expected \"none\""),
+            ("command = \"tool\"\n[permissions]\nnetwork = [1]", "permissions.network[0]", "expected a string"),
             ("command = \"tool\"\n[permissions]\nnetwork = [\"host\"]", "permissions.network", "is not host:port"),
             ("command = \"tool\"\n[permissions]\nnetwork = [\"host:0\"]", "permissions.network", "is not host:port"),
             ("command = \"tool\"\n[permissions]\nnetwork = [\"::1:80\"]", "permissions.network", "is not host:port"),
             ("command = \"tool\"\n[permissions]\nnetwork = [\"a b:80\"]", "permissions.network", "is not host:port"),
             ("command = \"tool\"\n[permissions]\nmemory_mb = 0", "permissions.memory_mb", "from 1 to"),
             ("command = \"tool\"\n[permissions]\ncpu_seconds = -1", "permissions.cpu_seconds", "got -1"),
-            ("command = \"tool\"\n[permissions]\ntimeout_seconds = 1.5", "permissions.timeout_seconds", "got 1.5"),
+            ("command = \"tool\"\n[permissions]\ntimeout_seconds = 1.5", "permissions.timeout_seconds", "`1.5`, expected a whole number"),
             (
                 "command = \"tool\"\n[permissions]\nmax_output_bytes = \"1k\"",
                 "permissions.max_output_bytes",
-                "got \"1k\"",
+                "string \"1k\", expected a whole number",
             ),
             (
                 "command = \"tool\"\n[permissions]\nmax_concurrent_calls = 0",
@@ -657,6 +670,19 @@ mod tests {
             assert_eq!(got_field.as_deref(), Some(*field), "{text}");
             assert!(got_message.contains(message), "{text}: {got_message}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let s = setup();
+        let line = |text: &str| s.parse(text).unwrap_err().line;
+        assert_eq!(line("command = \"tool\"\n[permissions]\nreed = []"), Some(3), "an unknown key");
+        assert_eq!(line("command = \"tool\"\n\n[permissions]\nread = []\nmemory_mb = \"x\""), Some(5), "a wrong type");
+        assert_eq!(line("command = \"tool\"\n[permissions]\nread = []\nmemory_mb = 0"), Some(4), "a value out of range");
+        assert_eq!(line("name = \"a.b\"\ncommand = \"tool\""), Some(1));
+        assert_eq!(line("args = []\ncommand = \"missing\""), Some(2));
+        let e = s.parse("command = \"tool\"\n[permissions]\nreed = []").unwrap_err();
+        assert!(e.to_string().ends_with("clock.toml:3: permissions.reed: unknown key `reed`, expected one of `read`, `write`, `network`, `unix_sockets`, `memory_mb`, `cpu_seconds`, `timeout_seconds`, `max_output_bytes`, `max_concurrent_calls`, `max_processes`, `max_open_files`, `max_file_size_mb`"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! | file | job |
 //! |---|---|
+//! | `bundled.rs` | the plugins that come with phi3d: built into its binary, their manifests found without configuration |
 //! | `manifest.rs` | parse and validate one manifest; errors name the file and the field |
 //! | `watch.rs` | notice changes in the plugins folder |
 //! | `registry.rs` | [`PluginRegistry`]: every plugin, hot reload, tool listing, calls, audit log |
@@ -16,6 +17,7 @@
 //! fork, eat memory), a call ends within its timeout with an error result, and phi3d and
 //! the other plugins carry on.
 
+pub mod bundled;
 mod manifest;
 mod output;
 mod plugin;
@@ -26,4 +28,4 @@ mod transport;
 mod watch;
 
 pub use manifest::{CommandSearch, Endpoint, Manifest, ManifestError, Network, Permissions, StartMode};
-pub use registry::{PluginRegistry, RegistryError, ToolInfo, ToolOutcome};
+pub use registry::{PluginRegistry, RegistryError, SkippedTool, ToolInfo, ToolListing, ToolOutcome};

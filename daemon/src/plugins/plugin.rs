@@ -5,8 +5,10 @@
 //! `start = "startup"`. When it fails (crash, timeout, protocol violation, failed start) it is
 //! replaced on next use, but not sooner than a backoff after the failure: 1 s, doubling with
 //! each failure in a row up to 60 s, and reset by a successful call. A call waits out a
-//! backoff that ends within its own timeout and fails fast otherwise; a listing never waits
+//! backoff that ends before its deadline and fails fast otherwise; a listing never waits
 //! and shows the last tools known, so a restarting plugin does not vanish from the prompt.
+//! A call's deadline is its timeout from when it was made: a free call slot, a backoff and a
+//! start are waited for within it, not on top of it.
 //!
 //! Retiring waits until the calls in flight have finished (each is bounded by its timeout)
 //! and only then stops the process, so a hot reload never cuts a call off.
@@ -131,8 +133,16 @@ impl Plugin {
         }
     }
 
-    /// Calls `tool` (its MCP name) as `qualified` (`plugin.tool`, for messages).
-    pub async fn call(&self, tool: &str, qualified: &str, arguments: serde_json::Value) -> CallResult {
+    /// Calls `tool` (its MCP name) as `qualified` (`plugin.tool`, for messages), by `deadline`:
+    /// waiting for a free call slot, for a restart backoff and for the start of a process all
+    /// come out of the call's time, so the call ends by then whatever the plugin does.
+    pub async fn call(
+        &self,
+        tool: &str,
+        qualified: &str,
+        arguments: serde_json::Value,
+        deadline: tokio::time::Instant,
+    ) -> CallResult {
         let permissions = &self.manifest.permissions;
         let timeout = permissions.timeout;
         let arguments = match arguments {
@@ -142,17 +152,25 @@ impl Plugin {
                 return CallResult::error(format!("the arguments of {qualified} must be a JSON object, got {other}"));
             }
         };
-        let Ok(Ok(_permit)) = tokio::time::timeout(timeout, self.permits.acquire()).await else {
+        let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
             return CallResult::error(format!(
                 "the tool {qualified} is busy ({} calls in flight); try again later",
                 permissions.max_concurrent_calls
             ));
         };
-        let process = match self.process(timeout).await {
-            Ok(process) => process,
-            Err(error) => return CallResult::error(format!("the tool {qualified} is not available: {error}")),
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // A start abandoned at the deadline is stopped (whoever lets go of a process last kills it).
+        let process = match tokio::time::timeout_at(deadline, self.process(left)).await {
+            Ok(Ok(process)) => process,
+            Ok(Err(error)) => return CallResult::error(format!("the tool {qualified} is not available: {error}")),
+            Err(_) => {
+                return CallResult::error(format!(
+                    "the tool {qualified} is not available: its plugin did not start within {} s",
+                    timeout.as_secs()
+                ));
+            }
         };
-        match process.call(tool, arguments, timeout).await {
+        match process.call(tool, arguments, deadline, timeout).await {
             CallOutcome::Answered(result) => {
                 self.failures.store(0, Ordering::SeqCst);
                 let (content, cut) = output::render(&result, permissions.max_output_bytes);

@@ -73,6 +73,9 @@ impl PluginProcess {
         run_as: u32,
     ) -> Result<PluginProcess, String> {
         let mut command = Command::new(&manifest.command);
+        if let Some(arg0) = &manifest.arg0 {
+            command.arg0(arg0);
+        }
         command
             .args(&manifest.args)
             .current_dir("/")
@@ -208,14 +211,21 @@ impl PluginProcess {
         }
     }
 
-    /// Calls one tool with a wall-clock `timeout`; past it the whole process group is killed.
-    pub async fn call(&self, tool: &str, arguments: Option<JsonObject>, timeout: Duration) -> CallOutcome {
+    /// Calls one tool, to answer by `deadline`; past it the whole process group is killed.
+    /// `timeout` is the manifest's, for the message.
+    pub async fn call(
+        &self,
+        tool: &str,
+        arguments: Option<JsonObject>,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> CallOutcome {
         let mut params = CallToolRequestParams::new(tool.to_string());
         params.arguments = arguments;
         let answer = tokio::select! {
             answer = self.session.peer().call_tool_once(params) => answer,
             () = self.child.fault.wait() => Err(ServiceError::TransportClosed),
-            () = tokio::time::sleep(timeout) => {
+            () = tokio::time::sleep_until(deadline) => {
                 self.kill(&format!("a call to {tool} did not answer within {} s", timeout.as_secs()));
                 return CallOutcome::TimedOut;
             }

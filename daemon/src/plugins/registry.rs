@@ -49,6 +49,22 @@ pub struct ToolInfo {
     pub protections: Vec<String>,
 }
 
+/// A tool a plugin lists that is not offered to the model, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedTool {
+    pub plugin: String,
+    /// `plugin.name`, as the plugin named it.
+    pub qualified_name: String,
+    pub reason: String,
+}
+
+/// Every plugin's tools: those offered and those skipped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ToolListing {
+    pub tools: Vec<ToolInfo>,
+    pub skipped: Vec<SkippedTool>,
+}
+
 /// How a call ended. Failures of every kind (unknown tool, plugin error, timeout, crash, cut
 /// output) are `is_error` with a message written for the model to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +232,7 @@ impl PluginRegistry {
                     Some(other) => {
                         let error = ManifestError {
                             file: file.clone(),
+                            line: None,
                             field: Some("name".into()),
                             message: format!(
                                 "the plugin name {:?} is already used by {}",
@@ -306,19 +323,26 @@ impl PluginRegistry {
         self.plugins().into_iter().find(|p| p.name() == name)
     }
 
-    /// Every tool of every plugin, sorted by qualified name. Starts lazy plugins that have not
-    /// run yet (their tools are only known by asking them). A plugin that cannot list its
-    /// tools is left out, with a log line.
+    /// Every tool of every plugin, sorted by qualified name (see [`PluginRegistry::listing`]).
     pub async fn tools(&self) -> Vec<ToolInfo> {
+        self.listing().await.tools
+    }
+
+    /// Every tool of every plugin, sorted by qualified name, and the tools left out: a name
+    /// that is not an MCP tool name, or an input schema that does not compile (each logged
+    /// once per listing; the plugin's other tools are still offered). Starts lazy plugins
+    /// that have not run yet (their tools are only known by asking them). A plugin that cannot
+    /// list its tools is left out, with a log line.
+    pub async fn listing(&self) -> ToolListing {
         if self.inner.shutdown.is_cancelled() {
-            return Vec::new();
+            return ToolListing::default();
         }
         let plugins = self.plugins();
         let listings = futures::future::join_all(plugins.iter().map(|p| p.tools())).await;
-        let mut tools = Vec::new();
-        for (plugin, listing) in plugins.iter().zip(listings) {
-            let (listed, protections) = match listing {
-                Ok(listing) => listing,
+        let mut listing = ToolListing::default();
+        for (plugin, plugin_listing) in plugins.iter().zip(listings) {
+            let (listed, protections) = match plugin_listing {
+                Ok(plugin_listing) => plugin_listing,
                 Err(error) => {
                     // Each failure was logged when it happened; a listing repeats it quietly.
                     tracing::debug!(plugin = plugin.name(), "tools left out: {error}");
@@ -326,41 +350,61 @@ impl PluginRegistry {
                 }
             };
             for tool in listed {
-                if !valid_tool_name(&tool.name) {
-                    tracing::warn!(plugin = plugin.name(), tool = %tool.name.escape_debug(), "tool skipped: its name is not [A-Za-z0-9_.-]{{1,64}}");
+                let qualified_name = format!("{}.{}", plugin.name(), tool.name);
+                let input_schema = serde_json::Value::Object((*tool.input_schema).clone());
+                let problem = if !valid_tool_name(&tool.name) {
+                    Some("its name is not [A-Za-z0-9_.-]{1,64}".to_owned())
+                } else {
+                    jsonschema::validator_for(&input_schema)
+                        .err()
+                        .map(|err| format!("its input schema is not a valid JSON schema: {err}"))
+                };
+                if let Some(reason) = problem {
+                    tracing::warn!(plugin = plugin.name(), tool = %tool.name.escape_debug(), "tool skipped: {reason}");
+                    listing.skipped.push(SkippedTool { plugin: plugin.name().to_string(), qualified_name, reason });
                     continue;
                 }
-                tools.push(ToolInfo {
+                listing.tools.push(ToolInfo {
                     plugin: plugin.name().to_string(),
-                    qualified_name: format!("{}.{}", plugin.name(), tool.name),
+                    qualified_name,
                     name: tool.name.to_string(),
                     description: tool.description.as_deref().unwrap_or_default().to_string(),
-                    input_schema: serde_json::Value::Object((*tool.input_schema).clone()),
+                    input_schema,
                     protections: protections.clone(),
                 });
             }
         }
-        tools.sort_by(|a, b| a.qualified_name.cmp(&b.qualified_name));
-        tools.dedup_by(|a, b| a.qualified_name == b.qualified_name);
-        tools
+        listing.tools.sort_by(|a, b| a.qualified_name.cmp(&b.qualified_name));
+        listing.tools.dedup_by(|a, b| a.qualified_name == b.qualified_name);
+        listing.skipped.sort_by(|a, b| a.qualified_name.cmp(&b.qualified_name));
+        listing
     }
 
     /// Calls a tool by its qualified name (`plugin.tool`). Every failure is an `is_error`
-    /// outcome. Never hangs: waiting for a free call slot, waiting out a restart backoff,
-    /// starting the plugin and the call itself are each bounded by the plugin's
-    /// `timeout_seconds`. Each call is logged for audit (target `phi3d::audit`).
+    /// outcome. Never hangs: everything the call needs (starting the plugin and listing its
+    /// tools, a free call slot, waiting out a restart backoff, the call itself) shares one
+    /// deadline, the plugin's `timeout_seconds` from now. Each call is logged for audit
+    /// (target `phi3d::audit`).
     pub async fn call(&self, qualified_name: &str, arguments: serde_json::Value) -> ToolOutcome {
         let started = Instant::now();
         let (plugin_name, tool) = qualified_name.split_once('.').unwrap_or((qualified_name, ""));
         let result = match self.plugin(plugin_name) {
             _ if self.inner.shutdown.is_cancelled() => Err("phi3d is shutting down".to_string()),
-            Some(plugin) => match plugin.tools().await {
-                Ok((tools, _)) if tools.iter().any(|t| t.name == tool) => {
-                    Ok(plugin.call(tool, qualified_name, arguments).await)
+            Some(plugin) => {
+                let timeout = plugin.manifest().permissions.timeout;
+                let deadline = tokio::time::Instant::now() + timeout;
+                match tokio::time::timeout_at(deadline, plugin.tools()).await {
+                    Ok(Ok((tools, _))) if tools.iter().any(|t| t.name == tool) => {
+                        Ok(plugin.call(tool, qualified_name, arguments, deadline).await)
+                    }
+                    Ok(Ok(_)) => Err(self.unknown(qualified_name).await),
+                    Ok(Err(error)) => Err(format!("the tool {qualified_name} is not available: {error}")),
+                    Err(_) => Err(format!(
+                        "the tool {qualified_name} is not available: its plugin did not start within {} s",
+                        timeout.as_secs()
+                    )),
                 }
-                Ok(_) => Err(self.unknown(qualified_name).await),
-                Err(error) => Err(format!("the tool {qualified_name} is not available: {error}")),
-            },
+            }
             None => Err(self.unknown(qualified_name).await),
         };
         let (content, is_error) = match result {

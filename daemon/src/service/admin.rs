@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use phi3d_proto::v1::admin_server::Admin;
 use phi3d_proto::v1::{
-    GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo, SlotStatus,
-    ToolDescription, slot_status,
+    GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo, SkippedTool,
+    SlotStatus, ToolDescription, slot_status,
 };
 use tonic::{Request, Response, Status};
 
@@ -96,10 +96,9 @@ impl Admin for AdminService {
     }
 
     async fn list_tools(&self, _: Request<ListToolsRequest>) -> Result<Response<ListToolsResponse>, Status> {
-        let tools = self
-            .plugins
-            .tools()
-            .await
+        let listing = self.plugins.listing().await;
+        let tools = listing
+            .tools
             .into_iter()
             .map(|tool| ToolDescription {
                 name: tool.qualified_name,
@@ -109,7 +108,12 @@ impl Admin for AdminService {
                 protections: tool.protections,
             })
             .collect();
-        Ok(Response::new(ListToolsResponse { tools, sandbox_support: self.sandbox_support.clone() }))
+        let skipped = listing
+            .skipped
+            .into_iter()
+            .map(|tool| SkippedTool { name: tool.qualified_name, plugin: tool.plugin, reason: tool.reason })
+            .collect();
+        Ok(Response::new(ListToolsResponse { tools, sandbox_support: self.sandbox_support.clone(), skipped }))
     }
 }
 

@@ -1,9 +1,11 @@
-//! Engine events to `phi3d.v1` messages, and engine errors to gRPC statuses.
+//! Engine and tool-turn events to `phi3d.v1` messages, and their errors to gRPC statuses.
 
 use phi3d_proto::v1::{self as pb, ChatEvent, chat_event};
 use tonic::Status;
 
 use crate::engine::task::{Completion, EngineError, Event, StopReason};
+use crate::tools::PromptError;
+use crate::tools::agent::{AgentError, AgentEvent};
 
 pub fn chat_event(event: Event) -> Result<ChatEvent, Status> {
     let event = match event {
@@ -55,5 +57,54 @@ pub fn engine_status(error: EngineError) -> Status {
         EngineError::Decode(_) | EngineError::Grammar(_) => Status::internal(error.to_string()),
         EngineError::ShuttingDown => Status::unavailable(error.to_string()),
         EngineError::CacheFull { .. } => Status::resource_exhausted(error.to_string()),
+    }
+}
+
+/// A tool turn's event (or its end in error) as the client sees it.
+pub fn agent_event(event: Result<AgentEvent, AgentError<Status>>) -> Result<ChatEvent, Status> {
+    let event = match event.map_err(agent_status)? {
+        AgentEvent::Delta(text) => chat_event::Event::Delta(pb::Delta { text }),
+        AgentEvent::Call(call) => chat_event::Event::ToolCall(pb::ToolCall {
+            id: call.id,
+            name: call.name,
+            arguments_json: call.arguments.to_string(),
+            client_side: call.client_side,
+        }),
+        AgentEvent::Result(result) => chat_event::Event::ToolResult(pb::ToolResult {
+            id: result.id,
+            name: result.name,
+            content: result.content,
+            is_error: result.is_error,
+            duration_ms: result.duration.as_secs_f64() * 1000.0,
+        }),
+        AgentEvent::Done(end) => {
+            let mut done = done(end.completion);
+            if end.client_calls {
+                done.stop_reason = pb::StopReason::ToolCalls as i32;
+            }
+            if let Some(usage) = done.usage.as_mut() {
+                usage.generation_steps = end.steps;
+            }
+            chat_event::Event::Done(done)
+        }
+    };
+    Ok(ChatEvent { event: Some(event) })
+}
+
+pub fn prompt_status(error: PromptError) -> Status {
+    match error {
+        PromptError::NoChatTemplate => Status::failed_precondition(error.to_string()),
+        PromptError::Invalid(message) => Status::invalid_argument(message),
+    }
+}
+
+pub fn agent_status(error: AgentError<Status>) -> Status {
+    match error {
+        AgentError::Request(status) => status,
+        AgentError::Prompt(error) => prompt_status(error),
+        AgentError::Grammar(_) => Status::invalid_argument(error.to_string()),
+        AgentError::Engine(error) => engine_status(error),
+        AgentError::Unusable { .. } => Status::aborted(error.to_string()),
+        AgentError::EngineLost => Status::internal(error.to_string()),
     }
 }

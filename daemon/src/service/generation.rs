@@ -1,12 +1,15 @@
 //! One request's life on the async side: registering its id, enforcing its deadline, and
-//! submitting generation steps to the engine. Shared by plain chats and tool turns.
+//! submitting generation steps to the engine. Shared by plain chats and tool turns (for which
+//! [`ToolTurnRunner`] is the agent's [`StepRunner`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::requests::{Registration, Requests};
@@ -15,6 +18,7 @@ use crate::auth::Client;
 use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
 use crate::engine::{Engine, LoadedModel, QueueError};
+use crate::tools::agent::StepRunner;
 
 /// A request in flight. Dropping it unregisters the id.
 pub struct RequestScope {
@@ -64,7 +68,6 @@ impl RequestScope {
         prompt: Vec<LlamaToken>,
         params: GenerationParams,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
-        validate::fits_context(prompt.len(), model.info.context_length, self.max_prompt_tokens)?;
         // Compiling a grammar can take a while for large schemas: it happens here, on the
         // async side, never on the worker thread that every slot's decoding waits on.
         let sampler = if params.grammar.is_some() {
@@ -73,6 +76,19 @@ impl RequestScope {
             build_sampler(&params, &model.model)
         }
         .map_err(|reason| Status::internal(format!("cannot build the sampler: invalid grammar: {reason}")))?;
+        self.submit_sampled(engine, model, prompt, params, sampler)
+    }
+
+    /// [`RequestScope::submit`] with the sampler already built.
+    pub fn submit_sampled(
+        &self,
+        engine: &Engine,
+        model: &LoadedModel,
+        prompt: Vec<LlamaToken>,
+        params: GenerationParams,
+        sampler: LlamaSampler,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
+        validate::fits_context(prompt.len(), model.info.context_length, self.max_prompt_tokens)?;
         let (events, receiver) = mpsc::unbounded_channel();
         let task = Task {
             request_id: self.registration.request_id.clone(),
@@ -105,6 +121,37 @@ impl RequestScope {
                 completion.completion_tokens
             ))
         })
+    }
+}
+
+/// A tool turn's request: its scope, and the engine and model its steps run on.
+pub struct ToolTurnRunner {
+    pub scope: RequestScope,
+    pub engine: Engine,
+    pub model: Arc<LoadedModel>,
+}
+
+impl StepRunner for ToolTurnRunner {
+    type Error = Status;
+
+    fn submit(
+        &self,
+        prompt: Vec<LlamaToken>,
+        params: GenerationParams,
+        sampler: LlamaSampler,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
+        self.scope.submit_sampled(&self.engine, &self.model, prompt, params, sampler)
+    }
+
+    fn cancelled(&self) -> &CancellationToken {
+        &self.scope.registration.cancel
+    }
+
+    fn deadline_error(&self, completion: Option<&Completion>) -> Option<Status> {
+        match completion {
+            Some(completion) => self.scope.deadline_status(completion),
+            None => self.scope.deadline_exceeded(),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::generation::RequestScope;
+use super::generation::{RequestScope, ToolTurnRunner};
 use super::requests::{CancelOutcome, Requests};
 use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
@@ -25,7 +25,7 @@ use crate::auth::Client;
 use crate::engine::task::{Event, GenerationParams};
 use crate::engine::{Engine, LoadedModel};
 use crate::plugins::PluginRegistry;
-use crate::tools::ToolFormat;
+use crate::tools::{ChatMessage, ToolFormat};
 use crate::tools::agent::AgentTurn;
 use crate::tools::conversation::{TemplateTurn, plain, render, tokenize_prompt};
 
@@ -59,31 +59,33 @@ impl InferenceService {
     async fn tool_turn(
         &self,
         model: Arc<LoadedModel>,
-        request: ChatRequest,
+        request_id: &str,
+        messages: Vec<ChatMessage>,
         plan: ToolPlan,
         params: GenerationParams,
         client: &Client,
         deadline: Option<std::time::Duration>,
     ) -> Result<EventStream, Status> {
-        let scope = RequestScope::begin(&self.requests, &request.request_id, client, deadline)?;
+        let scope = RequestScope::begin(&self.requests, request_id, client, deadline)?;
+        let started = convert::started(scope.request_id(), &model.info.name);
         let turn = AgentTurn {
-            engine: self.engine.clone(),
+            runner: ToolTurnRunner { scope, engine: self.engine.clone(), model: model.clone() },
             format: ToolFormat::detect(&model),
             model,
             plugins: self.plugins.clone(),
             tools: plan.tools,
-            messages: request.messages,
+            messages,
             max_steps: plan.max_steps,
             call_max_tokens: self.defaults.tool_call_max_tokens,
             params,
-            scope,
         };
         // The first step is queued here, so that a full queue or a prompt too long is the
         // request's status rather than an error inside the stream.
-        let first = turn.submit_step(&plan.first_mode)?;
+        let first = turn.submit_step(&plan.first_mode).map_err(convert::agent_status)?;
         let (sink, events) = mpsc::unbounded_channel();
         tokio::spawn(turn.run(plan.first_mode, first, sink));
-        Ok(Box::pin(UnboundedReceiverStream::new(events)))
+        let events = UnboundedReceiverStream::new(events).map(convert::agent_event);
+        Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events)))
     }
 
     /// Queues a tokenized prompt and returns the stream of its events.
@@ -172,11 +174,15 @@ impl Inference for InferenceService {
             &plugin_tools,
             self.defaults.max_tool_steps,
         )? {
-            return Ok(Response::new(self.tool_turn(model, request, plan, params, &client, deadline).await?));
+            return Ok(Response::new(
+                self.tool_turn(model, &request.request_id, messages, plan, params, &client, deadline).await?,
+            ));
         }
-        let turns: Vec<TemplateTurn> =
-            messages.iter().map(|(role, content)| TemplateTurn::new(*role, plain(content))).collect();
-        let prompt = render(&model, &turns)?;
+        let turns: Vec<TemplateTurn> = messages
+            .iter()
+            .map(|message| TemplateTurn::new(message.role.template_name(), plain(&message.content)))
+            .collect();
+        let prompt = render(&model, &turns).map_err(convert::prompt_status)?;
         let tokens = tokenize_prompt(&model.model, &prompt);
         let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
         Ok(Response::new(stream))

@@ -8,6 +8,7 @@ use phi3d_proto::v1::{GenerationOptions, Message, Role};
 use tonic::Status;
 
 use crate::engine::task::{GenerationParams, SamplingParams};
+use crate::tools::{CallRecord, ChatMessage, ChatRole};
 
 /// Server-side defaults that a request may leave unset.
 #[derive(Debug, Clone, Copy)]
@@ -87,8 +88,9 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
     })
 }
 
-/// The role names the chat template expects, one per message.
-pub fn chat_messages(messages: &[Message]) -> Result<Vec<(&'static str, &str)>, Status> {
+/// The request's messages as the tools layer and the chat template take them: every role
+/// set, no NUL in the text, every earlier call's arguments JSON.
+pub fn chat_messages(messages: &[Message]) -> Result<Vec<ChatMessage>, Status> {
     if messages.is_empty() {
         return Err(invalid("messages must not be empty; send at least one ROLE_USER message".into()));
     }
@@ -97,10 +99,10 @@ pub fn chat_messages(messages: &[Message]) -> Result<Vec<(&'static str, &str)>, 
         .enumerate()
         .map(|(index, message)| {
             let role = match Role::try_from(message.role) {
-                Ok(Role::System) => "system",
-                Ok(Role::User) => "user",
-                Ok(Role::Assistant) => "assistant",
-                Ok(Role::Tool) => "tool",
+                Ok(Role::System) => ChatRole::System,
+                Ok(Role::User) => ChatRole::User,
+                Ok(Role::Assistant) => ChatRole::Assistant,
+                Ok(Role::Tool) => ChatRole::Tool,
                 Ok(Role::Unspecified) | Err(_) => {
                     return Err(invalid(format!(
                         "messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL, got {}",
@@ -111,7 +113,18 @@ pub fn chat_messages(messages: &[Message]) -> Result<Vec<(&'static str, &str)>, 
             if message.content.contains('\0') {
                 return Err(invalid(format!("messages[{index}].content contains a NUL character")));
             }
-            Ok((role, message.content.as_str()))
+            let tool_calls = message
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(call_index, call)| {
+                    let arguments = serde_json::from_str(&call.arguments_json).map_err(|err| {
+                        invalid(format!("messages[{index}].tool_calls[{call_index}].arguments_json is not JSON: {err}"))
+                    })?;
+                    Ok(CallRecord { id: call.id.clone(), name: call.name.clone(), arguments })
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            Ok(ChatMessage { role, content: message.content.clone(), tool_calls, tool_call_id: message.tool_call_id.clone() })
         })
         .collect()
 }
@@ -207,6 +220,14 @@ mod tests {
             Message { role: Role::Unspecified as i32, content: "x".into(), ..Message::default() },
         ];
         assert!(chat_messages(&messages).unwrap_err().message().contains("messages[1].role"));
+    }
+
+    #[test]
+    fn earlier_calls_need_json_arguments() {
+        let call = phi3d_proto::v1::ToolCall { id: "a".into(), name: "x".into(), arguments_json: "{".into(), client_side: false };
+        let messages = [Message { role: Role::Assistant as i32, tool_calls: vec![call], ..Message::default() }];
+        let status = chat_messages(&messages).unwrap_err();
+        assert!(status.message().starts_with("messages[0].tool_calls[0].arguments_json"), "{status:?}");
     }
 
     #[test]

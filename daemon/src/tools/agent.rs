@@ -1,49 +1,124 @@
 //! The agent loop of one tool turn: generate → parse the call → validate it against the tool's
 //! schema → run it in its plugin (or hand it to the client) → give the result back → generate
-//! again, streaming every step to the client.
+//! again, reporting every step as an [`AgentEvent`].
 //!
-//! It runs on the async side; the worker thread only ever sees ordinary generation tasks. A bad
-//! call, an unknown tool, a plugin error or timeout becomes a `ToolResult` with `is_error` that
+//! It runs on the async side; the worker thread only ever sees ordinary generation tasks, which
+//! it queues through a [`StepRunner`] (the service's request scope). It speaks engine and tool
+//! types only: the service maps its events and errors to the wire, as it does for plain chats.
+//! A bad call, an unknown tool, a plugin error or timeout becomes a result with `is_error` that
 //! the model can act on, and the loop goes on until the model answers or the step budget is
 //! spent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use phi3d_proto::v1::{self as pb, ChatEvent, Message, Role, chat_event};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tonic::Status;
 
 use super::conversation::{render, tokenize_prompt, tool_turns};
 use super::toolset::{OfferedTool, StepMode, ToolSide};
-use super::{ModelReply, ParsedCall, ToolFormat};
-use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Timings};
-use crate::engine::{Engine, LoadedModel};
+use super::{CallRecord, ChatMessage, ChatRole, ModelReply, ParsedCall, PromptError, ToolFormat};
+use crate::engine::LoadedModel;
+use crate::engine::sampling::build_sampler;
+use crate::engine::task::{Completion, EngineError, Event, GenerationParams, StopReason, Timings};
 use crate::plugins::PluginRegistry;
-use crate::service::convert;
-use crate::service::generation::RequestScope;
 
 /// How often a reply that cannot be parsed is answered with a correction and retried before
 /// the turn ends: each retry re-reads a longer prompt.
 pub const MAX_REPLY_RETRIES: u32 = 2;
 
-pub type EventSink = mpsc::UnboundedSender<Result<ChatEvent, Status>>;
+/// Queues the steps of one request and knows its cancellation and deadline.
+pub trait StepRunner: Send + Sync + 'static {
+    /// How the request itself fails (a full queue, a prompt too long, its deadline).
+    type Error: Send + 'static;
+    /// Queues one step, its sampler already built; its events arrive on the returned channel.
+    fn submit(
+        &self,
+        prompt: Vec<LlamaToken>,
+        params: GenerationParams,
+        sampler: LlamaSampler,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, Self::Error>;
+    /// Cancelled when the request is (Cancel, its deadline, shutdown).
+    fn cancelled(&self) -> &CancellationToken;
+    /// The request's failure if its deadline has passed: after `completion` was cut short, or
+    /// (`None`) during a tool call.
+    fn deadline_error(&self, completion: Option<&Completion>) -> Option<Self::Error>;
+}
+
+/// What a tool turn reports, in order: deltas, calls and results, then one `Done`.
+#[derive(Debug, Clone)]
+pub enum AgentEvent {
+    /// Answer text for the user.
+    Delta(String),
+    Call(CallEvent),
+    Result(ResultEvent),
+    Done(TurnDone),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallEvent {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+    /// The client runs it; the turn ends after this step's calls.
+    pub client_side: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResultEvent {
+    pub id: String,
+    pub name: String,
+    pub content: String,
+    pub is_error: bool,
+    pub duration: Duration,
+}
+
+/// The end of a turn: every step's accounting summed up.
+#[derive(Debug, Clone)]
+pub struct TurnDone {
+    /// The answer text and the summed usage and timings; its stop reason is the last step's.
+    pub completion: Completion,
+    pub steps: u32,
+    /// The turn ended because the client must run calls.
+    pub client_calls: bool,
+}
+
+/// Why a turn ended without `Done`.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError<E> {
+    /// The request itself failed (see [`StepRunner::Error`]).
+    #[error("the request failed")]
+    Request(E),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error("the tools' schemas give a grammar llama.cpp rejects: {0}")]
+    Grammar(String),
+    #[error(transparent)]
+    Engine(EngineError),
+    #[error("the model's reply could not be used {attempts} times in a row (last: {problem}); the turn was ended")]
+    Unusable { attempts: u32, problem: String },
+    #[error("the engine dropped a generation step without an answer")]
+    EngineLost,
+}
+
+pub type EventSink<E> = mpsc::UnboundedSender<Result<AgentEvent, AgentError<E>>>;
 
 /// Everything one tool turn needs.
-pub struct AgentTurn {
-    pub engine: Engine,
+pub struct AgentTurn<R: StepRunner> {
+    pub runner: R,
     pub model: Arc<LoadedModel>,
     pub plugins: PluginRegistry,
     pub format: ToolFormat,
     pub tools: Vec<OfferedTool>,
-    pub messages: Vec<Message>,
+    pub messages: Vec<ChatMessage>,
     pub max_steps: u32,
     /// The token budget of a step whose grammar allows only a call (`tool_call_max_tokens`).
     pub call_max_tokens: u32,
     pub params: GenerationParams,
-    pub scope: RequestScope,
 }
 
 /// The sum of every step's accounting.
@@ -57,46 +132,44 @@ struct Totals {
     steps: u32,
 }
 
-impl AgentTurn {
+impl<R: StepRunner> AgentTurn<R> {
     /// Renders and queues one step. Errors (a prompt too long, a full queue, a grammar llama.cpp
-    /// rejects) are the request's status.
-    pub fn submit_step(&self, mode: &StepMode) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
-        let turns = tool_turns(&self.messages, self.format, &self.tools, mode).map_err(Status::invalid_argument)?;
+    /// rejects) end the request.
+    pub fn submit_step(&self, mode: &StepMode) -> Result<mpsc::UnboundedReceiver<Event>, AgentError<R::Error>> {
+        let turns = tool_turns(&self.messages, self.format, &self.tools, mode)?;
         let prompt = render(&self.model, &turns)?;
         let tokens = tokenize_prompt(&self.model.model, &prompt);
-        let grammar = self.format.grammar(&self.tools, mode).map_err(|err| {
-            Status::invalid_argument(format!("the tools' schemas cannot be turned into a grammar: {err}"))
-        })?;
-        if let Some(grammar) = &grammar {
-            crate::engine::sampling::grammar_sampler(grammar, &self.model.model).map_err(|err| {
-                Status::invalid_argument(format!("the tools' schemas give a grammar llama.cpp rejects: {err}"))
-            })?;
-        }
+        let grammar = self.format.grammar(&self.tools, mode).map_err(AgentError::Grammar)?;
         // A step that can only be a call gets the call budget, not the client's max_tokens
         // (which limits the answer), and no client stop strings: those would cut the JSON.
         let forced_call = matches!(mode, StepMode::Required | StepMode::Force(_));
         let params = GenerationParams {
-            grammar,
+            grammar: Some(grammar),
             render_special_tokens: self.format.renders_special_tokens(),
             max_tokens: if forced_call { self.call_max_tokens } else { self.params.max_tokens },
             stop: if forced_call { Vec::new() } else { self.params.stop.clone() },
             ..self.params.clone()
         };
-        self.scope.submit(&self.engine, &self.model, tokens, params)
+        // Compiling the grammar can take a while for large schemas: here, once per step, on
+        // the async side, never on the worker thread that every slot's decoding waits on.
+        let sampler = tokio::task::block_in_place(|| build_sampler(&params, &self.model.model)).map_err(AgentError::Grammar)?;
+        self.runner.submit(tokens, params, sampler).map_err(AgentError::Request)
     }
 
     /// Runs the turn to its end, the first step (in `first_mode`) already queued. Every path
-    /// ends the stream with one `done` or one error status.
-    pub async fn run(mut self, first_mode: StepMode, first: mpsc::UnboundedReceiver<Event>, sink: EventSink) {
-        let _ = sink.send(Ok(convert::started(self.scope.request_id(), &self.model.info.name)));
+    /// ends with one `Done` or one error.
+    pub async fn run(mut self, first_mode: StepMode, first: mpsc::UnboundedReceiver<Event>, sink: EventSink<R::Error>) {
         // A client that goes away cancels the turn, even while a plugin is running. The watcher
         // holds a sender, so it must end with the turn, or the stream would never close.
-        let cancel = self.scope.registration.cancel.clone();
+        let cancel = self.runner.cancelled().clone();
         let watcher = sink.clone();
         let _watcher = AbortOnDropHandle::new(tokio::spawn(async move {
             watcher.closed().await;
             cancel.cancel();
         }));
+        let fail = |error| {
+            let _ = sink.send(Err(error));
+        };
 
         let mut totals = Totals::default();
         let mut receiver = first;
@@ -105,65 +178,44 @@ impl AgentTurn {
         loop {
             let (raw, completion) = match self.follow(receiver, &sink, &mut totals).await {
                 Ok(step) => step,
-                Err(status) => {
-                    let _ = sink.send(Err(status));
-                    return;
-                }
+                Err(error) => return fail(error),
             };
-            if let Some(status) = self.scope.deadline_status(&completion) {
-                let _ = sink.send(Err(status));
-                return;
+            if let Some(error) = self.runner.deadline_error(Some(&completion)) {
+                return fail(AgentError::Request(error));
             }
             if completion.stop_reason == StopReason::Cancelled {
-                finish(&sink, totals, StopReason::Cancelled);
-                return;
+                return finish(&sink, totals, StopReason::Cancelled, false);
             }
             match self.format.parse(&raw) {
-                Ok(ModelReply::Answer(_)) => {
-                    finish(&sink, totals, completion.stop_reason);
-                    return;
-                }
+                Ok(ModelReply::Answer(_)) => return finish(&sink, totals, completion.stop_reason, false),
                 Ok(ModelReply::Calls(calls)) => {
                     unusable_replies = 0;
-                    let Some(ended) = self.dispatch(calls, &sink).await else {
-                        match self.scope.deadline_exceeded() {
-                            Some(status) => {
-                                let _ = sink.send(Err(status));
-                            }
-                            None => finish(&sink, totals, StopReason::Cancelled),
-                        }
-                        return;
+                    let Some(client_calls) = self.dispatch(calls, &sink).await else {
+                        return match self.runner.deadline_error(None) {
+                            Some(error) => fail(AgentError::Request(error)),
+                            None => finish(&sink, totals, StopReason::Cancelled, false),
+                        };
                     };
-                    if ended {
-                        finish_with(&sink, totals, pb::StopReason::ToolCalls);
-                        return;
+                    if client_calls {
+                        return finish(&sink, totals, StopReason::EndOfGeneration, true);
                     }
                 }
                 Err(_) if completion.stop_reason == StopReason::MaxTokens && !totals.text.is_empty() => {
                     // An answer cut by max_tokens: what was streamed is the reply.
-                    finish(&sink, totals, StopReason::MaxTokens);
-                    return;
+                    return finish(&sink, totals, StopReason::MaxTokens, false);
                 }
                 Err(problem) if unusable_replies >= MAX_REPLY_RETRIES => {
-                    let message = format!(
-                        "the model's reply could not be used {} times in a row (last: {problem}); the turn was ended",
-                        unusable_replies + 1
-                    );
-                    let _ = sink.send(Err(Status::aborted(message)));
-                    return;
+                    return fail(AgentError::Unusable { attempts: unusable_replies + 1, problem });
                 }
                 Err(problem) => {
                     unusable_replies += 1;
                     let message = format!("your last reply could not be used: {problem}");
                     send_result(&sink, "", "", &message, true, Duration::ZERO);
-                    self.messages.push(Message { role: Role::User as i32, content: message, ..Message::default() });
+                    self.messages.push(ChatMessage::new(ChatRole::User, message));
                     // A retry asks for what the failed step asked for (a forced call stays forced).
                     receiver = match self.submit_step(&mode) {
                         Ok(receiver) => receiver,
-                        Err(status) => {
-                            let _ = sink.send(Err(status));
-                            return;
-                        }
+                        Err(error) => return fail(error),
                     };
                     continue;
                 }
@@ -171,10 +223,7 @@ impl AgentTurn {
             mode = if totals.steps >= self.max_steps { StepMode::AnswerOnly } else { StepMode::Auto };
             receiver = match self.submit_step(&mode) {
                 Ok(receiver) => receiver,
-                Err(status) => {
-                    let _ = sink.send(Err(status));
-                    return;
-                }
+                Err(error) => return fail(error),
             };
         }
     }
@@ -183,9 +232,9 @@ impl AgentTurn {
     async fn follow(
         &self,
         mut receiver: mpsc::UnboundedReceiver<Event>,
-        sink: &EventSink,
+        sink: &EventSink<R::Error>,
         totals: &mut Totals,
-    ) -> Result<(String, Completion), Status> {
+    ) -> Result<(String, Completion), AgentError<R::Error>> {
         let mut stream = self.format.stream();
         while let Some(event) = receiver.recv().await {
             match event {
@@ -193,23 +242,23 @@ impl AgentTurn {
                     let answer = stream.push(&text);
                     if !answer.is_empty() {
                         totals.text.push_str(&answer);
-                        let _ = sink.send(Ok(ChatEvent { event: Some(chat_event::Event::Delta(pb::Delta { text: answer })) }));
+                        let _ = sink.send(Ok(AgentEvent::Delta(answer)));
                     }
                 }
                 Event::Done(completion) => {
                     totals.add(&completion);
                     return Ok((completion.text.clone(), completion));
                 }
-                Event::Failed(error) => return Err(convert::engine_status(error)),
+                Event::Failed(error) => return Err(AgentError::Engine(error)),
             }
         }
-        Err(Status::internal("the engine dropped a generation step without an answer"))
+        Err(AgentError::EngineLost)
     }
 
     /// Runs the calls of one reply. `Some(true)` when the turn ends because the client must run
     /// a call; `None` when the request was cancelled meanwhile.
-    async fn dispatch(&mut self, calls: Vec<ParsedCall>, sink: &EventSink) -> Option<bool> {
-        let mut assistant = Message { role: Role::Assistant as i32, ..Message::default() };
+    async fn dispatch(&mut self, calls: Vec<ParsedCall>, sink: &EventSink<R::Error>) -> Option<bool> {
+        let mut assistant = ChatMessage::new(ChatRole::Assistant, "");
         let mut results = Vec::new();
         let mut client_side = false;
         for call in calls {
@@ -219,14 +268,14 @@ impl AgentTurn {
                 Some(tool) => tool.validate(&call.arguments).map(|()| tool),
             };
             // A client tool whose arguments break its schema is answered here, like any bad call.
-            let event = pb::ToolCall {
+            let event = CallEvent {
                 id: id.clone(),
                 name: call.name.clone(),
-                arguments_json: call.arguments.to_string(),
+                arguments: call.arguments.clone(),
                 client_side: matches!(checked, Ok(tool) if tool.side == ToolSide::Client),
             };
-            assistant.tool_calls.push(event.clone());
-            let _ = sink.send(Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(event)) }));
+            assistant.tool_calls.push(CallRecord { id: id.clone(), name: call.name.clone(), arguments: call.arguments.clone() });
+            let _ = sink.send(Ok(AgentEvent::Call(event)));
             let (content, is_error, duration) = match checked {
                 Err(problem) => {
                     // It never reaches a plugin; the registry logs the calls that do.
@@ -240,7 +289,7 @@ impl AgentTurn {
                 Ok(_) => self.run_plugin(&call.name, call.arguments.clone()).await?,
             };
             send_result(sink, &id, &call.name, &content, is_error, duration);
-            results.push(Message { role: Role::Tool as i32, content, tool_call_id: id, ..Message::default() });
+            results.push(ChatMessage { tool_call_id: id, ..ChatMessage::new(ChatRole::Tool, content) });
         }
         self.messages.push(assistant);
         self.messages.extend(results);
@@ -250,7 +299,7 @@ impl AgentTurn {
     async fn run_plugin(&self, name: &str, arguments: Value) -> Option<(String, bool, Duration)> {
         tokio::select! {
             outcome = self.plugins.call(name, arguments) => Some((outcome.content, outcome.is_error, outcome.duration)),
-            () = self.scope.registration.cancel.cancelled() => None,
+            () = self.runner.cancelled().cancelled() => None,
         }
     }
 
@@ -279,35 +328,20 @@ impl Totals {
     }
 }
 
-fn send_result(sink: &EventSink, id: &str, name: &str, content: &str, is_error: bool, duration: Duration) {
-    let result = pb::ToolResult {
-        id: id.to_owned(),
-        name: name.to_owned(),
-        content: content.to_owned(),
-        is_error,
-        duration_ms: duration.as_secs_f64() * 1000.0,
-    };
-    let _ = sink.send(Ok(ChatEvent { event: Some(chat_event::Event::ToolResult(result)) }));
+fn send_result<E>(sink: &EventSink<E>, id: &str, name: &str, content: &str, is_error: bool, duration: Duration) {
+    let result = ResultEvent { id: id.to_owned(), name: name.to_owned(), content: content.to_owned(), is_error, duration };
+    let _ = sink.send(Ok(AgentEvent::Result(result)));
 }
 
-fn finish(sink: &EventSink, totals: Totals, reason: StopReason) {
-    finish_with(sink, totals, convert::stop_reason(reason));
-}
-
-fn finish_with(sink: &EventSink, totals: Totals, reason: pb::StopReason) {
-    let steps = totals.steps;
+/// Ends the turn with `Done`: the last step's stop reason, or the client's calls to run.
+fn finish<E>(sink: &EventSink<E>, totals: Totals, stop_reason: StopReason, client_calls: bool) {
     let completion = Completion {
-        stop_reason: StopReason::EndOfGeneration,
+        stop_reason,
         text: totals.text,
         prompt_tokens: totals.prompt_tokens,
         cached_prompt_tokens: totals.cached_prompt_tokens,
         completion_tokens: totals.completion_tokens,
         timings: totals.timings,
     };
-    let mut done = convert::done(completion);
-    done.stop_reason = reason as i32;
-    if let Some(usage) = done.usage.as_mut() {
-        usage.generation_steps = steps;
-    }
-    let _ = sink.send(Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }));
+    let _ = sink.send(Ok(AgentEvent::Done(TurnDone { completion, steps: totals.steps, client_calls })));
 }

@@ -1,13 +1,12 @@
 //! A chat request's messages as the turns the model's chat template renders: in a tool turn,
 //! the tools are offered in the system message, earlier calls are written back as the model
-//! would have written them, and results are given in the format's result turn.
-
-use phi3d_proto::v1::{Message, Role};
-use tonic::Status;
+//! would have written them, and results are given in the format's result turn. Everything a
+//! client or plugin wrote is plain text ([`plain`]); only the template's markup and Phi-4's
+//! tool tags become special tokens ([`tokenize_prompt`]).
 
 use super::toolset::{OfferedTool, StepMode};
+use super::{ChatMessage, ChatRole, ParsedCall, PromptError, ToolFormat};
 use crate::engine::LoadedModel;
-use super::{ParsedCall, ToolFormat};
 
 /// One message for the chat template.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,63 +21,49 @@ impl TemplateTurn {
     }
 }
 
-/// The turns of a tool conversation in `mode`. Errors are INVALID_ARGUMENT messages naming the
-/// field.
+/// The turns of a tool conversation in `mode`. Errors name the field.
 pub fn tool_turns(
-    messages: &[Message],
+    messages: &[ChatMessage],
     format: ToolFormat,
     tools: &[OfferedTool],
     mode: &StepMode,
-) -> Result<Vec<TemplateTurn>, String> {
+) -> Result<Vec<TemplateTurn>, PromptError> {
+    // Plain text but for Phi-4's tool tags: the tools' descriptions come from plugins.
     let offer = format.system_text(tools);
     let mut offered = offer.is_empty();
-    // The generic offer is plain text (the tools' descriptions come from plugins); Phi-4's
-    // wraps the tools in its own tags.
-    let offer = if format == ToolFormat::Generic && !offered { plain(&offer) } else { offer };
     let mut turns = Vec::with_capacity(messages.len() + 1);
     for (index, message) in messages.iter().enumerate() {
-        match Role::try_from(message.role) {
-            Ok(Role::System) if !offered => {
+        match message.role {
+            ChatRole::System if !offered => {
                 turns.push(TemplateTurn::new("system", format!("{}{}{offer}", plain(&message.content), format.separator())));
                 offered = true;
             }
-            Ok(Role::System) => turns.push(TemplateTurn::new("system", plain(&message.content))),
-            Ok(Role::User) => turns.push(TemplateTurn::new("user", plain(&message.content))),
-            Ok(Role::Assistant) => {
-                let calls = message
+            ChatRole::System | ChatRole::User => {
+                turns.push(TemplateTurn::new(message.role.template_name(), plain(&message.content)));
+            }
+            ChatRole::Assistant => {
+                let calls: Vec<ParsedCall> = message
                     .tool_calls
                     .iter()
-                    .enumerate()
-                    .map(|(call_index, call)| {
-                        let arguments = serde_json::from_str(&call.arguments_json).map_err(|err| {
-                            format!("messages[{index}].tool_calls[{call_index}].arguments_json is not JSON: {err}")
-                        })?;
-                        Ok(ParsedCall { name: call.name.clone(), arguments })
-                    })
-                    .collect::<Result<Vec<_>, String>>()?;
-                let content = match format {
-                    // Plain JSON, with no markup of its own: all of it is text.
-                    ToolFormat::Generic if calls.is_empty() => plain(&format.render_answer(&message.content)),
-                    ToolFormat::Generic => plain(&format!("{}{}", message.content, format.render_calls(&calls))),
-                    // The call block's tags are the format's markup; the arguments inside them
-                    // are written by this code from parsed JSON.
-                    ToolFormat::Phi4Native if calls.is_empty() => plain(&message.content),
-                    ToolFormat::Phi4Native => format!("{}{}", plain(&message.content), format.render_calls(&calls)),
+                    .map(|call| ParsedCall { name: call.name.clone(), arguments: call.arguments.clone() })
+                    .collect();
+                // The calls are plain text too, but for Phi-4's call tags.
+                let content = if calls.is_empty() {
+                    plain(&format.render_answer(&message.content))
+                } else {
+                    format!("{}{}", plain(&message.content), format.render_calls(&calls))
                 };
                 turns.push(TemplateTurn::new("assistant", content));
             }
-            Ok(Role::Tool) => {
+            ChatRole::Tool => {
                 let name = call_name(&messages[..index], &message.tool_call_id).ok_or_else(|| {
-                    format!(
+                    PromptError::Invalid(format!(
                         "messages[{index}].tool_call_id `{}` answers no tool call of an earlier assistant message",
                         message.tool_call_id
-                    )
+                    ))
                 })?;
                 let (role, content) = format.result_turn(name, &plain(&message.content), false);
                 turns.push(TemplateTurn::new(role, content));
-            }
-            Ok(Role::Unspecified) | Err(_) => {
-                return Err(format!("messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL"));
             }
         }
     }
@@ -185,24 +170,20 @@ pub fn tokenize_prompt(model: &llama_cpp_2::model::LlamaModel, prompt: &str) -> 
 }
 
 /// The chat template's rendering of `turns`, ready for the assistant to speak.
-pub fn render(model: &LoadedModel, turns: &[TemplateTurn]) -> Result<String, Status> {
-    let template = model
-        .chat_template
-        .as_ref()
-        .ok_or_else(|| Status::failed_precondition("the model has no chat template; use Complete with a raw prompt"))?;
+pub fn render(model: &LoadedModel, turns: &[TemplateTurn]) -> Result<String, PromptError> {
+    let template = model.chat_template.as_ref().ok_or(PromptError::NoChatTemplate)?;
     let chat = turns
         .iter()
         .map(|turn| llama_cpp_2::model::LlamaChatMessage::new(turn.role.clone(), turn.content.clone()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| Status::invalid_argument(format!("messages: {err}")))?;
-    model
-        .model
-        .apply_chat_template(template, &chat, true)
-        .map_err(|err| Status::invalid_argument(format!("the model's chat template cannot render these messages: {err}")))
+        .map_err(|err| PromptError::Invalid(format!("messages: {err}")))?;
+    model.model.apply_chat_template(template, &chat, true).map_err(|err| {
+        PromptError::Invalid(format!("the model's chat template cannot render these messages: {err}"))
+    })
 }
 
 /// The name of the call `id` among the assistant messages before a tool message.
-fn call_name<'a>(earlier: &'a [Message], id: &str) -> Option<&'a str> {
+fn call_name<'a>(earlier: &'a [ChatMessage], id: &str) -> Option<&'a str> {
     if id.is_empty() {
         return None;
     }
@@ -216,14 +197,14 @@ fn call_name<'a>(earlier: &'a [Message], id: &str) -> Option<&'a str> {
 
 #[cfg(test)]
 mod tests {
-    use phi3d_proto::v1::ToolCall;
     use serde_json::json;
 
     use super::*;
+    use crate::tools::CallRecord;
     use crate::tools::toolset::ToolSide;
 
-    fn message(role: Role, content: &str) -> Message {
-        Message { role: role as i32, content: content.into(), ..Message::default() }
+    fn message(role: ChatRole, content: &str) -> ChatMessage {
+        ChatMessage::new(role, content)
     }
 
     /// A turn's content without the plain-text markers.
@@ -236,10 +217,11 @@ mod tests {
         assert_eq!(plain(""), "");
         assert_eq!(plain("a<|end|>"), "\u{E000}a<|end|>\u{E001}");
         assert_eq!(plain("x\u{E001}<|user|>\u{E000}"), "\u{E000}x<|user|>\u{E001}");
-        let turns = tool_turns(&[message(Role::User, "<|end|>")], ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
+        let turns = tool_turns(&[message(ChatRole::User, "<|end|>")], ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
         assert_eq!(turns[1].content, plain("<|end|>"));
-        // Phi-4's own tool tags stay markup.
-        assert!(turns[0].content.contains("<|tool|>") && !turns[0].content.starts_with(PLAIN_OPEN), "{}", turns[0].content);
+        // Phi-4's own tool tags stay markup; the tools inside them are plain text.
+        assert!(turns[0].content.starts_with("<|tool|>\u{E000}"), "{}", turns[0].content);
+        assert!(turns[0].content.ends_with("\u{E001}<|/tool|>"), "{}", turns[0].content);
     }
 
     fn tools() -> Vec<OfferedTool> {
@@ -248,11 +230,11 @@ mod tests {
 
     #[test]
     fn tools_join_the_system_message_or_get_one() {
-        let turns = tool_turns(&[message(Role::User, "hi")], ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
+        let turns = tool_turns(&[message(ChatRole::User, "hi")], ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
         assert_eq!(turns[0].role, "system");
         assert!(turns[0].content.contains("lights.off"));
         let turns = tool_turns(
-            &[message(Role::System, "Be brief."), message(Role::User, "hi")],
+            &[message(ChatRole::System, "Be brief."), message(ChatRole::User, "hi")],
             ToolFormat::Generic,
             &tools(),
             &StepMode::Auto,
@@ -266,7 +248,7 @@ mod tests {
 
     #[test]
     fn successive_steps_share_everything_but_the_last_turn() {
-        let messages = [message(Role::System, "Be brief."), message(Role::User, "hi")];
+        let messages = [message(ChatRole::System, "Be brief."), message(ChatRole::User, "hi")];
         let forced = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Force("lights.off".into())).unwrap();
         let answer = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::AnswerOnly).unwrap();
         assert_eq!(forced[..forced.len() - 1], answer[..answer.len() - 1]);
@@ -275,35 +257,25 @@ mod tests {
 
     #[test]
     fn a_client_round_trip_renders_call_and_result() {
-        let call = ToolCall { id: "call-1".into(), name: "lights.off".into(), arguments_json: "{\"room\":\"hall\"}".into(), client_side: true };
+        let call = CallRecord { id: "call-1".into(), name: "lights.off".into(), arguments: json!({"room": "hall"}) };
         let messages = [
-            message(Role::User, "lights off"),
-            Message { role: Role::Assistant as i32, tool_calls: vec![call], ..Message::default() },
-            Message { role: Role::Tool as i32, content: "done".into(), tool_call_id: "call-1".into(), ..Message::default() },
+            message(ChatRole::User, "lights off"),
+            ChatMessage { tool_calls: vec![call], ..message(ChatRole::Assistant, "") },
+            ChatMessage { tool_call_id: "call-1".into(), ..message(ChatRole::Tool, "done") },
         ];
         let turns = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap();
         assert_eq!(unmarked(&turns[2].content), "{\"tool_call\":{\"name\":\"lights.off\",\"arguments\":{\"room\":\"hall\"}}}");
         assert_eq!(turns[3].role, "user");
         assert!(turns[3].content.contains("tool_response") && turns[3].content.contains("done"));
         let turns = tool_turns(&messages, ToolFormat::Phi4Native, &tools(), &StepMode::Auto).unwrap();
-        assert!(turns[2].content.starts_with("<|tool_call|>"));
+        assert!(turns[2].content.starts_with("<|tool_call|>\u{E000}"), "{}", turns[2].content);
         assert_eq!(turns[3].role, "tool_response");
     }
 
     #[test]
     fn a_result_must_answer_a_call() {
-        let messages = [
-            message(Role::User, "x"),
-            Message { role: Role::Tool as i32, content: "?".into(), tool_call_id: "nope".into(), ..Message::default() },
-        ];
-        let error = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap_err();
+        let messages = [message(ChatRole::User, "x"), ChatMessage { tool_call_id: "nope".into(), ..message(ChatRole::Tool, "?") }];
+        let error = tool_turns(&messages, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap_err().to_string();
         assert!(error.starts_with("messages[1].tool_call_id `nope`"), "{error}");
-        let bad_json = [Message {
-            role: Role::Assistant as i32,
-            tool_calls: vec![ToolCall { id: "a".into(), name: "x".into(), arguments_json: "{".into(), client_side: false }],
-            ..Message::default()
-        }];
-        let error = tool_turns(&bad_json, ToolFormat::Generic, &tools(), &StepMode::Auto).unwrap_err();
-        assert!(error.starts_with("messages[0].tool_calls[0].arguments_json"), "{error}");
     }
 }

@@ -17,6 +17,62 @@ use crate::engine::LoadedModel;
 use crate::engine::task::Grammar;
 use toolset::{OfferedTool, StepMode};
 
+/// Who wrote a message of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl ChatRole {
+    /// The role's name in chat templates.
+    pub fn template_name(self) -> &'static str {
+        match self {
+            ChatRole::System => "system",
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+            ChatRole::Tool => "tool",
+        }
+    }
+}
+
+/// One message of a chat request, checked (`service::validate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+    /// The calls an assistant message made.
+    pub tool_calls: Vec<CallRecord>,
+    /// For a tool message: the id of the call it answers.
+    pub tool_call_id: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: ChatRole, content: impl Into<String>) -> Self {
+        ChatMessage { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: String::new() }
+    }
+}
+
+/// A call made earlier in the conversation, with its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRecord {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// Why a conversation cannot become a prompt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromptError {
+    #[error("the model has no chat template; use Complete with a raw prompt")]
+    NoChatTemplate,
+    /// The request's messages are at fault; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// A call the model made, before validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParsedCall {
@@ -45,12 +101,13 @@ impl ToolFormat {
         if tokens.len() == 1 { ToolFormat::Phi4Native } else { ToolFormat::Generic }
     }
 
-    /// Text added to the system message to offer the tools.
-    /// The tools on offer, the same for every step of a turn: the step's own instruction
-    /// comes last ([`ToolFormat::step_text`]), so that successive steps share their prefix.
+    /// Text added to the system message to offer the tools, the same for every step of a
+    /// turn: the step's own instruction comes last ([`ToolFormat::step_text`]), so that
+    /// successive steps share their prefix. What the plugins wrote in it is marked plain text
+    /// (`conversation::plain`); only Phi-4's tool tags are markup.
     pub fn system_text(self, tools: &[OfferedTool]) -> String {
         match self {
-            ToolFormat::Generic => generic::system_instruction(tools),
+            ToolFormat::Generic => conversation::plain(&generic::system_instruction(tools)),
             ToolFormat::Phi4Native => phi4::system_addition(tools),
         }
     }
@@ -72,15 +129,15 @@ impl ToolFormat {
         }
     }
 
-    pub fn grammar(self, tools: &[OfferedTool], mode: &StepMode) -> Result<Option<Grammar>, String> {
+    /// Every step of either format has a grammar: the answer-only step too, so that
+    /// `max_steps` holds.
+    pub fn grammar(self, tools: &[OfferedTool], mode: &StepMode) -> Result<Grammar, String> {
         match self {
             ToolFormat::Generic => {
                 let schema = generic::reply_schema(tools, mode);
-                Ok(Some(Grammar { gbnf: schema_grammar(&schema)?, trigger: None }))
+                Ok(Grammar { gbnf: schema_grammar(&schema)?, trigger: None })
             }
-            ToolFormat::Phi4Native => {
-                Ok(phi4::grammar(tools, mode)?.map(|(gbnf, trigger)| Grammar { gbnf, trigger }))
-            }
+            ToolFormat::Phi4Native => phi4::grammar(tools, mode).map(|(gbnf, trigger)| Grammar { gbnf, trigger }),
         }
     }
 
@@ -103,10 +160,13 @@ impl ToolFormat {
         }
     }
 
-    /// An assistant turn that made calls, as the model would have written it.
+    /// An assistant turn that made calls, as the model would have written it, marked plain
+    /// text but for Phi-4's call tags.
     pub fn render_calls(self, calls: &[ParsedCall]) -> String {
         match self {
-            ToolFormat::Generic => calls.iter().map(|call| generic::render_call(&call.name, &call.arguments)).collect::<Vec<_>>().join("\n"),
+            ToolFormat::Generic => conversation::plain(
+                &calls.iter().map(|call| generic::render_call(&call.name, &call.arguments)).collect::<Vec<_>>().join("\n"),
+            ),
             ToolFormat::Phi4Native => phi4::render_calls(calls),
         }
     }

@@ -64,6 +64,16 @@ pub struct HomeAssistant {
 }
 
 impl HomeAssistant {
+    /// Why the plugin cannot reach Home Assistant as configured (`HA_URL` or `HA_TOKEN`
+    /// missing or unusable), or `None` when it is configured.
+    pub fn configuration_problem(&self) -> Option<String> {
+        match &self.base_url {
+            Err(problem) => Some(problem.clone()),
+            Ok(_) if self.token.is_empty() => Some(MISSING_TOKEN.to_owned()),
+            Ok(_) => None,
+        }
+    }
+
     pub fn from_env() -> Result<Self, reqwest::Error> {
         let env = |key: &str| std::env::var(key).unwrap_or_default().trim().to_owned();
         let url = env("HA_URL");

@@ -163,6 +163,32 @@ async fn start_against(url: &str, token: &str) -> Plugin {
 }
 
 #[tokio::test]
+async fn tools_say_they_are_unconfigured_until_url_and_token_are_set() {
+    let description = |tools: &[rmcp::model::Tool]| {
+        tools
+            .iter()
+            .map(|t| t.description.as_deref().unwrap_or_default().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let bare = start(&[("HA_URL", "http://homeassistant.local:8123"), ("HA_TOKEN", "")]).await;
+    let tools = bare.client.list_all_tools().await.expect("tools/list");
+    for text in description(&tools) {
+        assert!(
+            text.starts_with("NOT CONFIGURED (HA_TOKEN is not set"),
+            "{text}"
+        );
+    }
+    let configured = start_against("http://127.0.0.1:9", "token").await;
+    let tools = configured.client.list_all_tools().await.expect("tools/list");
+    assert!(
+        description(&tools)
+            .iter()
+            .all(|text| !text.contains("NOT CONFIGURED")),
+        "{tools:?}"
+    );
+}
+
+#[tokio::test]
 async fn lists_tools_with_input_schemas() {
     let plugin = start(&[]).await;
     let info = plugin.client.peer_info().expect("server info");
