@@ -96,6 +96,14 @@ pub struct Settings {
     /// The most tool round trips a request's tools.max_steps may ask for
     #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
     pub max_tool_steps: Option<u32>,
+
+    // Service life and hardware: shutdown, GPU offload.
+    /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
+    #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
+    pub shutdown_grace_seconds: Option<u64>,
+    /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
+    #[arg(long, env = "PHI3D_GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
 }
 
 /// The `[sandbox]` table.
@@ -175,15 +183,36 @@ impl Settings {
             prompt_cache_disk_mb: over.prompt_cache_disk_mb.or(self.prompt_cache_disk_mb),
             tool_call_max_tokens: over.tool_call_max_tokens.or(self.tool_call_max_tokens),
             max_tool_steps: over.max_tool_steps.or(self.max_tool_steps),
+            shutdown_grace_seconds: over.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
+            gpu_layers: over.gpu_layers.or(self.gpu_layers),
         }
     }
 }
 
+/// Where the configuration comes from, kept so that SIGHUP can read the file again and layer
+/// the same environment and flags over it.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Whether the user named the file (then it must exist).
+    pub explicit: bool,
+    /// The environment and the flags, as parsed at start-up.
+    pub overrides: Settings,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let file = Settings::from_file(&self.path, self.explicit)?;
+        Config::from_settings(file.overlay(self.overrides.clone()))
+    }
+}
+
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 21] = [
+const KEYS: [&str; 23] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
+    "shutdown_grace_seconds", "gpu_layers",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -195,6 +224,10 @@ pub const DEFAULT_PROMPT_CACHE_DISK_MB: u64 = 2048;
 pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
 /// The largest `tools.max_steps` unless configured.
 pub const DEFAULT_MAX_TOOL_STEPS: u32 = 16;
+
+/// Seconds SIGTERM waits for requests in flight unless configured: a reply of a few hundred
+/// tokens on a Raspberry Pi 5 takes about that long.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 
 /// Where plugin manifests live unless configured.
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
@@ -245,6 +278,10 @@ pub struct Config {
     pub prompt_cache_disk_mb: u64,
     pub tool_call_max_tokens: u32,
     pub max_tool_steps: u32,
+
+    // Service life and hardware.
+    pub shutdown_grace_seconds: u64,
+    pub gpu_layers: u32,
 }
 
 impl Config {
@@ -299,6 +336,8 @@ impl Config {
             prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
             tool_call_max_tokens: settings.tool_call_max_tokens.unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS),
             max_tool_steps: settings.max_tool_steps.unwrap_or(DEFAULT_MAX_TOOL_STEPS),
+            shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            gpu_layers: settings.gpu_layers.unwrap_or(0),
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
@@ -376,7 +415,8 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n";
+                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n\
+                    shutdown_grace_seconds = 3\ngpu_layers = 99\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -386,6 +426,7 @@ mod tests {
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
+        assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }

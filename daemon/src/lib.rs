@@ -4,11 +4,14 @@
 
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod engine;
 pub mod logging;
 pub mod model;
 pub mod plugins;
+pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod systemd;
 pub mod tools;

@@ -9,7 +9,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::requests::{Registration, Requests};
+use super::requests::{Refused, Registration, Requests};
 use super::validate;
 use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
@@ -26,8 +26,13 @@ pub struct RequestScope {
 impl RequestScope {
     /// Registers the id and arms the client's deadline, if it sent one.
     pub fn begin(requests: &Arc<Requests>, request_id: &str, deadline: Option<Duration>) -> Result<RequestScope, Status> {
-        let registration = requests.register(request_id).ok_or_else(|| {
-            Status::already_exists(format!("request_id `{request_id}` is already in flight; use a unique id per request"))
+        let registration = requests.register(request_id).map_err(|refused| match refused {
+            Refused::Duplicate => Status::already_exists(format!(
+                "request_id `{request_id}` is already in flight; use a unique id per request"
+            )),
+            Refused::ShuttingDown => {
+                Status::unavailable("shutting down: phi3d takes no new requests; retry once it has restarted")
+            }
         })?;
         let deadline_passed = Arc::new(AtomicBool::new(false));
         let timer = deadline.map(|deadline| {

@@ -10,14 +10,15 @@ use llama_cpp_2::token::LlamaToken;
 use phi3d_proto::v1::inference_server::Inference;
 use phi3d_proto::v1::{
     CancelRequest, CancelResponse, ChatEvent, ChatRequest, CompleteRequest, TokenizeRequest, TokenizeResponse,
-    ToolChoice,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::Instrument;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::generation::RequestScope;
+use super::live::LiveReader;
 use super::requests::Requests;
 use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
@@ -33,20 +34,14 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Se
 pub struct InferenceService {
     engine: Engine,
     requests: Arc<Requests>,
-    defaults: Defaults,
+    /// Defaults and tool choice, as the last reload left them.
+    live: LiveReader,
     plugins: PluginRegistry,
-    default_tool_choice: ToolChoice,
 }
 
 impl InferenceService {
-    pub fn new(
-        engine: Engine,
-        requests: Arc<Requests>,
-        defaults: Defaults,
-        plugins: PluginRegistry,
-        default_tool_choice: ToolChoice,
-    ) -> Self {
-        InferenceService { engine, requests, defaults, plugins, default_tool_choice }
+    pub fn new(engine: Engine, requests: Arc<Requests>, live: LiveReader, plugins: PluginRegistry) -> Self {
+        InferenceService { engine, requests, live, plugins }
     }
 
     /// A chat turn with tools: the agent loop runs in its own task and streams every step.
@@ -57,8 +52,12 @@ impl InferenceService {
         plan: ToolPlan,
         params: GenerationParams,
         deadline: Option<std::time::Duration>,
+        defaults: Defaults,
     ) -> Result<EventStream, Status> {
         let scope = RequestScope::begin(&self.requests, &request.request_id, deadline)?;
+        // Every log line of the turn (steps, plugin calls) carries the request id; under
+        // systemd it is a journal field (REQUEST_ID).
+        let span = tracing::info_span!("request", request_id = %scope.request_id());
         let turn = AgentTurn {
             engine: self.engine.clone(),
             format: ToolFormat::detect(&model),
@@ -67,7 +66,7 @@ impl InferenceService {
             tools: plan.tools,
             messages: request.messages,
             max_steps: plan.max_steps,
-            call_max_tokens: self.defaults.tool_call_max_tokens,
+            call_max_tokens: defaults.tool_call_max_tokens,
             params,
             scope,
         };
@@ -75,7 +74,7 @@ impl InferenceService {
         // request's status rather than an error inside the stream.
         let first = turn.submit_step(&plan.first_mode)?;
         let (sink, events) = mpsc::unbounded_channel();
-        tokio::spawn(turn.run(plan.first_mode, first, sink));
+        tokio::spawn(turn.run(plan.first_mode, first, sink).instrument(span));
         Ok(Box::pin(UnboundedReceiverStream::new(events)))
     }
 
@@ -151,18 +150,19 @@ impl Inference for InferenceService {
         let deadline = validate::grpc_timeout(request.metadata());
         let request = request.into_inner();
         let model = ready_model(&self.engine)?;
+        let live = *self.live.borrow();
         let messages = validate::chat_messages(&request.messages)?;
-        let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
-        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), self.default_tool_choice);
+        let params = validate::generation_params(request.options.as_ref(), live.defaults)?;
+        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), live.tool_choice);
         // Listing tools starts lazy plugins, so a plain chat does not ask.
         let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
         if let Some(plan) = tool_options::plan(
             request.tools.as_ref(),
-            self.default_tool_choice,
+            live.tool_choice,
             &plugin_tools,
-            self.defaults.max_tool_steps,
+            live.defaults.max_tool_steps,
         )? {
-            return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline).await?));
+            return Ok(Response::new(self.tool_turn(model, request, plan, params, deadline, live.defaults).await?));
         }
         let turns: Vec<TemplateTurn> =
             messages.iter().map(|(role, content)| TemplateTurn::new(*role, plain(content))).collect();
@@ -177,7 +177,7 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         let model = ready_model(&self.engine)?;
         let prompt = validate::prompt(&request.prompt)?;
-        let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
+        let params = validate::generation_params(request.options.as_ref(), self.live.borrow().defaults)?;
         let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
         let stream = self.generate(&model, &request.request_id, tokens, params, deadline)?;
         Ok(Response::new(stream))

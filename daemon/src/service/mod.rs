@@ -5,6 +5,7 @@ pub mod admin;
 pub mod convert;
 pub mod generation;
 pub mod inference;
+pub mod live;
 pub mod requests;
 pub mod tool_options;
 pub mod validate;
