@@ -186,7 +186,9 @@ fn mlock_limit(report: &mut Report, weights: u64) {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit, which `limit` is.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
-    if limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur as u64 >= weights {
+    // rlim_t is 32 bits on 32-bit ARM.
+    let current = u64::from(limit.rlim_cur);
+    if limit.rlim_cur == libc::RLIM_INFINITY || current >= weights {
         report.line(Level::Ok, "memory", "mlock is on and RLIMIT_MEMLOCK allows the weights");
     } else {
         report.line(
@@ -194,7 +196,7 @@ fn mlock_limit(report: &mut Report, weights: u64) {
             "memory",
             format!(
                 "mlock is on but RLIMIT_MEMLOCK is {}; set LimitMEMLOCK=infinity in the unit (or ulimit -l unlimited)",
-                human_bytes(limit.rlim_cur as u64)
+                human_bytes(current)
             ),
         );
     }
