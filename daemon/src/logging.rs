@@ -26,6 +26,8 @@ pub fn init(filter: &str) {
     let (filter, handle) = reload::Layer::new(filter);
     let journald = if crate::systemd::journal::stderr_is_journal() {
         tracing_journald::layer()
+            // Fields under their own names (REQUEST_ID, not the default F_REQUEST_ID).
+            .map(|layer| layer.with_field_prefix(None).with_syslog_identifier("phi3d".into()))
             .inspect_err(|err| eprintln!("warning: cannot log to journald ({err}); logging to stderr"))
             .ok()
     } else {

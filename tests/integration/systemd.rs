@@ -31,6 +31,12 @@ async fn ready_only_once_warm_then_status_lines_then_stopping() {
     let exit = daemon.terminate(Duration::from_secs(20)).await;
     assert!(exit.success(), "exit {exit}:\n{}", daemon.stderr());
     socket.wait_for("STOPPING=1", 1, Duration::from_secs(1)).await;
+    let messages = socket.messages();
+    let stopping_at = messages.iter().position(|message| message.lines().any(|line| line == "STOPPING=1")).unwrap();
+    assert!(
+        messages[stopping_at + 1..].iter().all(|message| !message.contains("STATUS=")),
+        "a status line hid STOPPING: {messages:?}"
+    );
 }
 
 #[tokio::test]
@@ -57,4 +63,18 @@ async fn watchdog_pings_while_idle_and_stops_when_the_inference_thread_wedges() 
     let withheld_from = socket.count("WATCHDOG=1");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(socket.count("WATCHDOG=1"), withheld_from, "a wedged engine got pinged:\n{}", daemon.stderr());
+}
+
+#[tokio::test]
+async fn a_watchdog_meant_for_another_process_is_left_alone() {
+    let socket = NotifySocket::bind();
+    let _daemon = tiny_daemon()
+        .env("NOTIFY_SOCKET", socket.path().to_str().unwrap())
+        .env("WATCHDOG_USEC", "200000")
+        .env("WATCHDOG_PID", "1")
+        .start()
+        .await;
+    socket.wait_for("READY=1", 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(socket.count("WATCHDOG=1"), 0, "{:?}", socket.messages());
 }

@@ -13,6 +13,9 @@ use sd_notify::NotifyState;
 pub struct Notifier {
     /// READY=1 was sent: after a reload it is sent again, before warm-up it is not.
     ready: AtomicBool,
+    /// STOPPING=1 was sent: later status lines would hide it, and the watchdog leaves the
+    /// stop to systemd's stop timeout.
+    stopping: AtomicBool,
     /// A send failed and was logged.
     failed: AtomicBool,
 }
@@ -24,9 +27,11 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
-    /// A free-form line that `systemctl status` shows.
+    /// A free-form line that `systemctl status` shows (until the daemon is stopping).
     pub fn status(&self, status: &str) {
-        self.send(&[NotifyState::Status(status)]);
+        if !self.is_stopping() {
+            self.send(&[NotifyState::Status(status)]);
+        }
     }
 
     /// A reload begins; systemd 253+ wants the time it began with it (MONOTONIC_USEC).
@@ -43,6 +48,9 @@ impl Notifier {
 
     /// The reload is over (applied or refused): ready again, if it was before.
     pub fn reloaded(&self, status: &str) {
+        if self.is_stopping() {
+            return;
+        }
         if self.ready.load(Ordering::SeqCst) {
             self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
         } else {
@@ -51,7 +59,12 @@ impl Notifier {
     }
 
     pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping: finishing the requests in flight")]);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn watchdog(&self) {

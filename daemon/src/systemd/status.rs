@@ -10,7 +10,8 @@ use crate::engine::{Engine, LoadState};
 /// How often the state is looked at. Status lines are sent only when their text changes.
 const POLL: Duration = Duration::from_millis(250);
 
-/// Reports until the engine fails or the daemon stops (the task is then dropped). READY=1 is
+/// Reports until the engine fails or the daemon stops (the task is then dropped; the
+/// notifier drops status lines once STOPPING=1 went out). READY=1 is
 /// sent once, when the model is warm: the listeners were bound before the model began to load.
 pub async fn report(engine: Engine, notifier: Arc<Notifier>) {
     let mut last = String::new();
@@ -33,6 +34,10 @@ pub async fn report(engine: Engine, notifier: Arc<Notifier>) {
     notifier.ready(&last);
     loop {
         tokio::time::sleep(POLL).await;
+        if let LoadState::Failed(reason) = engine.state() {
+            notifier.status(&format!("failed: {reason}"));
+            return;
+        }
         let line = warm_line(&engine);
         if line != last {
             notifier.status(&line);

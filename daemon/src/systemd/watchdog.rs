@@ -3,8 +3,8 @@
 //!
 //! Pinging from a timer alone would only prove that the async side runs. The pings are sent
 //! only while the inference thread makes progress (its heartbeat advanced since the last
-//! look) or waits for work, or while the model is still loading (bounded by systemd's start
-//! timeout instead), so a wedged engine stops them and gets the daemon restarted. One decode
+//! look) or waits for work, or while the model is still loading or the daemon stopping
+//! (bounded by systemd's start and stop timeouts instead), so a wedged engine stops them and gets the daemon restarted. One decode
 //! step must therefore take less than half of `WatchdogSec=` (see deploy/README.md).
 
 use std::sync::Arc;
@@ -35,7 +35,9 @@ pub async fn run(engine: Engine, notifier: Arc<Notifier>, period: Duration) {
         tokio::time::sleep(period).await;
         let pulse = engine.pulse();
         let loading = matches!(engine.state(), LoadState::Loading { .. });
-        if loading || pulse.alive_since(last) {
+        // Once stopping, the worker finishes and saves the cache without beating; systemd's
+        // stop timeout bounds that.
+        if loading || notifier.is_stopping() || pulse.alive_since(last) {
             if withheld {
                 tracing::warn!("the inference thread is making progress again; watchdog pings resumed");
                 withheld = false;
