@@ -161,7 +161,8 @@ mod tests {
             listen: Some("127.0.0.1:1".into()),
             ..Settings::default()
         });
-        assert_eq!(restart_keys_changed(&running, &wanted), ["listen", "ctx_size"]);
+        // slots follows ctx_size unless set: it changed too.
+        assert_eq!(restart_keys_changed(&running, &wanted), ["listen", "ctx_size", "slots"]);
         assert_eq!(live_keys_changed(&running, &wanted), ["max_tokens"]);
         let effective = with_live_keys(&running, &wanted);
         assert_eq!((effective.max_tokens, effective.ctx_size), (7, running.ctx_size));
