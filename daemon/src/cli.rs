@@ -1,4 +1,4 @@
-//! The command line: `serve` runs the daemon; `pull`, `chat`, `status`, `tools` and `token`
+//! The command line: `serve` runs the daemon; `pull`, `chat`, `status`, `tools`, `token` and `doctor`
 //! are small tools around it.
 
 use std::path::PathBuf;
@@ -6,11 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, Settings};
+use crate::config::{Config, ConfigSource, DEFAULT_CONFIG_PATH, Settings};
 
 mod client;
 mod connect;
 mod token;
+mod doctor;
 
 #[derive(Parser)]
 #[command(name = "phi3d", version, about = "Keeps a Phi-3 family model warm and serves it over gRPC")]
@@ -52,6 +53,14 @@ enum Command {
     Tools(client::StatusArgs),
     /// Manage the bearer tokens clients authenticate with
     Token(token::TokenArgs),
+    /// Check what this device offers and whether the configured set-up fits it
+    Doctor {
+        /// Config file [default: /etc/phi3d/phi3d.toml, if present]
+        #[arg(long, env = "PHI3D_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: Settings,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -63,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
         Command::Tools(args) => runtime().and_then(|runtime| runtime.block_on(client::tools(args))),
         Command::Token(args) => token::run(args),
+        Command::Doctor { config, settings } => doctor::run(config_source(config, settings)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,18 +87,23 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
+/// The file `--config` names (or the default one) with the environment and flags over it.
+fn config_source(config_path: Option<PathBuf>, overrides: Settings) -> ConfigSource {
     let explicit = config_path.is_some();
     let path = config_path.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
-    let file = Settings::from_file(&path, explicit)?;
-    let config = Config::from_settings(file.overlay(flags))?;
+    ConfigSource { path, explicit, overrides }
+}
+
+fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
+    let source = config_source(config_path, flags);
+    let config = source.load()?;
     crate::logging::init(&config.log);
     crate::sandbox::harden_daemon();
     // The daemon's own async work is small (a few messages per generated token); one worker
     // thread does it, so that fewer threads compete with llama.cpp's for the cores (whose
     // threads meet at a barrier many times per token and all wait for the slowest).
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    runtime.block_on(crate::server::serve(config, crate::server::shutdown_signal()))
+    runtime.block_on(crate::server::serve(config, source, crate::server::shutdown_signal()))
 }
 
 fn pull(name: Option<String>, list: bool, model_dir: Option<PathBuf>, offline: Option<bool>) -> anyhow::Result<()> {

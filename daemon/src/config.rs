@@ -137,6 +137,13 @@ pub struct Settings {
     /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
     #[arg(long, env = "PHI3D_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    // Service life and hardware: shutdown, GPU offload.
+    /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
+    #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
+    pub shutdown_grace_seconds: Option<u64>,
+    /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
+    #[arg(long, env = "PHI3D_GPU_LAYERS")]
+    pub gpu_layers: Option<u32>,
 }
 
 /// The `[sandbox]` table.
@@ -229,18 +236,38 @@ impl Settings {
             max_tokens_limit: over.max_tokens_limit.or(self.max_tokens_limit),
             max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
             http_listen: over.http_listen.or(self.http_listen),
+            shutdown_grace_seconds: over.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
+            gpu_layers: over.gpu_layers.or(self.gpu_layers),
         }
     }
 }
 
+/// Where the configuration comes from, kept so that SIGHUP can read the file again and layer
+/// the same environment and flags over it.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Whether the user named the file (then it must exist).
+    pub explicit: bool,
+    /// The environment and the flags, as parsed at start-up.
+    pub overrides: Settings,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let file = Settings::from_file(&self.path, self.explicit)?;
+        Config::from_settings(file.overlay(self.overrides.clone()))
+    }
+}
+
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 34] = [
+const KEYS: [&str; 36] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
     "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
     "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
-    "max_streams_per_client", "http_listen",
+    "max_streams_per_client", "http_listen", "shutdown_grace_seconds", "gpu_layers",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -259,6 +286,10 @@ pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 /// Streams one client may have open unless configured: enough for a home's integrations
 /// behind one token, while leaving most of the default queue to everyone else.
 pub const DEFAULT_MAX_STREAMS_PER_CLIENT: u32 = 8;
+
+/// Seconds SIGTERM waits for requests in flight unless configured: a reply of a few hundred
+/// tokens on a Raspberry Pi 5 takes about that long.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 
 /// Where plugin manifests live unless configured (when it does not exist, the bundled
 /// manifests are served: see `plugins::bundled`).
@@ -323,6 +354,10 @@ pub struct Config {
     pub max_tokens_limit: u32,
     pub max_streams_per_client: u32,
     pub http_listen: Option<SocketAddr>,
+
+    // Service life and hardware.
+    pub shutdown_grace_seconds: u64,
+    pub gpu_layers: u32,
 }
 
 impl Config {
@@ -410,6 +445,8 @@ impl Config {
                     ))
                 })?),
             },
+            shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            gpu_layers: settings.gpu_layers.unwrap_or(0),
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
@@ -501,7 +538,8 @@ mod tests {
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
-                    max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n";
+                    max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n\
+                    shutdown_grace_seconds = 3\ngpu_layers = 99\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -512,6 +550,7 @@ mod tests {
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
+        assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }

@@ -5,13 +5,16 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod drain;
 pub mod engine;
 pub mod http;
 pub mod listeners;
 pub mod logging;
 pub mod model;
 pub mod plugins;
+pub mod reload;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod systemd;
 pub mod tools;

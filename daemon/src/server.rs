@@ -2,7 +2,9 @@
 //!
 //! The listener is up before the model is loaded (a 2 GB model takes a while from an SD
 //! card): health answers NOT_SERVING and inference answers UNAVAILABLE with the load progress
-//! until the model is warm. One shutdown signal cancels every request, lets the streams end,
+//! until the model is warm. systemd hears about each step (`systemd`), SIGHUP reloads the
+//! configuration (`reload`), and a shutdown signal refuses new requests, lets those in flight
+//! finish within `shutdown_grace_seconds` (`drain`), cancels the rest, lets the streams end,
 //! stops the server and then the worker thread.
 
 use std::future::Future;
@@ -13,11 +15,12 @@ use phi3d_proto::v1::inference_server::InferenceServer;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tokio_util::task::AbortOnDropHandle;
 use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::auth::tokens::TokenStore;
-use crate::config::{Config, SandboxRequire};
+use crate::config::{Config, ConfigSource, SandboxRequire};
 use crate::listeners::Listeners;
 use crate::plugins::PluginRegistry;
 use crate::sandbox::{KernelSupport, Requirement};
@@ -25,8 +28,9 @@ use crate::engine::{Engine, EngineConfig};
 use crate::service::admin::AdminService;
 use crate::service::inference::InferenceService;
 use crate::service::limits::Limits;
+use crate::service::live::LiveSettings;
 use crate::service::requests::Requests;
-use crate::service::validate::Defaults;
+use crate::systemd::Notifier;
 
 /// The gRPC service names whose health follows the model.
 const MODEL_SERVICES: [&str; 2] = ["", "phi3d.v1.Inference"];
@@ -37,8 +41,16 @@ const WORKER_EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60
 /// How long shutdown waits for clients to disconnect once every request is cancelled.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serves until `shutdown` completes; an error if the model cannot be loaded.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Serves until `shutdown` completes; an error if the model cannot be loaded. SIGHUP reads
+/// `source` again.
+pub async fn serve(
+    config: Config,
+    source: ConfigSource,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // From the first moment on, SIGHUP is a reload, never the default (termination).
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let notifier = Arc::new(Notifier::default());
     let model_path = crate::model::resolve(&config.model, &config.model_dir, config.offline)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -75,6 +87,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         batch_size: config.batch_size,
         threads: config.threads,
         mlock: config.mlock,
+        gpu_layers: config.gpu_layers,
         queue_size: config.queue_size,
         slots: config.slots,
         kv_type: config.kv_type,
@@ -90,6 +103,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
     health.set_service_status("phi3d.v1.Admin", ServingStatus::Serving).await;
+    let draining_health = health.clone();
 
     let limits = Limits {
         max_request_bytes: config.max_request_bytes,
@@ -134,18 +148,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let inference = Arc::new(InferenceService::new(
-        engine.clone(),
-        requests.clone(),
-        Defaults {
-            max_tokens: config.max_tokens,
-            tool_call_max_tokens: config.tool_call_max_tokens,
-            max_tool_steps: config.max_tool_steps,
-            max_tokens_limit: config.max_tokens_limit,
-        },
-        plugins.clone(),
-        config.tool_choice,
-    ));
+    let (live, live_reader) = tokio::sync::watch::channel(LiveSettings::of(&config));
+    let inference = Arc::new(InferenceService::new(engine.clone(), requests.clone(), live_reader, plugins.clone()));
     let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
 
     let http_state = crate::http::HttpState {
@@ -154,6 +158,24 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         tokens: tokens.clone(),
         model_name: model_name(&config.model, &model_path),
     };
+
+    // systemd: status and readiness, the watchdog, reloads; each ends with the daemon.
+    let (current, current_config) = tokio::sync::watch::channel(config);
+    let _status = AbortOnDropHandle::new(tokio::spawn(crate::systemd::status::report(engine.clone(), notifier.clone())));
+    let _watchdog = crate::systemd::watchdog::ping_period().map(|period| {
+        tracing::info!(?period, "systemd watchdog on");
+        AbortOnDropHandle::new(tokio::spawn(crate::systemd::watchdog::run(engine.clone(), notifier.clone(), period)))
+    });
+    let reloader = crate::reload::Reloader {
+        source,
+        current,
+        live,
+        plugins: plugins.clone(),
+        engine: engine.clone(),
+        notifier: notifier.clone(),
+    };
+    let _reloads = AbortOnDropHandle::new(tokio::spawn(reloader.run(hangups)));
+
     let stopper = stopping.clone();
     // Closing the queue does not keep anything alive; open client connections still hold
     // engine handles, so the queue must be closed explicitly for the worker to end.
@@ -162,6 +184,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         let engine_error = tokio::select! {
             () = shutdown => {
                 tracing::info!("shutting down");
+                notifier.stopping();
+                for service in MODEL_SERVICES {
+                    draining_health.set_service_status(service, ServingStatus::NotServing).await;
+                }
+                let grace = current_config.borrow().shutdown_grace_seconds;
+                crate::drain::drain(&requests, std::time::Duration::from_secs(grace)).await;
                 None
             }
             Ok(reason) = engine_failed => Some(reason),

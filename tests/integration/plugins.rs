@@ -677,3 +677,23 @@ async fn connecting_beyond_the_network_permission_is_denied() {
     registry.shutdown().await;
     wait_until_no_process(&marker).await;
 }
+
+#[tokio::test]
+async fn a_reload_moves_the_registry_to_another_folder_and_watches_that_one() {
+    let (first, registry) = one_plugin(&[], "").await;
+    eventually(&registry, "the first folder's plugin", |tools| tools.iter().any(|t| t.plugin == "t")).await;
+    let second = Plugins::new();
+    second.write("u.toml", &manifest(&[], ""));
+    registry.reload(second.dir.path().to_path_buf(), Requirement::BestEffort).await.unwrap();
+    let only_u = |tools: &[ToolInfo]| !tools.is_empty() && tools.iter().all(|t| t.plugin == "u");
+    eventually(&registry, "the second folder's plugin alone", only_u).await;
+    // The new folder is watched, the old one no longer.
+    first.write("v.toml", &manifest(&[], ""));
+    second.write("w.toml", &manifest(&[], ""));
+    eventually(&registry, "a plugin added to the watched folder", |tools| tools.iter().any(|t| t.plugin == "w")).await;
+    assert!(registry.tools().await.iter().all(|t| t.plugin != "v"), "the old folder is still followed");
+    // A new sandbox requirement replaces every plugin; they keep answering.
+    registry.reload(second.dir.path().to_path_buf(), Requirement::Strict).await.unwrap();
+    assert_eq!(ok(&registry.call("u.echo", json!({"text": "still here"})).await), "still here");
+    registry.shutdown().await;
+}

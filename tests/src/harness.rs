@@ -28,6 +28,8 @@ pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The config file the daemon reads (again on SIGHUP).
+    pub config_path: PathBuf,
     /// Holds the daemon's config file and anything else it needs on disk.
     _dir: tempfile::TempDir,
 }
@@ -149,7 +151,7 @@ impl DaemonBuilder {
                 sink.push('\n');
             }
         });
-        let mut daemon = Daemon { child, addr, stderr, _dir: dir };
+        let mut daemon = Daemon { child, addr, stderr, config_path: config, _dir: dir };
         daemon.wait_for_port().await;
         daemon
     }
@@ -272,7 +274,26 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status (asynchronously, so that this test's own
     /// client connections can close while the daemon drains).
     pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.signal("TERM");
+        self.wait_exit(timeout).await
+    }
+
+    /// Sends the signal `name` (as `kill -NAME` spells it: TERM, HUP, INT).
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits until stderr holds `text` (at least `count` times in all).
+    pub async fn wait_for_log(&self, text: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.stderr().matches(text).count() < count {
+            assert!(Instant::now() < deadline, "phi3d never logged {text:?} within {timeout:?}:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for the exit status, polling so that the test's own tasks keep running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll child") {

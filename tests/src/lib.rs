@@ -5,4 +5,5 @@ pub mod fake_hub;
 pub mod gguf;
 pub mod harness;
 pub mod model_gen;
+pub mod notify_socket;
 pub mod vocab;

@@ -26,6 +26,8 @@ pub struct EngineConfig {
     pub batch_size: u32,
     pub threads: u32,
     pub mlock: bool,
+    /// Layers offloaded to the GPU; only a build with a GPU backend has one to offload to.
+    pub gpu_layers: u32,
     pub queue_size: u32,
     /// Sequences decoded together; each is one slot.
     pub slots: u32,
@@ -100,6 +102,7 @@ pub fn load_model(
     let cancel = config.cancel.clone();
     let params = LlamaModelParams::default()
         .with_use_mlock(config.mlock)
+        .with_n_gpu_layers(config.gpu_layers)
         .with_progress_callback(move |fraction| {
             on_progress((fraction * 100.0).round().clamp(0.0, 100.0) as u32);
             // Returning false makes llama.cpp abandon the load.
@@ -148,7 +151,7 @@ pub fn load_model(
 }
 
 /// The refusal: what the plan needs against what there is, and a configuration that fits.
-fn does_not_fit(plan: &MemoryPlan, shape: &ModelShape, batch_size: u32) -> String {
+pub fn does_not_fit(plan: &MemoryPlan, shape: &ModelShape, batch_size: u32) -> String {
     let budget = plan.budget_bytes.unwrap_or(0);
     let mut message = format!(
         "ctx_size {} with kv_type {} needs {} (weights {}, KV cache {}, compute {}) but only {} of memory \

@@ -9,6 +9,7 @@
 //! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates.
 
 pub mod cache_store;
+pub mod heartbeat;
 pub mod kv_cells;
 pub mod loader;
 pub mod memory_plan;
@@ -74,6 +75,7 @@ pub struct Engine {
     state: watch::Receiver<LoadState>,
     active: Arc<AtomicUsize>,
     status: Arc<Mutex<EngineStatus>>,
+    heartbeat: Arc<heartbeat::Heartbeat>,
     slots: u32,
 }
 
@@ -87,11 +89,15 @@ impl Engine {
         let slots = config.slots;
         let worker_active = active.clone();
         let worker_status = status.clone();
+        let heartbeat = Arc::new(heartbeat::Heartbeat::default());
+        let worker_heartbeat = heartbeat.clone();
         let thread = std::thread::Builder::new().name("phi3d-worker".into()).spawn(move || {
             // A panic must not leave the daemon answering SERVING with nobody decoding: the
             // state says so, and the server stops with the reason.
             let panicked_state = state_tx.clone();
-            let run = std::panic::AssertUnwindSafe(|| worker::run(config, receiver, state_tx, worker_active, worker_status));
+            let run = std::panic::AssertUnwindSafe(|| {
+                worker::run(config, receiver, state_tx, worker_active, worker_status, worker_heartbeat)
+            });
             if let Err(panic) = std::panic::catch_unwind(run) {
                 let reason = panic
                     .downcast_ref::<&str>()
@@ -101,7 +107,7 @@ impl Engine {
                 panicked_state.send_replace(LoadState::Failed(format!("the inference thread panicked: {reason}")));
             }
         })?;
-        Ok((Engine { queue, state, active, status, slots }, thread))
+        Ok((Engine { queue, state, active, status, heartbeat, slots }, thread))
     }
 
     pub fn state(&self) -> LoadState {
@@ -143,6 +149,11 @@ impl Engine {
 
     pub fn slots(&self) -> u32 {
         self.slots
+    }
+
+    /// The worker's progress, for the watchdog.
+    pub fn pulse(&self) -> heartbeat::Pulse {
+        self.heartbeat.pulse()
     }
 
     /// What the worker last published about its slots, cache and memory.

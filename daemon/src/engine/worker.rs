@@ -17,7 +17,11 @@
 //! batch fails alone: one failure never fails every slot.
 //!
 //! Tests can make the worker panic (`PHI3D_FAULT_INJECTION=worker-panic` and a request id of
-//! `fault:worker-panic`) to check that a dead worker stops the daemon.
+//! `fault:worker-panic`) to check that a dead worker stops the daemon, or hang for good
+//! (`worker-wedge`, `fault:worker-wedge`) to check that the watchdog notices.
+//!
+//! Every pass of the loop beats the [`Heartbeat`], and the blocking wait for a task marks the
+//! worker idle, so that the watchdog can tell waiting from wedged.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +36,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::watch;
 
 use super::LoadState;
+use super::heartbeat::Heartbeat;
 use super::cache_store::{self, CacheKey, CacheStore, SaveItem};
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
@@ -44,6 +49,8 @@ use super::task::{EngineError, StopReason, Task};
 
 /// The request id that panics the worker when fault injection is on.
 const FAULT_PANIC_REQUEST: &str = "fault:worker-panic";
+/// The request id that hangs the worker for good when fault injection is on.
+const FAULT_WEDGE_REQUEST: &str = "fault:worker-wedge";
 
 pub struct Worker<'m> {
     model: &'m LoadedModel,
@@ -62,7 +69,9 @@ pub struct Worker<'m> {
     store: Option<CacheStore>,
     entries_on_disk: usize,
     started_at: Instant,
+    heartbeat: Arc<Heartbeat>,
     fault_panic: bool,
+    fault_wedge: bool,
 }
 
 /// A prefix decoded at start-up into a sequence of its own, never evicted.
@@ -79,6 +88,7 @@ pub fn run(
     state: watch::Sender<LoadState>,
     active: Arc<AtomicUsize>,
     status: Arc<Mutex<EngineStatus>>,
+    heartbeat: Arc<Heartbeat>,
 ) {
     let loaded = match load(&config, &state) {
         Ok(loaded) => loaded,
@@ -122,7 +132,9 @@ pub fn run(
         store,
         entries_on_disk: 0,
         started_at: Instant::now(),
-        fault_panic: std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.contains("worker-panic")),
+        heartbeat,
+        fault_panic: fault_injected("worker-panic"),
+        fault_wedge: fault_injected("worker-wedge"),
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
@@ -139,6 +151,10 @@ pub fn run(
     worker.serve();
     worker.save();
     tracing::debug!("worker stopped");
+}
+
+fn fault_injected(fault: &str) -> bool {
+    std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.split(',').any(|name| name == fault))
 }
 
 /// llama.cpp's backend may be initialised once per process.
@@ -211,6 +227,7 @@ impl Worker<'_> {
 
     fn serve(&mut self) {
         loop {
+            self.heartbeat.beat();
             if !self.admit() {
                 return;
             }
@@ -230,7 +247,10 @@ impl Worker<'_> {
     fn admit(&mut self) -> bool {
         while self.slots.iter().any(|slot| !slot.is_busy()) {
             let task = if self.active_slots() == 0 {
-                match self.queue.pop() {
+                self.heartbeat.set_idle(true);
+                let popped = self.queue.pop();
+                self.heartbeat.set_idle(false);
+                match popped {
                     Some(task) => task,
                     None => return false,
                 }
@@ -262,6 +282,12 @@ impl Worker<'_> {
         }
         if self.fault_panic && task.request_id == FAULT_PANIC_REQUEST {
             panic!("fault injection: request {FAULT_PANIC_REQUEST}");
+        }
+        if self.fault_wedge && task.request_id == FAULT_WEDGE_REQUEST {
+            tracing::warn!("fault injection: request {FAULT_WEDGE_REQUEST} hangs the inference thread");
+            loop {
+                std::thread::park();
+            }
         }
         tracing::debug!(
             request_id = %task.request_id,

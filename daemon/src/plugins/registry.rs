@@ -15,8 +15,12 @@
 //!   file name) wins, the other is rejected.
 //!
 //! A missing folder means no plugins (phi3d runs without tools); it is not watched, so
-//! creating it later needs a restart. So does any change when the folder cannot be watched
-//! (inotify limits), which is logged.
+//! creating it later needs a reload (SIGHUP) or a restart. So does any change when the folder
+//! cannot be watched (inotify limits), which is logged.
+//!
+//! A reload ([`PluginRegistry::reload`]) rescans, and may point the registry at another folder
+//! (plugins of the old one retire as if their manifests were removed) or change the sandbox
+//! requirement (every plugin is then replaced, so that the new one applies).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -88,9 +92,9 @@ pub struct PluginRegistry {
 }
 
 struct Inner {
-    dir: PathBuf,
+    dir: RwLock<PathBuf>,
     support: sandbox::KernelSupport,
-    requirement: sandbox::Requirement,
+    requirement: RwLock<sandbox::Requirement>,
     uids: sandbox::UidAllocator,
     search: CommandSearch,
     /// Loaded plugins by manifest file. Never held across an await.
@@ -100,6 +104,8 @@ struct Inner {
     /// Serialises rescans.
     rescan: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
+    /// Stops watching the current folder (a child of `shutdown`).
+    watching: Mutex<CancellationToken>,
 }
 
 /// Dropping the last handle without [`PluginRegistry::shutdown`] still stops the watcher; the
@@ -124,38 +130,68 @@ impl PluginRegistry {
         support: sandbox::KernelSupport,
         requirement: sandbox::Requirement,
     ) -> Result<PluginRegistry, RegistryError> {
+        let shutdown = CancellationToken::new();
         let registry = PluginRegistry {
             inner: Arc::new(Inner {
-                dir: dir.clone(),
+                dir: RwLock::new(dir.clone()),
                 support,
-                requirement,
+                requirement: RwLock::new(requirement),
                 uids: sandbox::UidAllocator::new(),
                 search: CommandSearch::from_env(),
                 plugins: RwLock::new(BTreeMap::new()),
                 rejected: Mutex::new(HashMap::new()),
                 rescan: tokio::sync::Mutex::new(()),
-                shutdown: CancellationToken::new(),
+                watching: Mutex::new(shutdown.child_token()),
+                shutdown,
             }),
         };
+        registry.watch_and_scan(&dir).await?;
+        Ok(registry)
+    }
+
+    /// Watches `dir` (until the folder changes or shutdown) and loads its manifests.
+    async fn watch_and_scan(&self, dir: &std::path::Path) -> Result<(), RegistryError> {
         if !dir.is_dir() {
             tracing::warn!(dir = %dir.display(), "the plugins folder does not exist; running without tools");
-            return Ok(registry);
+            return self.rescan().await;
         }
         // Watch before the first scan, so that nothing written in between is missed. Without a
         // watch (the kernel's inotify limits reached) the plugins still work, only not reloaded.
-        let watching = watch::watch(&dir);
-        registry.rescan().await?;
+        let watching = watch::watch(dir);
+        self.rescan().await?;
         match watching {
             Ok((watcher, changes)) => {
-                let weak = Arc::downgrade(&registry.inner);
-                tokio::spawn(PluginRegistry::follow(weak, registry.inner.shutdown.clone(), watcher, changes));
+                let weak = Arc::downgrade(&self.inner);
+                let stop = self.inner.watching.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                tokio::spawn(PluginRegistry::follow(weak, stop, watcher, changes));
             }
             Err(error) => tracing::error!(
                 dir = %dir.display(),
-                "cannot watch the plugins folder ({error}); changes to it take effect at the next restart"
+                "cannot watch the plugins folder ({error}); changes to it take effect at the next reload"
             ),
         }
-        Ok(registry)
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: rescans the folder (another one if `dir` changed,
+    /// whose plugins then replace the old folder's) and, if the sandbox requirement changed,
+    /// replaces every plugin so that it applies. Calls in flight finish on the old plugins.
+    pub async fn reload(&self, dir: PathBuf, requirement: sandbox::Requirement) -> Result<(), RegistryError> {
+        let old_requirement =
+            std::mem::replace(&mut *self.inner.requirement.write().unwrap_or_else(|e| e.into_inner()), requirement);
+        if old_requirement != requirement {
+            // Forgetting when the manifests were read makes the rescan load each one anew.
+            for loaded in self.inner.plugins.write().unwrap_or_else(|e| e.into_inner()).values_mut() {
+                loaded.modified = None;
+            }
+        }
+        let old_dir = std::mem::replace(&mut *self.inner.dir.write().unwrap_or_else(|e| e.into_inner()), dir.clone());
+        if old_dir == dir {
+            return self.rescan().await;
+        }
+        let fresh = self.inner.shutdown.child_token();
+        std::mem::replace(&mut *self.inner.watching.lock().unwrap_or_else(|e| e.into_inner()), fresh).cancel();
+        self.watch_and_scan(&dir).await
     }
 
     /// Rescans after every change until shutdown, or until the last handle to the registry is
@@ -187,12 +223,16 @@ impl PluginRegistry {
         if self.inner.shutdown.is_cancelled() {
             return Ok(());
         }
-        let dir = &self.inner.dir;
-        let entries = std::fs::read_dir(dir).map_err(|source| RegistryError::ReadDir { dir: dir.clone(), source })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|path| watch::is_manifest(path) && path.is_file())
-            .collect();
+        let dir = self.inner.dir.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // A folder that does not exist holds no plugins (start-up and reload check it first).
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| watch::is_manifest(path) && path.is_file())
+                .collect(),
+            Err(source) if source.kind() == std::io::ErrorKind::NotFound && !self.any_loaded() => Vec::new(),
+            Err(source) => return Err(RegistryError::ReadDir { dir, source }),
+        };
         files.sort();
 
         let current = self.inner.plugins.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -297,7 +337,8 @@ impl PluginRegistry {
 
     fn loaded(&self, manifest: Manifest, modified: Option<SystemTime>) -> Loaded {
         let run_as = self.inner.uids.uid(&manifest.name);
-        let plugin = Plugin::new(manifest, self.inner.support.clone(), self.inner.requirement, run_as);
+        let requirement = *self.inner.requirement.read().unwrap_or_else(|e| e.into_inner());
+        let plugin = Plugin::new(manifest, self.inner.support.clone(), requirement, run_as);
         Loaded { plugin: Arc::new(plugin), modified }
     }
 
@@ -312,6 +353,10 @@ impl PluginRegistry {
             }
         }
         *rejected = errors;
+    }
+
+    fn any_loaded(&self) -> bool {
+        !self.inner.plugins.read().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
     fn plugins(&self) -> Vec<Arc<Plugin>> {

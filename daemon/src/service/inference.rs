@@ -10,14 +10,15 @@ use llama_cpp_2::token::LlamaToken;
 use phi3d_proto::v1::inference_server::Inference;
 use phi3d_proto::v1::{
     CancelRequest, CancelResponse, ChatEvent, ChatRequest, CompleteRequest, TokenizeRequest, TokenizeResponse,
-    ToolChoice,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::Instrument;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::generation::{RequestScope, ToolTurnRunner};
+use super::live::LiveReader;
 use super::requests::{CancelOutcome, Requests};
 use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
@@ -34,20 +35,14 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Se
 pub struct InferenceService {
     engine: Engine,
     requests: Arc<Requests>,
-    defaults: Defaults,
+    /// Defaults and tool choice, as the last reload left them.
+    live: LiveReader,
     plugins: PluginRegistry,
-    default_tool_choice: ToolChoice,
 }
 
 impl InferenceService {
-    pub fn new(
-        engine: Engine,
-        requests: Arc<Requests>,
-        defaults: Defaults,
-        plugins: PluginRegistry,
-        default_tool_choice: ToolChoice,
-    ) -> Self {
-        InferenceService { engine, requests, defaults, plugins, default_tool_choice }
+    pub fn new(engine: Engine, requests: Arc<Requests>, live: LiveReader, plugins: PluginRegistry) -> Self {
+        InferenceService { engine, requests, live, plugins }
     }
 
     /// The largest request body the HTTP bridges should read (`max_request_bytes`).
@@ -65,8 +60,12 @@ impl InferenceService {
         params: GenerationParams,
         client: &Client,
         deadline: Option<std::time::Duration>,
+        defaults: Defaults,
     ) -> Result<EventStream, Status> {
         let scope = RequestScope::begin(&self.requests, request_id, client, deadline)?;
+        // Every log line of the turn (steps, plugin calls) carries the request id; under
+        // systemd it is a journal field (REQUEST_ID).
+        let span = tracing::info_span!("request", request_id = %scope.request_id());
         let started = convert::started(scope.request_id(), &model.info.name);
         let turn = AgentTurn {
             runner: ToolTurnRunner { scope, engine: self.engine.clone(), model: model.clone() },
@@ -76,14 +75,14 @@ impl InferenceService {
             tools: plan.tools,
             messages,
             max_steps: plan.max_steps,
-            call_max_tokens: self.defaults.tool_call_max_tokens,
+            call_max_tokens: defaults.tool_call_max_tokens,
             params,
         };
         // The first step is queued here, so that a full queue or a prompt too long is the
         // request's status rather than an error inside the stream.
         let first = turn.submit_step(&plan.first_mode).map_err(convert::agent_status)?;
         let (sink, events) = mpsc::unbounded_channel();
-        tokio::spawn(turn.run(plan.first_mode, first, sink));
+        tokio::spawn(turn.run(plan.first_mode, first, sink).instrument(span));
         let events = UnboundedReceiverStream::new(events).map(convert::agent_event);
         Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events)))
     }
@@ -163,19 +162,20 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
+        let live = *self.live.borrow();
         let messages = validate::chat_messages(&request.messages)?;
-        let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
-        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), self.default_tool_choice);
+        let params = validate::generation_params(request.options.as_ref(), live.defaults)?;
+        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), live.tool_choice);
         // Listing tools starts lazy plugins, so a plain chat does not ask.
         let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
         if let Some(plan) = tool_options::plan(
             request.tools.as_ref(),
-            self.default_tool_choice,
+            live.tool_choice,
             &plugin_tools,
-            self.defaults.max_tool_steps,
+            live.defaults.max_tool_steps,
         )? {
             return Ok(Response::new(
-                self.tool_turn(model, &request.request_id, messages, plan, params, &client, deadline).await?,
+                self.tool_turn(model, &request.request_id, messages, plan, params, &client, deadline, live.defaults).await?,
             ));
         }
         let turns: Vec<TemplateTurn> = messages
@@ -195,7 +195,7 @@ impl Inference for InferenceService {
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let prompt = validate::prompt(&request.prompt)?;
-        let params = validate::generation_params(request.options.as_ref(), self.defaults)?;
+        let params = validate::generation_params(request.options.as_ref(), self.live.borrow().defaults)?;
         let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
         let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
         Ok(Response::new(stream))

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod generation;
 pub mod inference;
 pub mod limits;
+pub mod live;
 pub mod requests;
 pub mod tool_options;
 pub mod validate;

@@ -1,13 +1,16 @@
 //! The requests in flight, by request_id, with the client each belongs to: `Cancel` reaches
-//! them (only its own client's), shutdown stops them all, and a client's streams are counted
-//! against `max_streams_per_client`.
+//! them (only its own client's), a client's streams are counted against
+//! `max_streams_per_client`, and shutdown closes the door to new ones, waits for these to end,
+//! and stops those still running.
 //!
 //! A request is registered for exactly as long as its stream lives: the [`Registration`] is
 //! dropped with the stream, whether it ended, failed or the client went away.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -19,6 +22,10 @@ pub struct Requests {
     in_flight: Mutex<HashMap<String, InFlight>>,
     /// Parent of every request's token: cancelling it stops them all.
     shutdown: CancellationToken,
+    /// Set once the daemon is stopping: new requests are refused.
+    closed: AtomicBool,
+    /// Woken whenever a request ends.
+    ended: Notify,
     pub limits: Limits,
 }
 
@@ -53,6 +60,10 @@ impl Requests {
     pub fn register(self: &Arc<Self>, request_id: &str, client: &Client) -> Result<Registration, Status> {
         let id = if request_id.is_empty() { format!("req-{:016x}", rand::random::<u64>()) } else { request_id.to_owned() };
         let mut in_flight = self.in_flight.lock().expect("request registry lock");
+        // Checked under the lock, so that no request slips in after `close` counted them.
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("shutting down: phi3d takes no new requests; retry once it has restarted"));
+        }
         if in_flight.contains_key(&id) {
             return Err(Status::already_exists(format!(
                 "request_id `{request_id}` is already in flight; use a unique id per request"
@@ -67,6 +78,28 @@ impl Requests {
         let cancel = self.shutdown.child_token();
         in_flight.insert(id.clone(), InFlight { cancel: cancel.clone(), client: client.clone() });
         Ok(Registration { requests: self.clone(), request_id: id, cancel })
+    }
+
+    /// Refuses every new request from now on (shutdown); those in flight carry on.
+    pub fn close(&self) {
+        let _in_flight = self.in_flight.lock().expect("request registry lock");
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Requests in flight.
+    pub fn count(&self) -> usize {
+        self.in_flight.lock().expect("request registry lock").len()
+    }
+
+    /// Completes once no request is in flight.
+    pub async fn all_ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            if self.count() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// Cancels `client`'s request `request_id`.
@@ -92,6 +125,8 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut in_flight = self.requests.in_flight.lock().expect("request registry lock");
         in_flight.remove(&self.request_id);
+        drop(in_flight);
+        self.requests.ended.notify_waiters();
     }
 }
 
@@ -128,6 +163,23 @@ mod tests {
         assert!(requests.register("c", &other).is_ok(), "another client is not affected");
         drop(mine);
         assert!(requests.register("c2", &ME).is_ok(), "a finished stream frees its place");
+    }
+
+    #[tokio::test]
+    async fn a_closed_registry_refuses_new_requests_and_says_when_the_last_ends() {
+        let requests = Arc::new(Requests::default());
+        let running = requests.register("a", &ME).unwrap();
+        requests.close();
+        assert_eq!(requests.register("b", &ME).err().unwrap().code(), tonic::Code::Unavailable);
+        assert!(!running.cancel.is_cancelled(), "closing does not stop the requests in flight");
+        let waiter = tokio::spawn({
+            let requests = requests.clone();
+            async move { requests.all_ended().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(running);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 
     #[test]
