@@ -43,7 +43,9 @@ macro_rules! restart_keys {
 }
 restart_keys!(
     model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
-    pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers,
+    pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
+    unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
+    max_streams_per_client, http_listen,
 );
 
 /// `running` with the live keys of `wanted`.
@@ -56,6 +58,7 @@ fn with_live_keys(running: &Config, wanted: &Config) -> Config {
         max_tokens: wanted.max_tokens,
         tool_call_max_tokens: wanted.tool_call_max_tokens,
         max_tool_steps: wanted.max_tool_steps,
+        max_tokens_limit: wanted.max_tokens_limit,
         shutdown_grace_seconds: wanted.shutdown_grace_seconds,
         ..running.clone()
     }
@@ -71,6 +74,7 @@ fn live_keys_changed(running: &Config, wanted: &Config) -> Vec<&'static str> {
         ("max_tokens", running.max_tokens != wanted.max_tokens),
         ("tool_call_max_tokens", running.tool_call_max_tokens != wanted.tool_call_max_tokens),
         ("max_tool_steps", running.max_tool_steps != wanted.max_tool_steps),
+        ("max_tokens_limit", running.max_tokens_limit != wanted.max_tokens_limit),
         ("shutdown_grace_seconds", running.shutdown_grace_seconds != wanted.shutdown_grace_seconds),
     ];
     checks.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()

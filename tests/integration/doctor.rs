@@ -12,7 +12,8 @@ fn doctor(extra: &[&str]) -> (bool, String) {
         args.extend(["--listen", "127.0.0.1:0"]);
     }
     args.extend_from_slice(extra);
-    let output = phi3d_tests::harness::run(Path::new(PHI3D), &args, &[]);
+    let tokens = std::env::temp_dir().join(format!("phi3d-doctor-no-tokens-{}", std::process::id()));
+    let output = phi3d_tests::harness::run(Path::new(PHI3D), &args, &[("PHI3D_TOKEN_FILE", tokens.to_str().unwrap())]);
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)
 }
@@ -59,7 +60,17 @@ fn a_set_up_that_does_not_fit_is_named_and_exits_non_zero() {
 
 #[test]
 fn a_network_listener_is_reported_as_reachable_without_credentials() {
-    let (_, report) = doctor(&["--listen", "0.0.0.0:0"]);
-    let listen = report.lines().find(|line| line.contains("listen: 0.0.0.0:0")).unwrap_or_else(|| panic!("{report}"));
+    let line = |report: &str| {
+        report.lines().find(|line| line.contains("listen: 0.0.0.0:0")).unwrap_or_else(|| panic!("{report}")).to_owned()
+    };
+    let (fits, report) = doctor(&["--listen", "0.0.0.0:0"]);
+    let listen = line(&report);
+    assert!(!fits && listen.starts_with("FAIL") && listen.contains("refuses to start"), "{listen}");
+    let (_, report) = doctor(&["--listen", "0.0.0.0:0", "--allow-unauthenticated-network"]);
+    let listen = line(&report);
     assert!(listen.starts_with("warn") && listen.contains("without credentials"), "{listen}");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let (_, report) = doctor(&["--listen", "0.0.0.0:0", "--tls-client-ca", ca.to_str().unwrap()]);
+    assert!(line(&report).contains("callers need a client certificate"), "{report}");
 }

@@ -203,22 +203,50 @@ fn mlock_limit(report: &mut Report, weights: u64) {
 }
 
 fn listener(report: &mut Report, config: &Config) {
-    let addr = config.listen;
-    if addr.ip().is_loopback() {
-        report.line(Level::Ok, "listen", format!("{addr}: loopback only, not reachable from the network"));
-    } else {
-        report.line(
-            Level::Warn,
-            "listen",
-            format!("{addr}: reachable from the network, and anyone who reaches it can use it without credentials"),
-        );
-    }
-    match TcpListener::bind(addr) {
-        Ok(_) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-            report.line(Level::Note, "listen", format!("{addr} is in use (a phi3d already running?)"))
+    // The rule `serve` applies (listeners::Listeners::check_exposure): tokens are in use once
+    // the token file exists; client certificates count too.
+    let tokens = config.token_file.exists();
+    let certificates = config.tls.client_ca.is_some();
+    let credentials = match (tokens, certificates) {
+        (true, true) => format!("callers need a token (from {}) and a client certificate", config.token_file.display()),
+        (true, false) => format!("callers need a token (from {})", config.token_file.display()),
+        (false, true) => "callers need a client certificate (tls_client_ca)".to_owned(),
+        (false, false) => String::new(),
+    };
+    let listeners = [("listen", Some(config.listen)), ("http_listen", config.http_listen)];
+    for (key, addr) in listeners.into_iter().filter_map(|(key, addr)| addr.map(|addr| (key, addr))) {
+        if addr.ip().is_loopback() {
+            report.line(Level::Ok, key, format!("{addr}: loopback only, not reachable from the network"));
+        } else if !credentials.is_empty() {
+            report.line(Level::Ok, key, format!("{addr}: reachable from the network; {credentials}"));
+        } else if config.allow_unauthenticated_network {
+            report.line(
+                Level::Warn,
+                key,
+                format!("{addr}: reachable from the network, and anyone who reaches it can use it without credentials"),
+            );
+        } else {
+            report.line(
+                Level::Fail,
+                key,
+                format!(
+                    "{addr}: reachable from the network without credentials, so phi3d refuses to start; create a \
+                     token (`phi3d token create NAME`), set tls_client_ca, or listen on 127.0.0.1"
+                ),
+            );
         }
-        Err(err) => report.line(Level::Fail, "listen", format!("cannot bind {addr}: {err}")),
+        match TcpListener::bind(addr) {
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                report.line(Level::Note, key, format!("{addr} is in use (a phi3d already running?)"))
+            }
+            Err(err) => report.line(Level::Fail, key, format!("cannot bind {addr}: {err}")),
+        }
+    }
+    let tls = if config.tls.cert.is_some() { "TLS on the TCP listener" } else { "no TLS (plaintext gRPC)" };
+    report.line(Level::Note, "tls", tls.to_owned());
+    if let Some(socket) = &config.unix_socket {
+        report.line(Level::Ok, "unix_socket", format!("{} (mode {:o})", socket.display(), config.unix_socket_mode));
     }
 }
 
