@@ -168,9 +168,9 @@ mod tests {
             listen: Some("127.0.0.1:1".into()),
             ..Settings::default()
         });
-        // slots follows ctx_size unless set: it changed too.
-        assert_eq!(restart_keys_changed(&running, &wanted), ["listen", "ctx_size", "slots"]);
-        assert_eq!(live_keys_changed(&running, &wanted), ["max_tokens"]);
+        // slots, max_prompt_tokens and max_tokens_limit follow ctx_size unless set: they changed too.
+        assert_eq!(restart_keys_changed(&running, &wanted), ["listen", "ctx_size", "slots", "max_prompt_tokens"]);
+        assert_eq!(live_keys_changed(&running, &wanted), ["max_tokens", "max_tokens_limit"]);
         let effective = with_live_keys(&running, &wanted);
         assert_eq!((effective.max_tokens, effective.ctx_size), (7, running.ctx_size));
         assert_eq!(effective.listen, running.listen);
