@@ -96,11 +96,15 @@ fn bearer_token<T>(request: &Request<T>) -> Result<Option<&str>, Status> {
     };
     let malformed = || Status::unauthenticated("the authorization header must be `Bearer <token>`");
     let value = value.to_str().map_err(|_| malformed())?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(malformed)?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(malformed());
-    }
-    Ok(Some(token.trim()))
+    bearer(value).map(Some).ok_or_else(malformed)
+}
+
+/// The token of an `authorization` header's value `Bearer <token>` (the scheme in any case),
+/// for gRPC and the HTTP bridges alike.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]

@@ -16,8 +16,10 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use phi3d_proto::v1::ChatRequest;
+use futures::StreamExt;
 use phi3d_proto::v1::inference_server::Inference;
+use phi3d_proto::v1::{ChatEvent, ChatRequest, Done, ToolCall, chat_event};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Client;
@@ -118,10 +120,7 @@ impl HttpState {
 async fn authenticate(State(state): State<HttpState>, mut request: Request, next: Next) -> Response {
     let api = Api::of(request.uri().path());
     let header = request.headers().get(axum::http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-    let token = header.and_then(|value| {
-        let (scheme, token) = value.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-    });
+    let token = header.and_then(crate::auth::bearer);
     let client = match state.tokens.check(token) {
         Ok(Some(name)) => Client::Token(name),
         Ok(None) => match request.extensions().get::<ConnectInfo<SocketAddr>>() {
@@ -148,6 +147,36 @@ pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(stopping.cancelled_owned())
         .await
+}
+
+/// A reply read to its end, for the APIs' non-streamed answers: the final `Done` and the
+/// client-side tool calls before it.
+async fn whole_reply(api: Api, mut events: EventStream) -> Result<(Done, Vec<ToolCall>), ApiError> {
+    let mut calls = Vec::new();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => calls.push(call),
+            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => return Ok((done, calls)),
+            Ok(_) => {}
+            Err(status) => return Err(ApiError::from_status(api, &status)),
+        }
+    }
+    Err(ApiError::new(api, StatusCode::INTERNAL_SERVER_ERROR, "the reply ended without finishing"))
+}
+
+/// Stop strings as both APIs send them: one string or a list of strings; `key` names the
+/// field in the error.
+fn stop_strings(api: Api, key: &str, value: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(stop)) => Ok(vec![stop.clone()]),
+        Some(Value::Array(stops)) => Ok(stops.iter().filter_map(|stop| stop.as_str().map(str::to_owned)).collect()),
+        Some(other) => Err(ApiError::new(
+            api,
+            StatusCode::BAD_REQUEST,
+            format!("{key} must be a string or a list of strings, got {other}"),
+        )),
+    }
 }
 
 /// Seconds since the epoch, for the APIs' `created` fields.

@@ -193,14 +193,7 @@ fn generation_options(options: Option<&Value>) -> Result<GenerationOptions, ApiE
         // Ollama's -1 (and -2) mean "as long as it takes": the server's default.
         out.max_tokens = if predict > 0.0 { predict as u32 } else { 0 };
     }
-    match options.get("stop") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(stop)) => out.stop = vec![stop.clone()],
-        Some(Value::Array(stops)) => {
-            out.stop = stops.iter().filter_map(|stop| stop.as_str().map(str::to_owned)).collect();
-        }
-        Some(other) => return Err(invalid(format!("options.stop must be a string or a list of strings, got {other}"))),
-    }
+    out.stop = super::stop_strings(Api::Ollama, "options.stop", options.get("stop"))?;
     Ok(out)
 }
 
@@ -411,26 +404,16 @@ async fn respond(state: &HttpState, client: Client, request: ChatRequest, stream
         return ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(lines))
             .into_response();
     }
-    let mut events = events;
-    let mut calls = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => calls.push(call),
-            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => {
-                let mut line = done_line(shape, &model, &done, Some(&done.text));
-                if !calls.is_empty() {
-                    line["message"]["tool_calls"] = calls
-                        .iter()
-                        .map(|call| tool_call_line(&model, call)["message"]["tool_calls"][0].clone())
-                        .collect();
-                }
-                return Json(line).into_response();
-            }
-            Ok(_) => {}
-            Err(status) => return ApiError::from_status(Api::Ollama, &status).into_response(),
-        }
+    let (done, calls) = match super::whole_reply(Api::Ollama, events).await {
+        Ok(reply) => reply,
+        Err(err) => return err.into_response(),
+    };
+    let mut line = done_line(shape, &model, &done, Some(&done.text));
+    if !calls.is_empty() {
+        line["message"]["tool_calls"] =
+            calls.iter().map(|call| tool_call_line(&model, call)["message"]["tool_calls"][0].clone()).collect();
     }
-    ApiError::new(Api::Ollama, StatusCode::INTERNAL_SERVER_ERROR, "the reply ended without finishing").into_response()
+    Json(line).into_response()
 }
 
 #[cfg(test)]

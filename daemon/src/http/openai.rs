@@ -140,12 +140,7 @@ impl Sampling {
                 return Err(invalid(format!("response_format `{kind}` is not supported yet; leave it out or use text")));
             }
         }
-        let stop = match &self.stop {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(stop)) => vec![stop.clone()],
-            Some(Value::Array(stops)) => stops.iter().filter_map(|stop| stop.as_str().map(str::to_owned)).collect(),
-            Some(other) => return Err(invalid(format!("stop must be a string or a list of strings, got {other}"))),
-        };
+        let stop = super::stop_strings(Api::OpenAi, "stop", self.stop.as_ref())?;
         Ok(GenerationOptions {
             max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(0),
             temperature: self.temperature,
@@ -278,29 +273,21 @@ async fn chat_completions(
         let include_usage = body.stream_options.as_ref().is_some_and(|options| options.include_usage);
         return stream_chat(events, id, model, created, include_usage).into_response();
     }
-    let mut events = events;
-    let mut calls = Vec::new();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => calls.push(call),
-            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => {
-                let mut message = json!({ "role": "assistant", "content": done.text });
-                if !calls.is_empty() {
-                    message["content"] = Value::Null;
-                    message["tool_calls"] = calls.iter().map(whole_call).collect();
-                }
-                return Json(json!({
-                    "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{ "index": 0, "message": message, "finish_reason": finish_reason(&done) }],
-                    "usage": usage(&done),
-                }))
-                .into_response();
-            }
-            Ok(_) => {}
-            Err(status) => return ApiError::from_status(Api::OpenAi, &status).into_response(),
-        }
+    let (done, calls) = match super::whole_reply(Api::OpenAi, events).await {
+        Ok(reply) => reply,
+        Err(err) => return err.into_response(),
+    };
+    let mut message = json!({ "role": "assistant", "content": done.text });
+    if !calls.is_empty() {
+        message["content"] = Value::Null;
+        message["tool_calls"] = calls.iter().map(whole_call).collect();
     }
-    ApiError::new(Api::OpenAi, StatusCode::INTERNAL_SERVER_ERROR, "the reply ended without finishing").into_response()
+    Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{ "index": 0, "message": message, "finish_reason": finish_reason(&done) }],
+        "usage": usage(&done),
+    }))
+    .into_response()
 }
 
 fn whole_call(call: &ToolCall) -> Value {
@@ -401,24 +388,19 @@ async fn completions(
     };
     let messages = vec![Message { role: Role::User as i32, content: prompt, ..Message::default() }];
     let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools: None };
-    let mut events = match state.chat(Api::OpenAi, client, request).await {
-        Ok(events) => events,
+    let reply = match state.chat(Api::OpenAi, client, request).await {
+        Ok(events) => super::whole_reply(Api::OpenAi, events).await,
+        Err(err) => Err(err),
+    };
+    let (done, _) = match reply {
+        Ok(reply) => reply,
         Err(err) => return err.into_response(),
     };
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => {
-                return Json(json!({
-                    "id": format!("cmpl-{:016x}", rand::random::<u64>()), "object": "text_completion",
-                    "created": unix_now(), "model": body.model.unwrap_or_else(|| state.model_name.clone()),
-                    "choices": [{ "index": 0, "text": done.text, "finish_reason": finish_reason(&done), "logprobs": null }],
-                    "usage": usage(&done),
-                }))
-                .into_response();
-            }
-            Ok(_) => {}
-            Err(status) => return ApiError::from_status(Api::OpenAi, &status).into_response(),
-        }
-    }
-    ApiError::new(Api::OpenAi, StatusCode::INTERNAL_SERVER_ERROR, "the reply ended without finishing").into_response()
+    Json(json!({
+        "id": format!("cmpl-{:016x}", rand::random::<u64>()), "object": "text_completion",
+        "created": unix_now(), "model": body.model.unwrap_or_else(|| state.model_name.clone()),
+        "choices": [{ "index": 0, "text": done.text, "finish_reason": finish_reason(&done), "logprobs": null }],
+        "usage": usage(&done),
+    }))
+    .into_response()
 }
