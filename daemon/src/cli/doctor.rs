@@ -203,9 +203,15 @@ fn mlock_limit(report: &mut Report, weights: u64) {
 }
 
 fn listener(report: &mut Report, config: &Config) {
-    // The rule `serve` applies (listeners::Listeners::check_exposure): tokens are in use once
-    // the token file exists; client certificates count too.
-    let tokens = config.token_file.exists();
+    // The rule `serve` applies (listeners::Listeners::check_exposure), read through the same
+    // token store: tokens are in use once the token file exists; client certificates count too.
+    let tokens = match crate::auth::tokens::TokenStore::open(config.token_file.clone()) {
+        Ok(store) => store.required(),
+        Err(err) => {
+            report.line(Level::Fail, "token_file", format!("{err}; phi3d refuses to start with it"));
+            true
+        }
+    };
     let certificates = config.tls.client_ca.is_some();
     let credentials = match (tokens, certificates) {
         (true, true) => format!("callers need a token (from {}) and a client certificate", config.token_file.display()),
