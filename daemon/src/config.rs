@@ -137,6 +137,10 @@ pub struct Settings {
     /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
     #[arg(long, env = "PHI3D_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Plugin tools offered to HTTP clients, run by phi3d: names like clock.now, or * for all
+    /// (repeat the flag, or separate them with commas in the variable; default: none)
+    #[arg(long = "http-plugin-tool", env = "PHI3D_HTTP_PLUGIN_TOOLS", value_delimiter = ',')]
+    pub http_plugin_tools: Option<Vec<String>>,
     // Service life and hardware: shutdown, GPU offload.
     /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
     #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
@@ -236,6 +240,7 @@ impl Settings {
             max_tokens_limit: over.max_tokens_limit.or(self.max_tokens_limit),
             max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
             http_listen: over.http_listen.or(self.http_listen),
+            http_plugin_tools: over.http_plugin_tools.or(self.http_plugin_tools),
             shutdown_grace_seconds: over.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
             gpu_layers: over.gpu_layers.or(self.gpu_layers),
         }
@@ -261,13 +266,13 @@ impl ConfigSource {
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 36] = [
+const KEYS: [&str; 37] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
     "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
     "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
-    "max_streams_per_client", "http_listen", "shutdown_grace_seconds", "gpu_layers",
+    "max_streams_per_client", "http_listen", "http_plugin_tools", "shutdown_grace_seconds", "gpu_layers",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -354,6 +359,8 @@ pub struct Config {
     pub max_tokens_limit: u32,
     pub max_streams_per_client: u32,
     pub http_listen: Option<SocketAddr>,
+    /// Plugin tools the HTTP bridges offer (`*`: all); empty: only the client's own tools.
+    pub http_plugin_tools: Vec<String>,
 
     // Service life and hardware.
     pub shutdown_grace_seconds: u64,
@@ -445,6 +452,7 @@ impl Config {
                     ))
                 })?),
             },
+            http_plugin_tools: settings.http_plugin_tools.unwrap_or_default(),
             shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
             gpu_layers: settings.gpu_layers.unwrap_or(0),
         };
@@ -539,7 +547,7 @@ mod tests {
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
                     max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n\
-                    shutdown_grace_seconds = 3\ngpu_layers = 99\n";
+                    http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\ngpu_layers = 99\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -551,6 +559,7 @@ mod tests {
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
         assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));
+        assert_eq!(config.http_plugin_tools, ["clock.now"]);
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }

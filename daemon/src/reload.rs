@@ -45,7 +45,7 @@ restart_keys!(
     model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
     pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
     unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
-    max_streams_per_client, http_listen,
+    max_streams_per_client, http_listen, http_plugin_tools,
 );
 
 /// `running` with the live keys of `wanted`.

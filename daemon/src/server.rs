@@ -157,6 +157,7 @@ pub async fn serve(
         engine: engine.clone(),
         tokens: tokens.clone(),
         model_name: model_name(&config.model, &model_path),
+        plugin_tools: config.http_plugin_tools.clone(),
     };
 
     // systemd: status and readiness, the watchdog, reloads; each ends with the daemon.

@@ -109,3 +109,51 @@ async fn tokens_guard_the_http_apis_in_each_clients_error_shape() {
     let allowed = run_client(&python, "home_assistant_ollama.py", &[&url, "phi3-test-tiny", &token], &daemon);
     assert_eq!(allowed["tool"], "HassTurnOn");
 }
+
+#[tokio::test]
+async fn structured_output_through_both_libraries() {
+    let Some(python) = python_clients() else { return };
+    let address = http_address();
+    let daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
+    let found = run_client(&python, "structured_output.py", &[&format!("http://{address}")], &daemon);
+    for key in ["ollama_streamed", "ollama_whole", "openai_whole", "openai_streamed"] {
+        assert!(found[key]["on"].is_boolean(), "{key}: {found}");
+    }
+    // "json" is any JSON object: whole when the model ends it, a valid beginning when cut short.
+    let text = found["ollama_json"].as_str().unwrap();
+    match found["ollama_json_done"].as_str() {
+        Some("stop") => assert!(serde_json::from_str::<Value>(text).unwrap().is_object(), "{text}"),
+        _ => assert!(text.starts_with('{'), "{text}"),
+    }
+    assert!(found["ollama_error"].as_str().unwrap().contains("not a valid JSON schema"), "{found}");
+    assert!(found["openai_error"].as_str().unwrap().contains("response_format.json_schema.schema"), "{found}");
+}
+
+#[tokio::test]
+async fn plugin_tools_reach_http_clients_only_when_the_config_offers_them() {
+    let Some(python) = python_clients() else { return };
+    let year = crate::tools::chrono_year();
+    let address = http_address();
+    let daemon = tiny_daemon()
+        .unconfigured_plugins_dir()
+        .arg("--http-listen")
+        .arg(&address)
+        .arg("--http-plugin-tool")
+        .arg("clock.now")
+        .start()
+        .await;
+    let found = run_client(&python, "plugin_tools.py", &[&format!("http://{address}"), "offered"], &daemon);
+    for key in ["whole", "streamed"] {
+        let text = found[key].as_str().unwrap();
+        // The clock answers with today's date, or (a random model's time zone) says why not.
+        assert!(text.contains("[clock.now: ") && text.contains(&year) || text.contains("[clock.now failed: "), "{key}: {text}");
+    }
+    drop(daemon);
+
+    let address = http_address();
+    let daemon =
+        tiny_daemon().unconfigured_plugins_dir().arg("--tool-choice").arg("auto").arg("--http-listen").arg(&address).start().await;
+    let found = run_client(&python, "plugin_tools.py", &[&format!("http://{address}"), "default"], &daemon);
+    assert!(found["error"].as_str().unwrap().contains("`clock.now` is not among the offered tools"), "{found}");
+    assert!(!found["ollama"].as_str().unwrap().contains("[clock."), "{found}");
+}

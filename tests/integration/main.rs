@@ -19,5 +19,6 @@ mod security;
 mod reload;
 mod shutdown;
 mod slots;
+mod structured;
 mod systemd;
 mod tools;

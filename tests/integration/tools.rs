@@ -178,7 +178,7 @@ async fn a_new_users_daemon_serves_the_bundled_plugins() {
 }
 
 /// The current year, as the clock plugin prints it.
-fn chrono_year() -> String {
+pub fn chrono_year() -> String {
     let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // Days since 1970 to a year is plenty precise except on New Year's Eve; 365.2425 days a year.
     (1970 + (seconds as f64 / 86_400.0 / 365.2425) as u64).to_string()

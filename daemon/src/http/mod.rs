@@ -18,7 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use phi3d_proto::v1::inference_server::Inference;
-use phi3d_proto::v1::{ChatEvent, ChatRequest, Done, ToolCall, chat_event};
+use phi3d_proto::v1::{ChatEvent, ChatRequest, Done, ToolCall, ToolChoice, ToolOptions, ToolResult, chat_event};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +35,8 @@ pub struct HttpState {
     pub tokens: Arc<TokenStore>,
     /// The name clients know the model by: the catalogue name or the file's stem.
     pub model_name: String,
+    /// The plugin tools offered to HTTP clients (`http_plugin_tools`): names, or `*` for all.
+    pub plugin_tools: Vec<String>,
 }
 
 /// Which error shape a path's clients expect.
@@ -107,6 +109,25 @@ impl HttpState {
         }
     }
 
+    /// The tools a bridge request offers: the client's own plus the plugin tools that
+    /// `http_plugin_tools` offers HTTP clients. The config's default `tool_choice` is for gRPC
+    /// clients: a bridge request has AUTO when it has anything to call and NONE otherwise,
+    /// unless the client chose. Structured output leaves the plugin tools out, as a tool step's
+    /// grammar would replace the schema's.
+    fn tool_options(&self, mut options: ToolOptions, structured: bool) -> ToolOptions {
+        let offer_plugins = !self.plugin_tools.is_empty() && !structured;
+        if !offer_plugins {
+            options.client_tools_only = true;
+        } else if self.plugin_tools.iter().all(|name| name != "*") {
+            options.allow = self.plugin_tools.clone();
+        }
+        if options.choice == ToolChoice::Unspecified as i32 && options.force.is_empty() {
+            let anything = offer_plugins || !options.client_tools.is_empty();
+            options.choice = if anything { ToolChoice::Auto } else { ToolChoice::None } as i32;
+        }
+        options
+    }
+
     /// The loaded model's facts, or `None` while it loads.
     fn model(&self) -> Option<Arc<crate::engine::LoadedModel>> {
         match self.engine.state() {
@@ -149,19 +170,45 @@ pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping
         .await
 }
 
-/// A reply read to its end, for the APIs' non-streamed answers: the final `Done` and the
-/// client-side tool calls before it.
-async fn whole_reply(api: Api, mut events: EventStream) -> Result<(Done, Vec<ToolCall>), ApiError> {
+/// A reply read to its end, for the APIs' non-streamed answers.
+struct WholeReply {
+    done: Done,
+    /// The client-side tool calls, for the client to run.
+    calls: Vec<ToolCall>,
+    /// What the client is shown: the answer, with a line for each plugin call phi3d ran.
+    text: String,
+}
+
+async fn whole_reply(api: Api, mut events: EventStream) -> Result<WholeReply, ApiError> {
     let mut calls = Vec::new();
+    let mut text = String::new();
     while let Some(event) = events.next().await {
         match event {
             Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => calls.push(call),
-            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => return Ok((done, calls)),
+            Ok(ChatEvent { event: Some(chat_event::Event::Delta(delta)) }) => text.push_str(&delta.text),
+            Ok(ChatEvent { event: Some(chat_event::Event::ToolResult(result)) }) => text.push_str(&plugin_result_text(&result)),
+            Ok(ChatEvent { event: Some(chat_event::Event::Done(done)) }) => return Ok(WholeReply { done, calls, text }),
             Ok(_) => {}
             Err(status) => return Err(ApiError::from_status(api, &status)),
         }
     }
     Err(ApiError::new(api, StatusCode::INTERNAL_SERVER_ERROR, "the reply ended without finishing"))
+}
+
+/// The longest plugin result shown to an HTTP client; the model still sees all of it.
+const SHOWN_RESULT_CHARS: usize = 300;
+
+/// A plugin call phi3d ran, as a line of content: Ollama's and OpenAI's replies have no place
+/// for a tool step the server ran itself, and a plain client should still see what happened.
+fn plugin_result_text(result: &ToolResult) -> String {
+    let mut content: String = result.content.chars().take(SHOWN_RESULT_CHARS).collect();
+    if content.len() < result.content.len() {
+        content.push('…');
+    }
+    let outcome = if result.is_error { " failed" } else { "" };
+    // A call the model garbled has no tool name.
+    let name = if result.name.is_empty() { "tool call" } else { &result.name };
+    format!("[{name}{outcome}: {}]\n", content.trim())
 }
 
 /// Stop strings as both APIs send them: one string or a list of strings; `key` names the

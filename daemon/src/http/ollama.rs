@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use phi3d_proto::v1::{
-    ChatEvent, ChatRequest, ClientTool, GenerationOptions, Message, Role, StopReason, ToolCall, ToolChoice, ToolOptions,
+    ChatEvent, ChatRequest, ClientTool, GenerationOptions, Message, Role, StopReason, ToolCall, ToolOptions,
     chat_event,
 };
 use serde::Deserialize;
@@ -266,30 +266,36 @@ async fn chat(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid chat request: {rejection}")).into_response(),
     };
-    if body.format.as_ref().is_some_and(|format| !format.is_null() && format != "") {
-        return invalid("format (structured output) is not supported yet; leave it out").into_response();
-    }
-    let request = match build_chat(&body) {
+    let request = match build_chat(&state, &body) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
     respond(&state, client, request, body.stream.unwrap_or(true), Shape::Chat).await
 }
 
-fn build_chat(body: &ChatBody) -> Result<ChatRequest, ApiError> {
+fn build_chat(state: &HttpState, body: &ChatBody) -> Result<ChatRequest, ApiError> {
     let tools = client_tools(Api::Ollama, &body.tools)?;
+    let mut options = generation_options(body.options.as_ref())?;
+    options.json_schema = json_schema(body.format.as_ref())?;
+    let structured = !options.json_schema.is_empty();
     Ok(ChatRequest {
         request_id: String::new(),
         messages: messages(&body.messages)?,
-        options: Some(generation_options(body.options.as_ref())?),
-        // Offered tools may be called; without any, the reply is text (phi3d's plugins are
-        // for gRPC clients unless the config offers them here).
-        tools: (!tools.is_empty()).then(|| ToolOptions {
-            choice: ToolChoice::Auto as i32,
-            client_tools: tools,
-            ..ToolOptions::default()
-        }),
+        options: Some(options),
+        // Offered tools may be called; Ollama has no tool choice, so it is AUTO.
+        tools: Some(state.tool_options(ToolOptions { client_tools: tools, ..ToolOptions::default() }, structured)),
     })
+}
+
+/// Ollama's `format`: `"json"` (any JSON object) or a JSON schema, as phi3d's `json_schema`.
+fn json_schema(format: Option<&Value>) -> Result<String, ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(text)) if text.is_empty() => Ok(String::new()),
+        Some(Value::String(text)) if text == "json" => Ok(r#"{"type":"object"}"#.to_owned()),
+        Some(schema @ Value::Object(_)) => Ok(schema.to_string()),
+        Some(other) => Err(invalid(format!("format must be \"json\" or a JSON schema object, got {other}"))),
+    }
 }
 
 #[derive(Deserialize)]
@@ -302,6 +308,8 @@ struct GenerateBody {
     stream: Option<bool>,
     #[serde(default)]
     options: Option<Value>,
+    #[serde(default)]
+    format: Option<Value>,
     #[serde(default, rename = "model")]
     _model: Option<Value>,
     #[serde(default, rename = "keep_alive")]
@@ -317,16 +325,18 @@ async fn generate(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid generate request: {rejection}")).into_response(),
     };
-    let options = match generation_options(body.options.as_ref()) {
-        Ok(options) => options,
-        Err(err) => return err.into_response(),
+    let options = match (generation_options(body.options.as_ref()), json_schema(body.format.as_ref())) {
+        (Ok(options), Ok(json_schema)) => GenerationOptions { json_schema, ..options },
+        (Err(err), _) | (_, Err(err)) => return err.into_response(),
     };
     let mut messages = Vec::new();
     if let Some(system) = body.system.filter(|system| !system.is_empty()) {
         messages.push(Message { role: Role::System as i32, content: system, ..Message::default() });
     }
     messages.push(Message { role: Role::User as i32, content: body.prompt, ..Message::default() });
-    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools: None };
+    let structured = !options.json_schema.is_empty();
+    let tools = Some(state.tool_options(ToolOptions::default(), structured));
+    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools };
     respond(&state, client, request, body.stream.unwrap_or(true), Shape::Generate).await
 }
 
@@ -392,6 +402,9 @@ async fn respond(state: &HttpState, client: Client, request: ChatRequest, stream
         let lines = events.filter_map(move |event| {
             let line = match event {
                 Ok(ChatEvent { event: Some(chat_event::Event::Delta(delta)) }) => Some(shape.line(&model, &delta.text)),
+                Ok(ChatEvent { event: Some(chat_event::Event::ToolResult(result)) }) => {
+                    Some(shape.line(&model, &super::plugin_result_text(&result)))
+                }
                 Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => {
                     Some(tool_call_line(&model, &call))
                 }
@@ -404,14 +417,14 @@ async fn respond(state: &HttpState, client: Client, request: ChatRequest, stream
         return ([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(lines))
             .into_response();
     }
-    let (done, calls) = match super::whole_reply(Api::Ollama, events).await {
+    let reply = match super::whole_reply(Api::Ollama, events).await {
         Ok(reply) => reply,
         Err(err) => return err.into_response(),
     };
-    let mut line = done_line(shape, &model, &done, Some(&done.text));
-    if !calls.is_empty() {
+    let mut line = done_line(shape, &model, &reply.done, Some(&reply.text));
+    if !reply.calls.is_empty() {
         line["message"]["tool_calls"] =
-            calls.iter().map(|call| tool_call_line(&model, call)["message"]["tool_calls"][0].clone()).collect();
+            reply.calls.iter().map(|call| tool_call_line(&model, call)["message"]["tool_calls"][0].clone()).collect();
     }
     Json(line).into_response()
 }

@@ -134,12 +134,6 @@ impl Sampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(invalid("n: phi3d generates one choice per request; leave n out or set it to 1"));
         }
-        if let Some(format) = &self.response_format {
-            let kind = format.get("type").and_then(Value::as_str).unwrap_or_default();
-            if kind != "text" {
-                return Err(invalid(format!("response_format `{kind}` is not supported yet; leave it out or use text")));
-            }
-        }
         let stop = super::stop_strings(Api::OpenAi, "stop", self.stop.as_ref())?;
         Ok(GenerationOptions {
             max_tokens: self.max_completion_tokens.or(self.max_tokens).unwrap_or(0),
@@ -147,8 +141,27 @@ impl Sampling {
             top_p: self.top_p,
             seed: self.seed.map(|seed| seed as u64),
             stop,
+            json_schema: json_schema(self.response_format.as_ref())?,
             ..GenerationOptions::default()
         })
+    }
+}
+
+/// `response_format`: `text`, `json_object` (any JSON object) or `json_schema`, as phi3d's
+/// `json_schema`.
+fn json_schema(format: Option<&Value>) -> Result<String, ApiError> {
+    let Some(format) = format.filter(|format| !format.is_null()) else { return Ok(String::new()) };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(String::new()),
+        Some("json_object") => Ok(r#"{"type":"object"}"#.to_owned()),
+        Some("json_schema") => match format.pointer("/json_schema/schema") {
+            Some(schema) => Ok(schema.to_string()),
+            None => Err(invalid("response_format.json_schema.schema is missing: give the JSON schema the reply must follow")),
+        },
+        other => Err(invalid(format!(
+            "response_format.type must be one of text, json_object, json_schema, got {}",
+            other.map_or_else(|| "nothing".to_owned(), |kind| format!("`{kind}`"))
+        ))),
     }
 }
 
@@ -201,13 +214,11 @@ fn messages(body: &[OpenAiMessage]) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-/// `tool_choice`: "none", "auto", "required", or a named function to force.
-fn tool_options(body: &ChatBody) -> Result<Option<ToolOptions>, ApiError> {
+/// The client's tools and `tool_choice`: "none", "auto", "required", or a named function to
+/// force.
+fn tool_options(body: &ChatBody) -> Result<ToolOptions, ApiError> {
     let client_tools = super::ollama::client_tools(Api::OpenAi, &body.tools)?;
-    if client_tools.is_empty() {
-        return Ok(None);
-    }
-    let mut options = ToolOptions { choice: ToolChoice::Auto as i32, client_tools, ..ToolOptions::default() };
+    let mut options = ToolOptions { client_tools, ..ToolOptions::default() };
     match &body.tool_choice {
         None | Some(Value::Null) => {}
         Some(Value::String(choice)) => {
@@ -226,7 +237,7 @@ fn tool_options(body: &ChatBody) -> Result<Option<ToolOptions>, ApiError> {
             options.force = name.to_owned();
         }
     }
-    Ok(Some(options))
+    Ok(options)
 }
 
 fn finish_reason(done: &phi3d_proto::v1::Done) -> &'static str {
@@ -258,6 +269,7 @@ async fn chat_completions(
     };
     let request = match (messages(&body.messages), body.sampling.options(), tool_options(&body)) {
         (Ok(messages), Ok(options), Ok(tools)) => {
+            let tools = Some(state.tool_options(tools, !options.json_schema.is_empty()));
             ChatRequest { request_id: String::new(), messages, options: Some(options), tools }
         }
         (Err(err), ..) | (_, Err(err), _) | (.., Err(err)) => return err.into_response(),
@@ -273,11 +285,11 @@ async fn chat_completions(
         let include_usage = body.stream_options.as_ref().is_some_and(|options| options.include_usage);
         return stream_chat(events, id, model, created, include_usage).into_response();
     }
-    let (done, calls) = match super::whole_reply(Api::OpenAi, events).await {
+    let super::WholeReply { done, calls, text } = match super::whole_reply(Api::OpenAi, events).await {
         Ok(reply) => reply,
         Err(err) => return err.into_response(),
     };
-    let mut message = json!({ "role": "assistant", "content": done.text });
+    let mut message = json!({ "role": "assistant", "content": text });
     if !calls.is_empty() {
         message["content"] = Value::Null;
         message["tool_calls"] = calls.iter().map(whole_call).collect();
@@ -319,6 +331,9 @@ fn stream_chat(
     let rest = events.map(move |event| match event {
         Ok(ChatEvent { event: Some(chat_event::Event::Delta(delta)) }) => {
             vec![data(chunk(json!({ "content": delta.text }), None))]
+        }
+        Ok(ChatEvent { event: Some(chat_event::Event::ToolResult(result)) }) => {
+            vec![data(chunk(json!({ "content": super::plugin_result_text(&result) }), None))]
         }
         Ok(ChatEvent { event: Some(chat_event::Event::ToolCall(call)) }) if call.client_side => {
             let index = calls;
@@ -387,13 +402,15 @@ async fn completions(
         Err(err) => return err.into_response(),
     };
     let messages = vec![Message { role: Role::User as i32, content: prompt, ..Message::default() }];
-    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools: None };
+    // A completion is text for text: no tools, whatever the config offers chats.
+    let tools = Some(ToolOptions { choice: ToolChoice::None as i32, ..ToolOptions::default() });
+    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools };
     let reply = match state.chat(Api::OpenAi, client, request).await {
         Ok(events) => super::whole_reply(Api::OpenAi, events).await,
         Err(err) => Err(err),
     };
-    let (done, _) = match reply {
-        Ok(reply) => reply,
+    let done = match reply {
+        Ok(reply) => reply.done,
         Err(err) => return err.into_response(),
     };
     Json(json!({

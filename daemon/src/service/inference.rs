@@ -174,6 +174,12 @@ impl Inference for InferenceService {
             &plugin_tools,
             live.defaults.max_tool_steps,
         )? {
+            if params.grammar.is_some() {
+                return Err(Status::invalid_argument(
+                    "options.json_schema cannot be combined with tools: each tool step has its own grammar; \
+                     send the request with tool choice NONE, or leave json_schema out",
+                ));
+            }
             return Ok(Response::new(
                 self.tool_turn(model, &request.request_id, messages, plan, params, &client, deadline, live.defaults).await?,
             ));

@@ -58,6 +58,9 @@ pub fn plan(
         }
         return Ok(None);
     }
+    if options.client_tools_only && !options.allow.is_empty() {
+        return Err(invalid("tools.allow names plugin tools but tools.client_tools_only is set; drop one of them".into()));
+    }
     let mut tools = Vec::new();
     for (index, name) in options.allow.iter().enumerate() {
         if !plugin_tools.iter().any(|tool| &tool.qualified_name == name) {
@@ -67,7 +70,7 @@ pub fn plan(
             )));
         }
     }
-    for tool in plugin_tools {
+    for tool in plugin_tools.iter().filter(|_| !options.client_tools_only) {
         if options.allow.is_empty() || options.allow.contains(&tool.qualified_name) {
             // A tool whose schema does not compile is left out; the others are still offered.
             match OfferedTool::new(tool.qualified_name.clone(), tool.description.clone(), tool.input_schema.clone(), ToolSide::Plugin) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use phi3d_proto::v1::{GenerationOptions, Message, Role};
 use tonic::Status;
 
-use crate::engine::task::{GenerationParams, SamplingParams};
+use crate::engine::task::{GenerationParams, Grammar, SamplingParams};
 use crate::tools::{CallRecord, ChatMessage, ChatRole};
 
 /// Server-side defaults that a request may leave unset.
@@ -83,9 +83,29 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
         sampling: SamplingParams { temperature, top_p, top_k, min_p, repeat_penalty, seed },
         stop: options.stop.clone(),
         ignore_eos: options.ignore_eos,
-        grammar: None,
+        grammar: structured_output(&options.json_schema)?,
         render_special_tokens: false,
     })
+}
+
+/// The grammar that holds a reply to `options.json_schema`, or `None` for free text. The
+/// schema is checked as a schema first, so that a mistake is named in the client's terms
+/// rather than in the grammar converter's.
+fn structured_output(schema_text: &str) -> Result<Option<Grammar>, Status> {
+    if schema_text.trim().is_empty() {
+        return Ok(None);
+    }
+    let schema: serde_json::Value = serde_json::from_str(schema_text)
+        .map_err(|err| invalid(format!("options.json_schema is not JSON: {err}")))?;
+    if !schema.is_object() {
+        return Err(invalid(format!("options.json_schema must be a JSON object (a schema), got {schema}")));
+    }
+    if let Err(err) = jsonschema::validator_for(&schema) {
+        return Err(invalid(format!("options.json_schema is not a valid JSON schema: {err}")));
+    }
+    let gbnf = crate::tools::schema_grammar(&schema)
+        .map_err(|err| invalid(format!("options.json_schema cannot be turned into a grammar: {err}")))?;
+    Ok(Some(Grammar { gbnf, trigger: None }))
 }
 
 /// The request's messages as the tools layer and the chat template take them: every role
@@ -210,6 +230,22 @@ mod tests {
         assert_eq!(params.max_tokens, 5);
         assert_eq!(params.sampling.temperature, 0.0);
         assert_eq!(params.sampling.seed, 9);
+    }
+
+    #[test]
+    fn a_json_schema_becomes_a_grammar_and_a_bad_one_is_named() {
+        let schema = r#"{"type":"object","properties":{"room":{"enum":["kitchen","hall"]}},"required":["room"]}"#;
+        let options = GenerationOptions { json_schema: schema.into(), ..Default::default() };
+        let grammar = generation_params(Some(&options), DEFAULTS).unwrap().grammar.expect("a grammar");
+        assert!(grammar.gbnf.contains("root ::=") && grammar.gbnf.contains("kitchen"), "{}", grammar.gbnf);
+        assert_eq!(grammar.trigger, None);
+        assert_eq!(generation_params(None, DEFAULTS).unwrap().grammar, None);
+        rejects(GenerationOptions { json_schema: "{".into(), ..Default::default() }, "options.json_schema is not JSON");
+        rejects(GenerationOptions { json_schema: "[1]".into(), ..Default::default() }, "must be a JSON object");
+        rejects(
+            GenerationOptions { json_schema: r#"{"type":"nonsense"}"#.into(), ..Default::default() },
+            "options.json_schema is not a valid JSON schema",
+        );
     }
 
     #[test]
