@@ -10,6 +10,7 @@ pub mod engine;
 pub mod http;
 pub mod listeners;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod plugins;
 pub mod reload;

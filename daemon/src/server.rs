@@ -22,6 +22,7 @@ use crate::auth::Authenticator;
 use crate::auth::tokens::TokenStore;
 use crate::config::{Config, ConfigSource, SandboxRequire};
 use crate::listeners::Listeners;
+use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::sandbox::{KernelSupport, Requirement};
 use crate::engine::{Engine, EngineConfig};
@@ -76,7 +77,8 @@ pub async fn serve(
     };
     let folder = crate::plugins::bundled::plugins_folder(config.plugins_dir.as_deref());
     tracing::info!(dir = %folder.path.display(), "plugins folder: {}", folder.origin);
-    let plugins = PluginRegistry::start(folder.path, support.clone(), requirement).await?;
+    let metrics = Metrics::default();
+    let plugins = PluginRegistry::start(folder.path, support.clone(), requirement, metrics.clone()).await?;
 
     // Stopping: every request is cancelled first, so streams end with CANCELLED at once and
     // the graceful shutdown does not wait on them; a model still loading stops loading.
@@ -96,6 +98,7 @@ pub async fn serve(
         prompt_cache_dir: config.prompt_cache_dir.clone(),
         prompt_cache_disk_bytes: config.prompt_cache_disk_mb.saturating_mul(1_000_000),
         cancel: stopping.clone(),
+        metrics: metrics.clone(),
     })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -158,6 +161,8 @@ pub async fn serve(
         tokens: tokens.clone(),
         model_name: model_name(&config.model, &model_path),
         plugin_tools: config.http_plugin_tools.clone(),
+        metrics: metrics.clone(),
+        puller: Arc::new(crate::http::pull::Puller::new(config.model_dir.clone(), config.offline)),
     };
 
     // systemd: status and readiness, the watchdog, reloads; each ends with the daemon.
@@ -210,8 +215,10 @@ pub async fn serve(
     let admin = InterceptedService::new(AdminServer::new(admin), auth.clone());
     let reflection = InterceptedService::new(reflection, auth.clone());
     let reflection_alpha = InterceptedService::new(reflection_alpha, auth);
-    let routes = |mut builder: tonic::transport::Server| {
+    let count = crate::metrics::grpc::CountRequests { metrics };
+    let routes = |builder: tonic::transport::Server| {
         builder
+            .layer(count.clone())
             .add_service(health_service.clone())
             .add_service(reflection.clone())
             .add_service(reflection_alpha.clone())

@@ -20,7 +20,7 @@ fn python_clients() -> Option<PathBuf> {
         let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-clients");
         let python = venv.join("bin/python");
         let ready = |python: &Path| {
-            Command::new(python).args(["-c", "import ollama, openai"]).status().is_ok_and(|status| status.success())
+            Command::new(python).args(["-c", "import ollama, openai, prometheus_client"]).status().is_ok_and(|status| status.success())
         };
         if ready(&python) {
             return Ok(python);
@@ -30,11 +30,11 @@ fn python_clients() -> Option<PathBuf> {
             return Err(format!("python3 -m venv failed: {}", String::from_utf8_lossy(&created.stderr)));
         }
         let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "ollama==0.6.2", "openai"])
+            .args(["install", "--quiet", "ollama==0.6.2", "openai", "prometheus_client"])
             .output()
             .map_err(|err| err.to_string())?;
         if !pip.status.success() {
-            return Err(format!("pip install ollama==0.6.2 openai failed: {}", String::from_utf8_lossy(&pip.stderr)));
+            return Err(format!("pip install ollama==0.6.2 openai prometheus_client failed: {}", String::from_utf8_lossy(&pip.stderr)));
         }
         Ok(python)
     });
@@ -148,6 +148,10 @@ async fn plugin_tools_reach_http_clients_only_when_the_config_offers_them() {
         // The clock answers with today's date, or (a random model's time zone) says why not.
         assert!(text.contains("[clock.now: ") && text.contains(&year) || text.contains("[clock.now failed: "), "{key}: {text}");
     }
+    let scrape = run_client(&python, "metrics.py", &[&format!("http://{address}")], &daemon);
+    let calls = sample(&scrape, r#"phi3d_plugin_calls_total{outcome="ok",plugin="clock"}"#)
+        + sample(&scrape, r#"phi3d_plugin_calls_total{outcome="error",plugin="clock"}"#);
+    assert!(calls >= 2.0, "the whole and the streamed reply each called the clock: {scrape}");
     drop(daemon);
 
     let address = http_address();
@@ -156,4 +160,125 @@ async fn plugin_tools_reach_http_clients_only_when_the_config_offers_them() {
     let found = run_client(&python, "plugin_tools.py", &[&format!("http://{address}"), "default"], &daemon);
     assert!(found["error"].as_str().unwrap().contains("`clock.now` is not among the offered tools"), "{found}");
     assert!(!found["ollama"].as_str().unwrap().contains("[clock."), "{found}");
+}
+
+/// A sample's value in a `metrics.py` scrape; absent samples are 0, as Prometheus reads a
+/// series that has not appeared yet.
+fn sample(scrape: &Value, key: &str) -> f64 {
+    scrape["samples"][key].as_f64().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_what_every_api_did_and_need_a_token_when_tokens_are_on() {
+    let Some(python) = python_clients() else { return };
+    let address = http_address();
+    let daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
+    let url = format!("http://{address}");
+    let before = run_client(&python, "metrics.py", &[&url], &daemon);
+    assert_eq!(before["content_type"], "application/openmetrics-text; version=1.0.0; charset=utf-8", "{before}");
+    assert_eq!(sample(&before, r#"phi3d_model_state{state="ready"}"#), 1.0, "{before}");
+    assert_eq!(sample(&before, r#"phi3d_model_state{state="loading"}"#), 0.0, "{before}");
+    assert_eq!(sample(&before, "phi3d_model_load_percent{}"), 100.0, "{before}");
+    assert!(sample(&before, "phi3d_process_resident_memory_bytes{}") > 1e6, "{before}");
+    assert!(sample(&before, "phi3d_kv_cells_total{}") > 0.0, "{before}");
+    assert_eq!(sample(&before, "phi3d_queue_depth{}"), 0.0, "{before}");
+    assert_eq!(sample(&before, r#"phi3d_slots{phase="generating"}"#), 0.0, "{before}");
+    assert!(sample(&before, r#"phi3d_slots{phase="idle"}"#) >= 1.0, "{before}");
+
+    let mut inference = daemon.inference().await;
+    let grpc = inference.chat(crate::common::chat_request("Hello", crate::common::exactly(4))).await.unwrap();
+    crate::common::collect(grpc.into_inner()).await.unwrap();
+    let conversation = run_client(&python, "home_assistant_ollama.py", &[&url, "phi3-test-tiny"], &daemon);
+    run_client(&python, "openai_client.py", &[&format!("{url}/v1"), "unused"], &daemon);
+    let after = run_client(&python, "metrics.py", &[&url], &daemon);
+
+    let rose = |key: &str| rose_between(&before, &after, key);
+    let requests = |api: &str, endpoint: &str, code: &str| {
+        rose(&format!(r#"phi3d_requests_total{{api="{api}",code="{code}",endpoint="{endpoint}"}}"#))
+    };
+    assert_eq!(requests("grpc", "/phi3d.v1.Inference/Chat", "Ok"), 1.0, "{after}");
+    // Home Assistant's conversation: the list, the turns until one called the tool, the one after.
+    let turns = conversation["attempts"].as_f64().unwrap() + 1.0;
+    assert_eq!(requests("ollama", "/api/tags", "200"), 1.0, "{after}");
+    assert_eq!(requests("ollama", "/api/chat", "200"), turns, "{after}");
+    assert_eq!(requests("openai", "/v1/models", "200"), 1.0, "{after}");
+    assert!(requests("openai", "/v1/chat/completions", "200") >= 4.0, "{after}");
+    assert!(requests("openai", "/v1/chat/completions", "400") >= 1.0, "the n=2 refusal: {after}");
+    assert_eq!(requests("metrics", "/metrics", "200"), 1.0, "the first scrape: {after}");
+
+    let generations: f64 = ["eos", "stop_sequence", "max_tokens", "cancelled"]
+        .iter()
+        .map(|reason| rose(&format!(r#"phi3d_generations_total{{stop_reason="{reason}"}}"#)))
+        .sum();
+    assert!(generations >= 5.0 + turns, "{generations} generations: {after}");
+    assert!(rose("phi3d_generated_tokens_total{}") >= 4.0, "{after}");
+    assert!(rose("phi3d_prompt_tokens_total{}") > rose("phi3d_cached_prompt_tokens_total{}"), "{after}");
+    let lookups = rose(r#"phi3d_prompt_cache_lookups_total{result="hit"}"#) + rose(r#"phi3d_prompt_cache_lookups_total{result="miss"}"#);
+    assert_eq!(lookups, generations, "{after}");
+    // Home Assistant's second turn repeats the first's prompt: the cache has it.
+    assert!(rose(r#"phi3d_prompt_cache_lookups_total{result="hit"}"#) >= 1.0, "{after}");
+    // Timed when a generation made a token: the gRPC one made 4.
+    let timed = rose("phi3d_time_to_first_token_seconds_count{}");
+    assert!((1.0..=generations).contains(&timed), "{after}");
+    assert_eq!(rose(r#"phi3d_time_to_first_token_seconds_bucket{le="+Inf"}"#), timed, "{after}");
+    assert!(rose("phi3d_time_to_first_token_seconds_sum{}") > 0.0, "{after}");
+    assert!(rose("phi3d_generation_tokens_per_second_count{}") >= 1.0, "{after}");
+
+    let file = daemon.dir().join("tokens.toml");
+    let created = run(Path::new(PHI3D), &["token", "create", "scraper", "--token-file", file.to_str().unwrap()], &[]);
+    assert!(created.status.success());
+    let token = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let refused = run_client(&python, "metrics.py", &[&url], &daemon);
+    assert_eq!(refused["status"], 401, "{refused}");
+    let allowed = run_client(&python, "metrics.py", &[&url, &token], &daemon);
+    assert_eq!(allowed["status"], 200, "{allowed}");
+    assert_eq!(rose_between(&after, &allowed, r#"phi3d_requests_total{api="metrics",code="401",endpoint="/metrics"}"#), 1.0);
+}
+
+fn rose_between(before: &Value, after: &Value, key: &str) -> f64 {
+    sample(after, key) - sample(before, key)
+}
+
+#[tokio::test]
+async fn ollama_pull_uses_phi3ds_own_download_with_streamed_progress() {
+    use phi3d_tests::fake_hub::{FakeFile, FakeHub};
+    let Some(python) = python_clients() else { return };
+    let good = phi3d::model::catalogue::lookup("phi-3-mini-4k-instruct").unwrap();
+    let bad = phi3d::model::catalogue::lookup("phi-3.5-mini-instruct").unwrap();
+    let bytes: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let good_file = FakeFile::new(good.repo, good.file, bytes.clone());
+    let sha256 = good_file.sha256_hex();
+    let hub = FakeHub::start(vec![good_file, FakeFile::new(bad.repo, bad.file, bytes.clone()).serving_corrupted()]);
+    let models = tempfile::tempdir().unwrap();
+    let address = http_address();
+    let daemon = tiny_daemon()
+        .arg("--http-listen")
+        .arg(&address)
+        .arg("--model-dir")
+        .arg(models.path().to_str().unwrap())
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_TOKEN", "")
+        .start()
+        .await;
+    let found = run_client(&python, "pull.py", &[&format!("http://{address}"), "phi3-test-tiny", good.name, bad.name], &daemon);
+
+    assert_eq!(found["served"], "success", "{found}");
+    let statuses = found["good_statuses"].as_array().unwrap();
+    assert_eq!(statuses.first().unwrap(), "pulling manifest", "{found}");
+    assert_eq!(statuses.last().unwrap(), "success", "{found}");
+    assert!(statuses.contains(&Value::from(format!("pulling {}", good.file))), "{found}");
+    assert_eq!(
+        found["good_last_progress"],
+        serde_json::json!({ "digest": format!("sha256:{sha256}"), "total": bytes.len(), "completed": bytes.len() }),
+        "{found}"
+    );
+    assert_eq!(std::fs::read(models.path().join(good.file)).unwrap(), bytes, "the pulled file is the hub's");
+    // Once here, the model is not fetched again.
+    assert_eq!(found["again"].as_array().unwrap().last().unwrap(), "success", "{found}");
+    assert_eq!(hub.downloads().iter().filter(|seen| seen.path.ends_with(good.file)).count(), 1);
+
+    assert!(found["bad_error"].as_str().unwrap().contains("sha256 mismatch"), "{found}");
+    assert!(!models.path().join(bad.file).exists(), "a corrupt download is not kept");
+    assert_eq!(found["unknown_status"], 404, "{found}");
+    assert!(found["unknown_error"].as_str().unwrap().contains("can download phi-3-mini-4k-instruct"), "{found}");
 }

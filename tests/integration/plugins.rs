@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use phi3d::plugins::{PluginRegistry, ToolInfo, ToolOutcome};
+use phi3d::metrics::Metrics;
 use phi3d::sandbox::{KernelSupport, Requirement};
 use serde_json::json;
 
@@ -102,7 +103,7 @@ impl Plugins {
     }
 
     async fn start(&self) -> PluginRegistry {
-        PluginRegistry::start(self.dir.path().to_path_buf(), KernelSupport::probe(), Requirement::BestEffort)
+        PluginRegistry::start(self.dir.path().to_path_buf(), KernelSupport::probe(), Requirement::BestEffort, Metrics::default())
             .await
             .expect("the registry starts")
     }
@@ -510,6 +511,7 @@ async fn a_missing_plugins_folder_means_no_tools() {
         PathBuf::from("/nonexistent/phi3d/plugins.d"),
         KernelSupport::probe(),
         Requirement::BestEffort,
+        Metrics::default(),
     )
     .await
     .unwrap();

@@ -209,6 +209,14 @@ pub struct Ending {
 }
 
 impl Ending {
+    /// What a finished task reports, for the metrics.
+    pub fn completion(&self) -> Option<&Completion> {
+        match &self.event {
+            Event::Done(done) => Some(done),
+            Event::Failed(_) | Event::Delta(_) => None,
+        }
+    }
+
     pub fn send(self) {
         let _ = self.events.send(self.event);
     }

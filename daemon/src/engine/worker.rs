@@ -70,6 +70,7 @@ pub struct Worker<'m> {
     entries_on_disk: usize,
     started_at: Instant,
     heartbeat: Arc<Heartbeat>,
+    metrics: crate::metrics::Metrics,
     fault_panic: bool,
     fault_wedge: bool,
 }
@@ -133,6 +134,7 @@ pub fn run(
         entries_on_disk: 0,
         started_at: Instant::now(),
         heartbeat,
+        metrics: config.metrics.clone(),
         fault_panic: fault_injected("worker-panic"),
         fault_wedge: fault_injected("worker-wedge"),
     };
@@ -515,6 +517,9 @@ impl Worker<'_> {
         self.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(ending) = self.slots[index].finish(reason) {
             self.publish();
+            if let Some(done) = ending.completion() {
+                self.metrics.generation(done);
+            }
             ending.send();
         }
     }

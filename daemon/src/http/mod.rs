@@ -8,6 +8,7 @@
 
 pub mod ollama;
 pub mod openai;
+pub mod pull;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,9 @@ pub struct HttpState {
     pub model_name: String,
     /// The plugin tools offered to HTTP clients (`http_plugin_tools`): names, or `*` for all.
     pub plugin_tools: Vec<String>,
+    pub metrics: crate::metrics::Metrics,
+    /// Ollama's `/api/pull`: where models go and the one pull at a time.
+    pub puller: Arc<pull::Puller>,
 }
 
 /// Which error shape a path's clients expect.
@@ -157,12 +161,36 @@ async fn authenticate(State(state): State<HttpState>, mut request: Request, next
     next.run(request).await
 }
 
+/// Counts each request by API, route and status for `phi3d_requests_total`. Paths that match
+/// no route count as `other`, so that a client cannot grow the label set at will.
+async fn count(State(state): State<HttpState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let api = if path == "/metrics" { "metrics" } else if path.starts_with("/api/") { "ollama" } else { "openai" };
+    let endpoint = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "other".to_owned(), |matched| matched.as_str().to_owned());
+    let response = next.run(request).await;
+    state.metrics.request(api, &endpoint, response.status().as_str());
+    response
+}
+
+/// `GET /metrics`: the OpenMetrics text format (what prometheus-client writes, and Prometheus
+/// reads), behind the same tokens as everything else.
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let text = state.metrics.render(&state.engine);
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response()
+}
+
 /// Serves the bridges on `listener` until `stopping` is cancelled.
 pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping: CancellationToken) -> std::io::Result<()> {
     let router = axum::Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
+        .route("/metrics", axum::routing::get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(axum::extract::DefaultBodyLimit::max(state.inference.max_request_bytes()))
         .with_state(state);
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())

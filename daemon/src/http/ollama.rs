@@ -1,6 +1,6 @@
 //! Ollama's API, as Home Assistant's Ollama integration (`ollama==0.6.2`) and the `ollama`
 //! library call it: `/api/tags`, `/api/chat`, `/api/generate`, `/api/show`, `/api/ps`,
-//! `/api/version`. Replies stream as NDJSON, one JSON object per line, the last with
+//! `/api/version`, and `/api/pull` (in `pull`). Replies stream as NDJSON, one JSON object per line, the last with
 //! `"done": true`; a failure after the first line is an `{"error": ...}` line.
 //!
 //! Ollama's clients send loosely typed values (`keep_alive` as -1.0, "300s" or "-1.0s";
@@ -30,6 +30,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/show", post(show))
         .route("/api/chat", post(chat))
         .route("/api/generate", post(generate))
+        .route("/api/pull", post(super::pull::pull))
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {

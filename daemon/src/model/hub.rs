@@ -48,6 +48,20 @@ pub struct HubOptions {
     /// A Hugging Face access token (`HF_TOKEN`), for gated or private repositories.
     pub token: Option<String>,
     pub progress: ProgressStyle,
+    /// Told how far the download has got, for a watcher other than the log (the Ollama
+    /// bridge's `/api/pull` streams it to its client).
+    pub observer: Option<tokio::sync::watch::Sender<Transfer>>,
+}
+
+/// How far a download has got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transfer {
+    /// The SHA-256 the hub states for the file; empty until the hub has been asked.
+    pub sha256: String,
+    /// The file's size in bytes, as the hub states it.
+    pub total: u64,
+    /// The bytes held so far, those of an earlier attempt included.
+    pub completed: u64,
 }
 
 impl HubOptions {
@@ -69,6 +83,7 @@ impl HubOptions {
             } else {
                 ProgressStyle::LogLines
             },
+            observer: None,
         }
     }
 }
@@ -199,6 +214,9 @@ pub async fn download(
             human_bytes(stated.size)
         );
         hasher = hash_file(&part).await.map_err(io_err(&part))?;
+    }
+    if let Some(observer) = &opts.observer {
+        observer.send_replace(Transfer { sha256: stated.sha256.clone(), total: stated.size, completed: have });
     }
     if have < stated.size {
         fetch(&client, entry, opts, &part, stated.size, have, &mut hasher).await?;
@@ -442,6 +460,9 @@ async fn fetch(
                 hasher.update(&chunk);
                 written += chunk.len() as u64;
                 progress.advance(written);
+                if let Some(observer) = &opts.observer {
+                    observer.send_modify(|transfer| transfer.completed = written);
+                }
             }
             // A connection closed cleanly but early is an interruption too: what arrived is a
             // good prefix to resume from.
@@ -679,6 +700,7 @@ mod tests {
             endpoint: hub.endpoint(),
             token: None,
             progress: ProgressStyle::LogLines,
+            observer: None,
         }
     }
 
@@ -770,6 +792,18 @@ mod tests {
             downloads[0]
         );
         assert_eq!(downloads[0].range.as_deref(), Some("bytes=123456-"));
+    }
+
+    #[tokio::test]
+    async fn an_observer_sees_the_stated_digest_and_every_byte_arrive() {
+        let file = FakeFile::new(ENTRY.repo, ENTRY.file, content(300_000));
+        let sha256 = file.sha256_hex();
+        let hub = served(file);
+        let dir = tempfile::tempdir().unwrap();
+        let (observer, watched) = tokio::sync::watch::channel(Transfer::default());
+        let opts = HubOptions { observer: Some(observer), ..opts(&hub) };
+        download(&ENTRY, dir.path(), &opts).await.unwrap();
+        assert_eq!(*watched.borrow(), Transfer { sha256, total: 300_000, completed: 300_000 });
     }
 
     #[tokio::test]
@@ -912,6 +946,7 @@ mod tests {
             endpoint: format!("http://127.0.0.1:{port}"),
             token: None,
             progress: ProgressStyle::LogLines,
+            observer: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let err = download(&ENTRY, dir.path(), &opts).await.unwrap_err();

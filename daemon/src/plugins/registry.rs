@@ -106,6 +106,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// Stops watching the current folder (a child of `shutdown`).
     watching: Mutex<CancellationToken>,
+    /// Counts every call by plugin and outcome.
+    metrics: crate::metrics::Metrics,
 }
 
 /// Dropping the last handle without [`PluginRegistry::shutdown`] still stops the watcher; the
@@ -129,6 +131,7 @@ impl PluginRegistry {
         dir: PathBuf,
         support: sandbox::KernelSupport,
         requirement: sandbox::Requirement,
+        metrics: crate::metrics::Metrics,
     ) -> Result<PluginRegistry, RegistryError> {
         let shutdown = CancellationToken::new();
         let registry = PluginRegistry {
@@ -143,6 +146,7 @@ impl PluginRegistry {
                 rescan: tokio::sync::Mutex::new(()),
                 watching: Mutex::new(shutdown.child_token()),
                 shutdown,
+                metrics,
             }),
         };
         registry.watch_and_scan(&dir).await?;
@@ -457,6 +461,9 @@ impl PluginRegistry {
             Err(message) => (message, true),
         };
         let duration = started.elapsed();
+        // Only installed plugins get a label of their own, so the label set stays bounded.
+        let label = if self.plugin(plugin_name).is_some() { plugin_name } else { "unknown" };
+        self.inner.metrics.plugin_call(label, is_error);
         tracing::info!(
             target: "phi3d::audit",
             plugin = plugin_name,
