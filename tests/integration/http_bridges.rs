@@ -282,3 +282,37 @@ async fn ollama_pull_uses_phi3ds_own_download_with_streamed_progress() {
     assert_eq!(found["unknown_status"], 404, "{found}");
     assert!(found["unknown_error"].as_str().unwrap().contains("can download phi-3-mini-4k-instruct"), "{found}");
 }
+
+#[tokio::test]
+async fn listing_and_metrics_answer_at_once_while_every_slot_is_busy() {
+    let address = http_address();
+    let daemon =
+        tiny_daemon().arg("--slots").arg("1").arg("--ctx-size").arg("16384").arg("--http-listen").arg(&address).start().await;
+    let mut client = daemon.inference().await;
+    let request = || crate::common::complete_request("Go on:", crate::common::exactly(12000));
+    let running = crate::common::in_background(client.complete(request()).await.unwrap().into_inner());
+    crate::common::wait_active(&daemon, 1).await;
+    let waiting = crate::common::in_background(client.complete(request()).await.unwrap().into_inner());
+
+    // reqwest is built without a default TLS provider (phi3d installs ring's before its hub client).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let mut metrics = String::new();
+    for path in ["/api/tags", "/api/ps", "/v1/models", "/metrics"] {
+        let started = std::time::Instant::now();
+        let response = http.get(format!("http://{address}{path}")).send().await.unwrap();
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        let body = response.text().await.unwrap();
+        // Home Assistant gives /api/tags 5 s; phi3d answers without waiting for the engine.
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{path} took {:?}", started.elapsed());
+        if path == "/metrics" {
+            metrics = body;
+        } else {
+            assert!(body.contains("phi3d-test-tiny") || body.contains("phi3-test-tiny"), "{path}: {body}");
+        }
+    }
+    assert!(metrics.contains("phi3d_queue_depth 1\n"), "{metrics}");
+    assert!(metrics.contains("phi3d_slots{phase=\"generating\"} 1\n"), "{metrics}");
+    running.abort();
+    waiting.abort();
+}
