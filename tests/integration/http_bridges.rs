@@ -281,6 +281,18 @@ async fn ollama_pull_uses_phi3ds_own_download_with_streamed_progress() {
     assert!(!models.path().join(bad.file).exists(), "a corrupt download is not kept");
     assert_eq!(found["unknown_status"], 404, "{found}");
     assert!(found["unknown_error"].as_str().unwrap().contains("can download phi-3-mini-4k-instruct"), "{found}");
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let refused = reqwest::Client::new()
+        .post(format!("http://{address}/api/pull"))
+        .header("content-type", "application/json")
+        .body(r#"{"model": 5}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("not a valid pull request"), "{body}");
 }
 
 #[tokio::test]
@@ -297,6 +309,8 @@ async fn listing_and_metrics_answer_at_once_while_every_slot_is_busy() {
     // reqwest is built without a default TLS provider (phi3d installs ring's before its hub client).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
+    let missing = http.get(format!("http://{address}/no/such/path")).send().await.unwrap();
+    assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);
     let mut metrics = String::new();
     for path in ["/api/tags", "/api/ps", "/v1/models", "/metrics"] {
         let started = std::time::Instant::now();
@@ -312,6 +326,9 @@ async fn listing_and_metrics_answer_at_once_while_every_slot_is_busy() {
         }
     }
     assert!(metrics.contains("phi3d_queue_depth 1\n"), "{metrics}");
+    // A path no route has is one `other` series, not a series of its own.
+    assert!(metrics.contains(r#"phi3d_requests_total{api="openai",endpoint="other",code="404"} 1"#), "{metrics}");
+    assert!(!metrics.contains("/no/such/path"), "{metrics}");
     assert!(metrics.contains("phi3d_slots{phase=\"generating\"} 1\n"), "{metrics}");
     running.abort();
     waiting.abort();

@@ -190,7 +190,8 @@ pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping
         .merge(openai::routes())
         .route("/metrics", axum::routing::get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), count))
+        // Outside the token check, so that refusals count too; on every route and the fallback.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(axum::extract::DefaultBodyLimit::max(state.inference.max_request_bytes()))
         .with_state(state);
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())

@@ -28,6 +28,9 @@ use crate::model::hub::{self, HubError, HubOptions, ProgressStyle, Transfer};
 /// How often a streamed pull reports progress; between reports the figures only accumulate.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
 
+/// How long a pull's last line (success or the error) waits for a client that is not reading.
+const LAST_LINE_WAIT: Duration = Duration::from_secs(10);
+
 /// Where pulls go, and the lock that keeps them one at a time.
 #[derive(Debug)]
 pub struct Puller {
@@ -58,7 +61,16 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     ApiError::new(Api::Ollama, status, message).into_response()
 }
 
-pub(super) async fn pull(State(state): State<HttpState>, Json(body): Json<PullBody>) -> Response {
+pub(super) async fn pull(
+    State(state): State<HttpState>,
+    body: Result<Json<PullBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return refuse(StatusCode::BAD_REQUEST, format!("the request body is not a valid pull request: {rejection}"));
+        }
+    };
     let stream = body.stream.unwrap_or(true);
     let requested = body.model.or(body.name).unwrap_or_default();
     let name = requested.trim();
@@ -140,17 +152,24 @@ fn http_status(err: &HubError) -> StatusCode {
 
 /// Downloads `entry`, telling `lines` (when streaming) how far it has got in Ollama's
 /// progress shape, and ending them with success or an error line. A client that stopped
-/// listening is not an error: the download goes on.
+/// listening is not an error: the download goes on. Nor may a client that stops reading hold
+/// it up (and with it the one-pull lock): progress lines it has not taken are dropped, and the
+/// last line waits only `LAST_LINE_WAIT` for room.
 async fn download(entry: &'static CatalogueEntry, model_dir: &std::path::Path, lines: Option<mpsc::Sender<Value>>) -> Result<(), HubError> {
     let say = |line: Value| {
+        if let Some(lines) = &lines {
+            let _ = lines.try_send(line);
+        }
+    };
+    let say_last = |line: Value| {
         let lines = lines.clone();
         async move {
             if let Some(lines) = lines {
-                let _ = lines.send(line).await;
+                let _ = tokio::time::timeout(LAST_LINE_WAIT, lines.send(line)).await;
             }
         }
     };
-    say(json!({ "status": "pulling manifest" })).await;
+    say(json!({ "status": "pulling manifest" }));
     let (observer, mut watched) = watch::channel(Transfer::default());
     let opts = HubOptions { progress: ProgressStyle::LogLines, observer: Some(observer), ..HubOptions::from_env() };
     let downloading = hub::download(entry, model_dir, &opts);
@@ -162,7 +181,7 @@ async fn download(entry: &'static CatalogueEntry, model_dir: &std::path::Path, l
             _ = report.tick(), if lines.is_some() => {
                 if watched.has_changed().unwrap_or(false) {
                     let transfer = watched.borrow_and_update().clone();
-                    say(progress_line(entry, &transfer)).await;
+                    say(progress_line(entry, &transfer));
                 }
             }
         }
@@ -171,14 +190,14 @@ async fn download(entry: &'static CatalogueEntry, model_dir: &std::path::Path, l
         Ok(path) => {
             let transfer = watched.borrow().clone();
             if transfer.total > 0 {
-                say(progress_line(entry, &transfer)).await;
+                say_last(progress_line(entry, &transfer)).await;
             }
             tracing::info!(path = %path.display(), "pulled {} for an HTTP client; serve it with model = \"{}\"", entry.name, entry.name);
-            say(json!({ "status": "success" })).await;
+            say_last(json!({ "status": "success" })).await;
         }
         Err(err) => {
             tracing::warn!("pull of {} for an HTTP client failed: {err}", entry.name);
-            say(json!({ "error": err.to_string() })).await;
+            say_last(json!({ "error": err.to_string() })).await;
         }
     }
     result.map(|_| ())

@@ -12,9 +12,22 @@ use tonic::codegen::http;
 
 use super::Metrics;
 
-/// The services whose methods are counted by name; any other path counts as `other`, so that
-/// a client cannot grow the label set at will.
-const KNOWN_SERVICES: [&str; 4] = ["/phi3d.v1.", "/grpc.health.v1.", "/grpc.reflection.v1.", "/grpc.reflection.v1alpha."];
+/// The methods counted by name; any other path counts as `other`, whatever its answer (an
+/// unknown method under a known service is refused by the token check before tonic can say
+/// UNIMPLEMENTED), so that a client cannot grow the label set at will. A test checks the list
+/// against the proto.
+const KNOWN_METHODS: [&str; 10] = [
+    "/phi3d.v1.Inference/Chat",
+    "/phi3d.v1.Inference/Complete",
+    "/phi3d.v1.Inference/Tokenize",
+    "/phi3d.v1.Inference/Cancel",
+    "/phi3d.v1.Admin/GetStatus",
+    "/phi3d.v1.Admin/ListTools",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 #[derive(Clone)]
 pub struct CountRequests {
@@ -50,7 +63,7 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        let method = if KNOWN_SERVICES.iter().any(|service| path.starts_with(service)) { path.to_owned() } else { "other".into() };
+        let method = KNOWN_METHODS.iter().find(|method| **method == path).copied().unwrap_or("other");
         let metrics = self.metrics.clone();
         let response = self.inner.call(request);
         Box::pin(async move {
@@ -61,10 +74,31 @@ where
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.parse::<i32>().ok())
                 .map_or(tonic::Code::Ok, tonic::Code::from_i32);
-            // A method no service has is not worth a label of its own either.
-            let method = if code == tonic::Code::Unimplemented { "other".into() } else { method };
-            metrics.request("grpc", &method, &format!("{code:?}"));
+            metrics.request("grpc", method, &format!("{code:?}"));
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KNOWN_METHODS;
+
+    #[test]
+    fn every_phi3d_method_in_the_proto_is_counted_by_name() {
+        let proto = include_str!("../../../proto/phi3d/v1/phi3d.proto");
+        let mut service = "";
+        let mut methods = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().unwrap();
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                methods.push(format!("/phi3d.v1.{service}/{}", rest.split('(').next().unwrap().trim()));
+            }
+        }
+        assert_eq!(methods.len(), 6, "{methods:?}");
+        for method in methods {
+            assert!(KNOWN_METHODS.contains(&method.as_str()), "{method} is missing from KNOWN_METHODS");
+        }
     }
 }
