@@ -283,9 +283,10 @@ async fn ollama_pull_uses_phi3ds_own_download_with_streamed_progress() {
     assert!(found["unknown_error"].as_str().unwrap().contains("can download phi-3-mini-4k-instruct"), "{found}");
 
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // As `curl -d` sends it: Ollama reads the body as JSON whatever its content type says.
     let refused = reqwest::Client::new()
         .post(format!("http://{address}/api/pull"))
-        .header("content-type", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
         .body(r#"{"model": 5}"#)
         .send()
         .await

@@ -183,6 +183,17 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
+/// Ollama's own server reads every POST body as JSON, and its users' curl lines rely on it
+/// (`curl -d` says `application/x-www-form-urlencoded`): so does phi3d, whatever the body claims.
+async fn bodies_are_json(mut request: Request) -> Request {
+    if request.method() == axum::http::Method::POST {
+        request
+            .headers_mut()
+            .insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    }
+    request
+}
+
 /// Serves the bridges on `listener` until `stopping` is cancelled.
 pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping: CancellationToken) -> std::io::Result<()> {
     let router = axum::Router::new()
@@ -193,6 +204,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping
         // Outside the token check, so that refusals count too; on every route and the fallback.
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(axum::extract::DefaultBodyLimit::max(state.inference.max_request_bytes()))
+        .layer(axum::middleware::map_request(bodies_are_json))
         .with_state(state);
     axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(stopping.cancelled_owned())
