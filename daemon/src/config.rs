@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::memory_plan::KvType;
+use crate::tools::schema_guard::SchemaLimits;
 
 /// Where `serve` looks for its config file when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/phi3d/phi3d.toml";
@@ -137,10 +138,58 @@ pub struct Settings {
     /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
     #[arg(long, env = "PHI3D_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    // What a JSON schema from a request (structured output, tool parameters) may be: each
+    // limit keeps llama.cpp's schema-to-grammar converter within bounded stack and time.
+    /// Largest JSON schema in a request, in bytes
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_BYTES")]
+    pub schema_max_bytes: Option<usize>,
+    /// Deepest nesting of a JSON schema, in JSON levels, counted through its $refs
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_DEPTH")]
+    pub schema_max_depth: Option<usize>,
+    /// Most properties of one object in a JSON schema
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_PROPERTIES")]
+    pub schema_max_properties: Option<usize>,
+    /// Longest property name, $defs name or $ref in a JSON schema, in bytes
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_NAME_BYTES")]
+    pub schema_max_name_bytes: Option<usize>,
+    /// Longest enum/const value, pattern or other literal in a JSON schema, in bytes
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_LITERAL_BYTES")]
+    pub schema_max_literal_bytes: Option<usize>,
+    /// Largest minLength/maxLength/minItems/maxItems (and the like) in a JSON schema
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_REPETITION")]
+    pub schema_max_repetition: Option<u64>,
+    /// Milliseconds a request's preparation (schemas, grammars, tokenizing) may take
+    #[arg(long, env = "PHI3D_COMPILE_TIMEOUT_MS")]
+    pub compile_timeout_ms: Option<u64>,
     /// Plugin tools offered to HTTP clients, run by phi3d: names like clock.now, or * for all
     /// (repeat the flag, or separate them with commas in the variable; default: none)
     #[arg(long = "http-plugin-tool", env = "PHI3D_HTTP_PLUGIN_TOOLS", value_delimiter = ',')]
     pub http_plugin_tools: Option<Vec<String>>,
+    // What one TCP connection may take (gRPC and HTTP listeners), and what browsers may do.
+    /// Seconds a connection has, with no request in flight, to send a request's headers (TLS
+    /// handshake included)
+    #[arg(long, env = "PHI3D_HEADER_TIMEOUT_SECONDS")]
+    pub header_timeout_seconds: Option<u64>,
+    /// Seconds a request's body has to arrive whole once its headers are in
+    #[arg(long, env = "PHI3D_BODY_TIMEOUT_SECONDS")]
+    pub body_timeout_seconds: Option<u64>,
+    /// Seconds a kept-alive connection may wait for its next request (and a write may stall)
+    #[arg(long, env = "PHI3D_IDLE_TIMEOUT_SECONDS")]
+    pub idle_timeout_seconds: Option<u64>,
+    /// TCP connections one client (peer address) may have open; more are closed at once
+    #[arg(long, env = "PHI3D_MAX_CONNECTIONS_PER_CLIENT")]
+    pub max_connections_per_client: Option<u32>,
+    /// TCP connections all clients together may have open
+    #[arg(long, env = "PHI3D_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+    /// Browser origins (besides loopback ones) allowed to call the HTTP APIs, e.g.
+    /// https://ha.example:8123; `*` in a pattern matches anything (repeat the flag, or separate
+    /// them with commas in the variable)
+    #[arg(long = "http-allowed-origin", env = "PHI3D_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub http_allowed_origins: Option<Vec<String>>,
+    /// Host names (besides localhost and loopback addresses) a loopback HTTP listener answers to
+    #[arg(long = "http-allowed-host", env = "PHI3D_HTTP_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub http_allowed_hosts: Option<Vec<String>>,
     // Service life and hardware: shutdown, GPU offload.
     /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
     #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
@@ -241,6 +290,20 @@ impl Settings {
             max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
             http_listen: over.http_listen.or(self.http_listen),
             http_plugin_tools: over.http_plugin_tools.or(self.http_plugin_tools),
+            schema_max_bytes: over.schema_max_bytes.or(self.schema_max_bytes),
+            schema_max_depth: over.schema_max_depth.or(self.schema_max_depth),
+            schema_max_properties: over.schema_max_properties.or(self.schema_max_properties),
+            schema_max_name_bytes: over.schema_max_name_bytes.or(self.schema_max_name_bytes),
+            schema_max_literal_bytes: over.schema_max_literal_bytes.or(self.schema_max_literal_bytes),
+            schema_max_repetition: over.schema_max_repetition.or(self.schema_max_repetition),
+            compile_timeout_ms: over.compile_timeout_ms.or(self.compile_timeout_ms),
+            header_timeout_seconds: over.header_timeout_seconds.or(self.header_timeout_seconds),
+            body_timeout_seconds: over.body_timeout_seconds.or(self.body_timeout_seconds),
+            idle_timeout_seconds: over.idle_timeout_seconds.or(self.idle_timeout_seconds),
+            max_connections_per_client: over.max_connections_per_client.or(self.max_connections_per_client),
+            max_connections: over.max_connections.or(self.max_connections),
+            http_allowed_origins: over.http_allowed_origins.or(self.http_allowed_origins),
+            http_allowed_hosts: over.http_allowed_hosts.or(self.http_allowed_hosts),
             shutdown_grace_seconds: over.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
             gpu_layers: over.gpu_layers.or(self.gpu_layers),
         }
@@ -266,13 +329,17 @@ impl ConfigSource {
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 37] = [
+const KEYS: [&str; 51] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
     "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
     "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
-    "max_streams_per_client", "http_listen", "http_plugin_tools", "shutdown_grace_seconds", "gpu_layers",
+    "max_streams_per_client", "http_listen", "http_plugin_tools", "schema_max_bytes", "schema_max_depth",
+    "schema_max_properties", "schema_max_name_bytes", "schema_max_literal_bytes", "schema_max_repetition",
+    "compile_timeout_ms", "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds",
+    "max_connections_per_client", "max_connections", "http_allowed_origins", "http_allowed_hosts",
+    "shutdown_grace_seconds", "gpu_layers",
 ];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
@@ -291,6 +358,21 @@ pub const DEFAULT_MAX_REQUEST_BYTES: u32 = 1024 * 1024;
 /// Streams one client may have open unless configured: enough for a home's integrations
 /// behind one token, while leaving most of the default queue to everyone else.
 pub const DEFAULT_MAX_STREAMS_PER_CLIENT: u32 = 8;
+
+/// Milliseconds a request's preparation may take unless configured: a large real tool set
+/// compiles in well under a second on a Raspberry Pi 5.
+pub const DEFAULT_COMPILE_TIMEOUT_MS: u64 = 5000;
+
+/// Connection deadlines unless configured: headers arrive in milliseconds on a home network,
+/// a 1 MiB body in well under 30 s, and a keep-alive pool (Home Assistant's) reuses its
+/// connections within seconds.
+pub const DEFAULT_HEADER_TIMEOUT_SECONDS: u64 = 10;
+pub const DEFAULT_BODY_TIMEOUT_SECONDS: u64 = 30;
+pub const DEFAULT_IDLE_TIMEOUT_SECONDS: u64 = 60;
+/// Connections one client may hold unless configured: a browser opens 6 per host, an HTTP
+/// client's pool a few dozen at most; a home's clients together stay far below the total.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: u32 = 64;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 
 /// Seconds SIGTERM waits for requests in flight unless configured: a reply of a few hundred
 /// tokens on a Raspberry Pi 5 takes about that long.
@@ -361,6 +443,19 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Plugin tools the HTTP bridges offer (`*`: all); empty: only the client's own tools.
     pub http_plugin_tools: Vec<String>,
+    /// What a JSON schema from a request may be (`schema_max_*`).
+    pub schema_limits: SchemaLimits,
+    /// How long a request's preparation may take (`compile_timeout_ms`).
+    pub compile_timeout: std::time::Duration,
+    pub header_timeout_seconds: u64,
+    pub body_timeout_seconds: u64,
+    pub idle_timeout_seconds: u64,
+    pub max_connections_per_client: u32,
+    pub max_connections: u32,
+    /// Origins allowed besides loopback ones (patterns; `*` matches anything).
+    pub http_allowed_origins: Vec<String>,
+    /// Host names a loopback HTTP listener answers to besides localhost and loopback addresses.
+    pub http_allowed_hosts: Vec<String>,
 
     // Service life and hardware.
     pub shutdown_grace_seconds: u64,
@@ -420,7 +515,10 @@ impl Config {
             pinned_prompts: settings.pinned_prompts.unwrap_or_default(),
             prompt_cache_dir: settings.prompt_cache_dir.unwrap_or_else(default_prompt_cache_dir),
             prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
-            tool_call_max_tokens: settings.tool_call_max_tokens.unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS),
+            // As for max_tokens: a limit below the default lowers the default with it.
+            tool_call_max_tokens: settings
+                .tool_call_max_tokens
+                .unwrap_or(DEFAULT_TOOL_CALL_MAX_TOKENS.min(max_tokens_limit)),
             max_tool_steps: settings.max_tool_steps.unwrap_or(DEFAULT_MAX_TOOL_STEPS),
             unix_socket: settings.unix_socket,
             unix_socket_mode: match settings.unix_socket_mode.as_deref() {
@@ -453,6 +551,29 @@ impl Config {
                 })?),
             },
             http_plugin_tools: settings.http_plugin_tools.unwrap_or_default(),
+            schema_limits: {
+                let defaults = SchemaLimits::default();
+                SchemaLimits {
+                    max_bytes: settings.schema_max_bytes.unwrap_or(defaults.max_bytes),
+                    max_depth: settings.schema_max_depth.unwrap_or(defaults.max_depth),
+                    max_properties: settings.schema_max_properties.unwrap_or(defaults.max_properties),
+                    max_name_bytes: settings.schema_max_name_bytes.unwrap_or(defaults.max_name_bytes),
+                    max_literal_bytes: settings.schema_max_literal_bytes.unwrap_or(defaults.max_literal_bytes),
+                    max_repetition: settings.schema_max_repetition.unwrap_or(defaults.max_repetition),
+                }
+            },
+            compile_timeout: std::time::Duration::from_millis(
+                settings.compile_timeout_ms.unwrap_or(DEFAULT_COMPILE_TIMEOUT_MS),
+            ),
+            header_timeout_seconds: settings.header_timeout_seconds.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECONDS),
+            body_timeout_seconds: settings.body_timeout_seconds.unwrap_or(DEFAULT_BODY_TIMEOUT_SECONDS),
+            idle_timeout_seconds: settings.idle_timeout_seconds.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECONDS),
+            max_connections_per_client: settings
+                .max_connections_per_client
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+            max_connections: settings.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            http_allowed_origins: settings.http_allowed_origins.unwrap_or_default(),
+            http_allowed_hosts: settings.http_allowed_hosts.unwrap_or_default(),
             shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
             gpu_layers: settings.gpu_layers.unwrap_or(0),
         };
@@ -470,11 +591,55 @@ impl Config {
         at_least("max_prompt_tokens", config.max_prompt_tokens, 1)?;
         at_least("max_tokens_limit", config.max_tokens_limit, 1)?;
         at_least("max_streams_per_client", config.max_streams_per_client, 1)?;
+        at_least("max_connections_per_client", config.max_connections_per_client, 1)?;
+        at_least("max_connections", config.max_connections, 1)?;
+        for (key, seconds) in [
+            ("header_timeout_seconds", config.header_timeout_seconds),
+            ("body_timeout_seconds", config.body_timeout_seconds),
+            ("idle_timeout_seconds", config.idle_timeout_seconds),
+        ] {
+            if seconds == 0 {
+                return Err(ConfigError(format!("{key}: 0 is too small; it must be at least 1")));
+            }
+        }
+        if let Some(bad) = config.http_allowed_origins.iter().find(|origin| !crate::http::browsers::valid_origin_pattern(origin)) {
+            return Err(ConfigError(format!(
+                "http_allowed_origins: `{bad}` is not an origin; write scheme://host[:port] as a browser sends it, \
+                 e.g. https://ha.example:8123 (`*` matches anything, e.g. http://192.168.1.*)"
+            )));
+        }
+        if let Some(bad) = config.http_allowed_hosts.iter().find(|host| !crate::http::browsers::valid_host(host)) {
+            return Err(ConfigError(format!(
+                "http_allowed_hosts: `{bad}` is not a host name; write it without scheme or port, e.g. phi3d.lan"
+            )));
+        }
         if config.max_tokens > config.max_tokens_limit {
             return Err(ConfigError(format!(
                 "max_tokens: the default reply length {} is above max_tokens_limit {}; lower one or raise the other",
                 config.max_tokens, config.max_tokens_limit
             )));
+        }
+        if config.tool_call_max_tokens > config.max_tokens_limit {
+            return Err(ConfigError(format!(
+                "tool_call_max_tokens: a tool-call step's budget {} is above max_tokens_limit {}; \
+                 every token budget stays within the limit, so lower one or raise the other",
+                config.tool_call_max_tokens, config.max_tokens_limit
+            )));
+        }
+        let limits = config.schema_limits;
+        for (key, value) in [
+            ("schema_max_bytes", limits.max_bytes),
+            ("schema_max_depth", limits.max_depth),
+            ("schema_max_properties", limits.max_properties),
+            ("schema_max_name_bytes", limits.max_name_bytes),
+            ("schema_max_literal_bytes", limits.max_literal_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError(format!("{key}: 0 is too small; it must be at least 1")));
+            }
+        }
+        if config.compile_timeout.is_zero() {
+            return Err(ConfigError("compile_timeout_ms: 0 is too small; it must be at least 1".into()));
         }
         if config.model.trim().is_empty() {
             return Err(ConfigError(
@@ -542,12 +707,17 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 64\nmax_tool_steps = 8\n\
+                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 16\nmax_tool_steps = 8\n\
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
                     max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n\
-                    http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\ngpu_layers = 99\n";
+                    http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\ngpu_layers = 99\n\
+                    schema_max_bytes = 1000\nschema_max_depth = 9\nschema_max_properties = 8\n\
+                    schema_max_name_bytes = 32\nschema_max_literal_bytes = 64\nschema_max_repetition = 10\n\
+                    compile_timeout_ms = 250\nheader_timeout_seconds = 5\nbody_timeout_seconds = 6\n\
+                    idle_timeout_seconds = 7\nmax_connections_per_client = 3\nmax_connections = 9\n\
+                    http_allowed_origins = [\"https://ha.example:8123\"]\nhttp_allowed_hosts = [\"phi3d.lan\"]\n";
         let settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
         assert_eq!(settings.log.as_deref(), Some("warn"));
@@ -560,6 +730,13 @@ mod tests {
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
         assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));
         assert_eq!(config.http_plugin_tools, ["clock.now"]);
+        let limits = config.schema_limits;
+        assert_eq!((limits.max_bytes, limits.max_depth, limits.max_properties), (1000, 9, 8));
+        assert_eq!((limits.max_name_bytes, limits.max_literal_bytes, limits.max_repetition), (32, 64, 10));
+        assert_eq!(config.compile_timeout, std::time::Duration::from_millis(250));
+        let timeouts = (config.header_timeout_seconds, config.body_timeout_seconds, config.idle_timeout_seconds);
+        assert_eq!((timeouts, config.max_connections_per_client, config.max_connections), ((5, 6, 7), 3, 9));
+        assert_eq!((config.http_allowed_origins.as_slice(), config.http_allowed_hosts.as_slice()), (&["https://ha.example:8123".to_owned()][..], &["phi3d.lan".to_owned()][..]));
         let err = Settings::parse("[sandbox]\nrequire = \"always\"\n").unwrap_err();
         assert!(err.starts_with("line 1: sandbox:") && err.contains("strict"), "{err}");
     }
@@ -603,6 +780,10 @@ mod tests {
         let both = Settings { max_tokens: Some(30), max_tokens_limit: Some(20), ..Settings::default() };
         let err = Config::from_settings(both).unwrap_err().to_string();
         assert!(err.starts_with("max_tokens:") && err.contains("max_tokens_limit 20"), "{err}");
+        assert_eq!(low.tool_call_max_tokens, 20, "the call budget follows a low limit down");
+        let call = Settings { tool_call_max_tokens: Some(256), max_tokens_limit: Some(16), ..Settings::default() };
+        let err = Config::from_settings(call).unwrap_err().to_string();
+        assert!(err.starts_with("tool_call_max_tokens:") && err.contains("max_tokens_limit 16"), "{err}");
         let err = Config::from_settings(Settings { unix_socket_mode: Some("rw".into()), ..Settings::default() })
             .unwrap_err()
             .to_string();

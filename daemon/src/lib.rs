@@ -12,6 +12,7 @@ pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod offload;
 pub mod plugins;
 pub mod reload;
 pub mod sandbox;

@@ -45,7 +45,9 @@ restart_keys!(
     model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
     pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
     unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
-    max_streams_per_client, http_listen, http_plugin_tools,
+    max_streams_per_client, http_listen, http_plugin_tools, compile_timeout,
+    header_timeout_seconds, body_timeout_seconds, idle_timeout_seconds, max_connections_per_client, max_connections,
+    http_allowed_origins, http_allowed_hosts,
 );
 
 /// `running` with the live keys of `wanted`.
@@ -59,6 +61,7 @@ fn with_live_keys(running: &Config, wanted: &Config) -> Config {
         tool_call_max_tokens: wanted.tool_call_max_tokens,
         max_tool_steps: wanted.max_tool_steps,
         max_tokens_limit: wanted.max_tokens_limit,
+        schema_limits: wanted.schema_limits,
         shutdown_grace_seconds: wanted.shutdown_grace_seconds,
         ..running.clone()
     }
@@ -75,6 +78,7 @@ fn live_keys_changed(running: &Config, wanted: &Config) -> Vec<&'static str> {
         ("tool_call_max_tokens", running.tool_call_max_tokens != wanted.tool_call_max_tokens),
         ("max_tool_steps", running.max_tool_steps != wanted.max_tool_steps),
         ("max_tokens_limit", running.max_tokens_limit != wanted.max_tokens_limit),
+        ("schema_max_*", running.schema_limits != wanted.schema_limits),
         ("shutdown_grace_seconds", running.shutdown_grace_seconds != wanted.shutdown_grace_seconds),
     ];
     checks.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()

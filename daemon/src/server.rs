@@ -14,14 +14,14 @@ use phi3d_proto::v1::admin_server::AdminServer;
 use phi3d_proto::v1::inference_server::InferenceServer;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tokio_util::task::AbortOnDropHandle;
 use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::auth::tokens::TokenStore;
 use crate::config::{Config, ConfigSource, SandboxRequire};
-use crate::listeners::Listeners;
+use crate::listeners::connections::{ConnectionLimits, Gate, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TrackRequests};
+use crate::listeners::{Door, Listeners};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
 use crate::sandbox::{KernelSupport, Requirement};
@@ -58,13 +58,35 @@ pub async fn serve(
     let tokens = Arc::new(TokenStore::open(config.token_file.clone()).map_err(anyhow::Error::msg)?);
     let tls = config.tls.server_config()?;
     let listeners = Listeners::open(&config).await?;
-    listeners.check_exposure(tokens.required() || config.tls.client_ca.is_some(), config.allow_unauthenticated_network)?;
+    // The HTTP bridges get the same TLS and client certificates as gRPC.
+    let http_tls = if listeners.http.is_some() { config.tls.rustls_config()? } else { None };
+    // Each listener is judged by what it itself requires.
+    let grpc_door = Door { tokens: tokens.required(), client_certificates: tls.is_some() && config.tls.client_ca.is_some() };
+    let http_door =
+        Door { tokens: tokens.required(), client_certificates: http_tls.is_some() && config.tls.client_ca.is_some() };
+    listeners.check_exposure(grpc_door, http_door, config.allow_unauthenticated_network)?;
+    // Every connection is a descriptor: the soft limit goes up to the hard one (LimitNOFILE=).
+    let connection_limits = ConnectionLimits::of(&config);
+    let (open_files, hard_open_files) = crate::listeners::connections::raise_fd_limit();
+    let needed = connection_limits.descriptors_needed();
+    if open_files < needed {
+        tracing::warn!(
+            open_files,
+            hard_open_files,
+            needed,
+            "the open-file limit is below what max_connections needs; raise LimitNOFILE= in the unit \
+             (or ulimit -n), or lower max_connections"
+        );
+    }
+    let gate = Gate::new(connection_limits);
     tracing::info!(
         tcp = ?listeners.tcp_addresses(),
         unix = ?config.unix_socket.as_ref().filter(|_| !listeners.activated),
         tls = tls.is_some(),
         client_certificates = config.tls.client_ca.is_some(),
+        http_tls = http_tls.is_some(),
         tokens = tokens.required(),
+        open_files,
         model = %model_path.display(),
         "listening"
     );
@@ -152,7 +174,12 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let (live, live_reader) = tokio::sync::watch::channel(LiveSettings::of(&config));
-    let inference = Arc::new(InferenceService::new(engine.clone(), requests.clone(), live_reader, plugins.clone()));
+    let compile_timeout = config.compile_timeout;
+    // Request preparation (schemas, grammars, tokenizing) runs off the runtime, at most two
+    // at a time beside the inference threads.
+    let offload = crate::offload::Offload::new(2, compile_timeout);
+    let inference =
+        Arc::new(InferenceService::new(engine.clone(), requests.clone(), live_reader, plugins.clone(), offload));
     let admin = AdminService::new(engine.clone(), model_path.display().to_string(), plugins.clone(), support.to_string());
 
     let http_state = crate::http::HttpState {
@@ -165,6 +192,8 @@ pub async fn serve(
         puller: Arc::new(crate::http::pull::Puller::new(config.model_dir.clone(), config.offline)),
     };
 
+    let config_origins = config.http_allowed_origins.clone();
+    let config_hosts = config.http_allowed_hosts.clone();
     // systemd: status and readiness, the watchdog, reloads; each ends with the daemon.
     let (current, current_config) = tokio::sync::watch::channel(config);
     let _status = AbortOnDropHandle::new(tokio::spawn(crate::systemd::status::report(engine.clone(), notifier.clone())));
@@ -216,9 +245,12 @@ pub async fn serve(
     let reflection = InterceptedService::new(reflection, auth.clone());
     let reflection_alpha = InterceptedService::new(reflection_alpha, auth);
     let count = crate::metrics::grpc::CountRequests { metrics };
+    let track = TrackRequests { gate: gate.clone() };
     let routes = |builder: tonic::transport::Server| {
         builder
             .layer(count.clone())
+            // In flight on its connection (for the idle deadline), its body under body_timeout.
+            .layer(track.clone())
             .add_service(health_service.clone())
             .add_service(reflection.clone())
             .add_service(reflection_alpha.clone())
@@ -231,14 +263,17 @@ pub async fn serve(
         if tcp.is_empty() {
             return anyhow::Ok(());
         }
-        let mut builder = tonic::transport::Server::builder();
+        // HTTP/2 pings drop a peer that stopped answering.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls)?;
+            builder = builder.tls_config(tls.timeout(connection_limits.header_timeout))?;
         }
-        // Streams are many small messages: without TCP_NODELAY each one may wait ~40 ms on
-        // the previous one's acknowledgement (measured: +20 ms on the first token).
-        let incoming =
-            futures::stream::select_all(tcp.into_iter().map(|listener| TcpIncoming::from(listener).with_nodelay(Some(true))));
+        // Each connection through the gate: per-client and total caps, the header and idle
+        // deadlines, and TCP_NODELAY (streams are many small messages: without it each one may
+        // wait ~40 ms on the previous one's acknowledgement; measured: +20 ms on the first token).
+        let incoming = crate::listeners::connections::incoming(tcp, gate.clone());
         routes(builder).serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned()).await?;
         anyhow::Ok(())
     };
@@ -255,7 +290,17 @@ pub async fn serve(
     let http_server = async {
         if let Some(listener) = http {
             tracing::info!(addr = %listener.local_addr()?, "serving the Ollama and OpenAI APIs");
-            crate::http::serve(listener, http_state, stopping.clone()).await?;
+            let loopback = listener.local_addr()?.ip().to_canonical().is_loopback();
+            let door = crate::http::Admission {
+                gate: gate.clone(),
+                tls: http_tls,
+                browsers: crate::http::browsers::Browsers::new(
+                    &config_origins,
+                    &config_hosts,
+                    loopback,
+                ),
+            };
+            crate::http::serve(listener, door, http_state, stopping.clone()).await?;
         }
         anyhow::Ok(())
     };

@@ -19,7 +19,7 @@ fn installed(program: &str, version_flag: &[&str]) -> bool {
 #[test]
 fn the_units_pass_systemd_analyze_verify() {
     if !installed("systemd-analyze", &["--version"]) {
-        eprintln!("skipped: systemd-analyze is not installed (apt-get install systemd)");
+        phi3d_tests::skip("systemd-analyze is not installed (apt-get install systemd)");
         return;
     }
     // verify checks that ExecStart= exists: point it at the binary under test.
@@ -43,13 +43,13 @@ fn the_units_pass_systemd_analyze_verify() {
 #[test]
 fn the_debian_package_holds_the_binaries_units_config_and_manifests() {
     if !installed("cargo", &["deb", "--version"]) {
-        eprintln!("skipped: cargo-deb is not installed (cargo install cargo-deb --locked)");
+        phi3d_tests::skip("cargo-deb is not installed (cargo install cargo-deb --locked)");
         return;
     }
     let release = Path::new(PHI3D).parent().unwrap();
     let plugins = ["phi3d-plugin-clock", "phi3d-plugin-homeassistant"];
     if let Some(missing) = plugins.iter().find(|plugin| !release.join(plugin).is_file()) {
-        eprintln!("skipped: {missing} is not built; cargo test --release --workspace builds it");
+        phi3d_tests::skip(format!("{missing} is not built; cargo test --release --workspace builds it"));
         return;
     }
     let out = tempfile::tempdir().unwrap();

@@ -1,7 +1,8 @@
 //! The HTTP bridges driven by the real client libraries, installed from PyPI into a virtual
 //! environment the first time (`ollama==0.6.2` as Home Assistant pins it, and `openai`): Home
 //! Assistant's Ollama conversation with a tool call, the `openai` library's calls, and both
-//! libraries' authentication errors. Without python3-venv or PyPI the tests skip, saying so.
+//! libraries' authentication errors. Without python3-venv or PyPI the tests skip, saying so
+//! (and fail with `PHI3D_TEST_STRICT=1`, as in CI).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,7 +42,7 @@ fn python_clients() -> Option<PathBuf> {
     match result {
         Ok(python) => Some(python.clone()),
         Err(why) => {
-            eprintln!("skipped: the Python client libraries are not available ({why})");
+            phi3d_tests::skip(format!("the Python client libraries are not available ({why})"));
             None
         }
     }

@@ -556,7 +556,7 @@ async fn reading_outside_the_read_paths_is_denied() {
     // outside what the sandbox grants of /etc, like the temporary file.
     for path in ["/etc/shadow", "/etc/passwd", outside_file.to_str().unwrap()] {
         if !Path::new(path).exists() {
-            eprintln!("SKIPPED reading {path}: this machine has no such file");
+            phi3d_tests::skip(format!("reading {path}: this machine has no such file"));
             continue;
         }
         let message = denied(&registry.call("t.read", json!({"path": path})).await, "Permission denied (EACCES)");
@@ -645,7 +645,7 @@ async fn connecting_beyond_the_network_permission_is_denied() {
     } else if support.network_namespaces {
         denied(&connect("t").await, "Network is unreachable (ENETUNREACH)");
     } else {
-        eprintln!("SKIPPED network \"none\": this kernel has neither seccomp filters nor network namespaces");
+        phi3d_tests::skip("network \"none\": this kernel has neither seccomp filters nor network namespaces");
     }
 
     // A list of host:port: the host's network, with Landlock allowing TCP connects to its ports.
@@ -653,10 +653,10 @@ async fn connecting_beyond_the_network_permission_is_denied() {
         let message = denied(&connect("elsewhere").await, "Permission denied (EACCES)");
         assert!(message.starts_with(&format!("cannot connect to 127.0.0.1:{port}:")), "{message}");
     } else {
-        eprintln!(
-            "SKIPPED TCP port filtering: it needs Landlock ABI 4, and this kernel has {:?}",
+        phi3d_tests::skip(format!(
+            "TCP port filtering: it needs Landlock ABI 4, and this kernel has {:?}",
             support.landlock_abi
-        );
+        ));
     }
     // Nothing got through to the listener.
     assert_eq!(listener.accept().err().map(|e| e.kind()), Some(std::io::ErrorKind::WouldBlock));
@@ -671,7 +671,7 @@ async fn connecting_beyond_the_network_permission_is_denied() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     } else {
-        eprintln!("SKIPPED connecting to an allowed port: without Landlock ABI 4 the denied case cannot be told apart");
+        phi3d_tests::skip("connecting to an allowed port: without Landlock ABI 4 the denied case cannot be told apart");
     }
 
     assert_eq!(ok(&registry.call("t.echo", json!({"text": "alive"})).await), "alive");

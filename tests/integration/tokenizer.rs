@@ -32,7 +32,7 @@ fn reference_data() -> Option<PathBuf> {
 #[tokio::test]
 async fn tokenizes_exactly_like_phi3() {
     let Some(data) = reference_data() else {
-        eprintln!("skipped: ../shared/data/ggml-vocab-phi-3.gguf is absent (reference data lives outside the repository)");
+        phi3d_tests::skip_outside_repository("../shared/data/ggml-vocab-phi-3.gguf is absent (the reference tokenizer)");
         return;
     };
     let spec = ModelSpec { name: "phi3-test-realvocab".into(), vocab: VocabSource::CopyFrom(data.join("ggml-vocab-phi-3.gguf")), ..ModelSpec::tiny() };

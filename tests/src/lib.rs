@@ -6,4 +6,7 @@ pub mod gguf;
 pub mod harness;
 pub mod model_gen;
 pub mod notify_socket;
+pub mod skip;
 pub mod vocab;
+
+pub use skip::{skip, skip_outside_repository};

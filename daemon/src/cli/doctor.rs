@@ -9,7 +9,6 @@
 use std::net::TcpListener;
 use std::path::Path;
 
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
@@ -56,6 +55,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     cpu(&mut report, &config);
     memory(&mut report, &config);
     listener(&mut report, &config);
+    open_files(&mut report, &config);
     directories(&mut report, &config);
     systemd(&mut report);
     if report.failures > 0 {
@@ -174,9 +174,9 @@ fn memory(report: &mut Report, config: &Config) {
 /// The model's shape, read by llama.cpp without allocating (or reading) the weights; they are
 /// counted by the file's size, which is what mmap maps.
 fn read_shape(path: &Path) -> Result<ModelShape, String> {
-    let backend = LlamaBackend::init().map_err(|err| format!("cannot start llama.cpp: {err}"))?;
+    let backend = crate::engine::backend::backend();
     let params = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
-    let model = LlamaModel::load_from_file(&backend, path, &params)
+    let model = LlamaModel::load_from_file(backend, path, &params)
         .map_err(|err| format!("cannot read {}: {err} (is it a GGUF file llama.cpp supports?)", path.display()))?;
     let weights_bytes = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
     Ok(ModelShape { weights_bytes, ..ModelShape::of(&model) })
@@ -249,10 +249,48 @@ fn listener(report: &mut Report, config: &Config) {
             Err(err) => report.line(Level::Fail, key, format!("cannot bind {addr}: {err}")),
         }
     }
-    let tls = if config.tls.cert.is_some() { "TLS on the TCP listener" } else { "no TLS (plaintext gRPC)" };
+    let tls = if config.tls.cert.is_some() {
+        "TLS on every TCP listener (gRPC and the HTTP APIs)"
+    } else {
+        "no TLS (plaintext gRPC and HTTP)"
+    };
     report.line(Level::Note, "tls", tls.to_owned());
     if let Some(socket) = &config.unix_socket {
         report.line(Level::Ok, "unix_socket", format!("{} (mode {:o})", socket.display(), config.unix_socket_mode));
+    }
+}
+
+/// Every connection is a descriptor: `serve` raises the soft open-file limit to the hard one
+/// (the unit's `LimitNOFILE=`), which must hold `max_connections` plus phi3d's own files.
+fn open_files(report: &mut Report, config: &Config) {
+    use crate::listeners::connections::{ConnectionLimits, FD_RESERVE, fd_limits};
+    let limits = ConnectionLimits::of(config);
+    let needed = limits.descriptors_needed();
+    let (soft, hard) = fd_limits();
+    let shown = |limit: u64| if limit == u64::MAX { "unlimited".to_owned() } else { limit.to_string() };
+    let caps = format!(
+        "max_connections {} (max_connections_per_client {}) + {FD_RESERVE} of phi3d's own need {needed} open files",
+        limits.total, limits.per_client
+    );
+    if hard >= needed {
+        report.line(
+            Level::Ok,
+            "open files",
+            format!("{caps}; the limit is {} (serve raises it from {} to the hard limit)", shown(hard), shown(soft)),
+        );
+    } else {
+        report.line(
+            Level::Fail,
+            "open files",
+            format!(
+                "{caps}, but the hard limit is {}: set LimitNOFILE={needed} or more in the unit (or ulimit -Hn), \
+                 or lower max_connections",
+                shown(hard)
+            ),
+        );
+    }
+    if limits.per_client > limits.total {
+        report.line(Level::Note, "max_connections_per_client", "above max_connections, so only the total applies");
     }
 }
 

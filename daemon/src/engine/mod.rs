@@ -8,6 +8,7 @@
 //! [`kv_cells`] counts the cells sequences hold, [`cache_store`] keeps the cache across
 //! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates.
 
+pub mod backend;
 pub mod cache_store;
 pub mod heartbeat;
 pub mod kv_cells;
@@ -44,6 +45,8 @@ pub fn cpu_features() -> String {
 }
 
 fn read_cpu_features() -> String {
+    // The CPU backend reports them once it is initialised.
+    backend::backend();
     // SAFETY: llama_print_system_info returns a pointer to a static, NUL-terminated string,
     // and the OnceLock makes this the only call.
     let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };

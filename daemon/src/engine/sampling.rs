@@ -1,9 +1,13 @@
-//! Turns validated [`GenerationParams`] into a llama.cpp sampler chain.
+//! Turns validated [`GenerationParams`] into a llama.cpp sampler chain, and samples with it
+//! so that nothing reaches llama.cpp's code paths that abort the process.
 
+use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 
-use super::task::{GenerationParams, Grammar};
+use super::task::{EngineError, GenerationParams, Grammar};
 
 /// How many recent tokens the repeat penalty looks at (llama.cpp's default).
 const PENALTY_LAST_N: i32 = 64;
@@ -50,4 +54,38 @@ fn grammar_sampler(grammar: &Grammar, model: &LlamaModel) -> Result<LlamaSampler
         }
     };
     sampler.map_err(|err| err.to_string())
+}
+
+/// The next token from the logits at batch position `index`, checked before the sampler
+/// accepts it.
+///
+/// llama.cpp's own `llama_sampler_sample` accepts whatever the chain selected: a token the
+/// grammar forbids (selected when NaN logits or an empty candidate set confuse the chain)
+/// makes the grammar throw, which Rust cannot catch, or abort outright (an end-of-generation
+/// token the grammar does not allow yet). Here NaN logits count as impossible, the selected
+/// token must still have a finite logit after the grammar has masked, and an exception while
+/// accepting is caught (llama-cpp-2's `try_accept`): each ends this request with an error.
+pub fn sample(sampler: &mut LlamaSampler, ctx: &LlamaContext<'_>, index: i32) -> Result<LlamaToken, EngineError> {
+    let logits = ctx.candidates_ith(index).map(|mut candidate| {
+        if candidate.logit().is_nan() {
+            candidate.set_logit(f32::NEG_INFINITY);
+        }
+        candidate
+    });
+    let mut candidates = LlamaTokenDataArray::from_iter(logits, false);
+    if !candidates.data.iter().any(|candidate| candidate.logit().is_finite()) {
+        return Err(EngineError::Sampling("the model gave no finite logits".into()));
+    }
+    sampler.apply(&mut candidates);
+    let selected = candidates.selected.and_then(|selected| candidates.data.get(selected));
+    let Some(chosen) = selected.filter(|candidate| candidate.logit().is_finite()) else {
+        return Err(EngineError::Sampling(
+            "no token is allowed here (the grammar and the sampling options leave nothing to choose)".into(),
+        ));
+    };
+    let token = chosen.id();
+    sampler
+        .try_accept(token)
+        .map_err(|err| EngineError::Sampling(format!("llama.cpp refused the sampled token {}: {err}", token.0)))?;
+    Ok(token)
 }

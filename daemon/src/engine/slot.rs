@@ -137,38 +137,38 @@ impl Slot {
     }
 
     /// Samples the next token after a decode and streams its text. Returns why the task
-    /// must end, if it must.
+    /// must end, if it must, or why sampling failed (the caller fails the task).
     pub fn sample(
         &mut self,
         ctx: &llama_cpp_2::context::LlamaContext<'_>,
         model: &LlamaModel,
         n_ctx: u32,
-    ) -> Option<StopReason> {
-        let busy = self.busy.as_mut()?;
-        let index = busy.logits_index.take()?;
+    ) -> Result<Option<StopReason>, EngineError> {
+        let Some(busy) = self.busy.as_mut() else { return Ok(None) };
+        let Some(index) = busy.logits_index.take() else { return Ok(None) };
         let now = Instant::now();
         busy.prompt_done_at.get_or_insert(now);
-        let token = busy.task.sampler.sample(ctx, index);
+        let token = super::sampling::sample(&mut busy.task.sampler, ctx, index)?;
         busy.first_token_at.get_or_insert(now);
         let vocab = model.vocab();
         if vocab.is_eog(token) && !busy.task.params.ignore_eos {
-            return Some(StopReason::EndOfGeneration);
+            return Ok(Some(StopReason::EndOfGeneration));
         }
         busy.completion_tokens += 1;
         let piece = vocab.token_to_piece(token, busy.task.params.render_special_tokens, None);
         let text = busy.decoder.push(&piece);
         if busy.send_text(&text) {
-            return Some(StopReason::StopSequence);
+            return Ok(Some(StopReason::StopSequence));
         }
         if busy.completion_tokens >= busy.task.params.max_tokens {
-            return Some(StopReason::MaxTokens);
+            return Ok(Some(StopReason::MaxTokens));
         }
         // The sampled token still needs a place in the context to be decoded.
         if self.tokens.len() as u32 + 1 > n_ctx {
-            return Some(StopReason::MaxTokens);
+            return Ok(Some(StopReason::MaxTokens));
         }
         busy.pending = Some(token);
-        None
+        Ok(None)
     }
 
     /// Ends the task with `Done`, flushing held-back text unless it was cancelled, and frees

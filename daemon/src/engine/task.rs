@@ -143,6 +143,10 @@ pub enum EngineError {
     ShuttingDown,
     #[error("invalid grammar: {0}")]
     Grammar(String),
+    /// Sampling could not go on (no finite logits, a grammar that allows no token, a panic):
+    /// this request ends, the others go on.
+    #[error("sampling failed: {0}")]
+    Sampling(String),
     #[error("the KV cache is full ({used} of {total} cells in use); lower max_tokens or raise ctx_size")]
     CacheFull { used: u32, total: u32 },
 }

@@ -17,8 +17,10 @@
 //! batch fails alone: one failure never fails every slot.
 //!
 //! Tests can make the worker panic (`PHI3D_FAULT_INJECTION=worker-panic` and a request id of
-//! `fault:worker-panic`) to check that a dead worker stops the daemon, or hang for good
-//! (`worker-wedge`, `fault:worker-wedge`) to check that the watchdog notices.
+//! `fault:worker-panic`) to check that a dead worker stops the daemon, hang for good
+//! (`worker-wedge`, `fault:worker-wedge`) to check that the watchdog notices, or panic while
+//! sampling one request (`sample-panic`, `fault:sample-panic`) to check that only that request
+//! ends.
 //!
 //! Every pass of the loop beats the [`Heartbeat`], and the blocking wait for a task marks the
 //! worker idle, so that the watchdog can tell waiting from wedged.
@@ -30,7 +32,6 @@ use std::time::{Duration, Instant, SystemTime};
 use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::watch;
@@ -42,8 +43,9 @@ use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
 use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
+use super::backend::backend;
 use super::queue::TaskReceiver;
-use super::slot::{Ending, Feed, Slot};
+use super::slot::{Feed, Slot};
 use super::status::{EngineStatus, SlotPhase, SlotState};
 use super::task::{EngineError, StopReason, Task};
 
@@ -51,6 +53,8 @@ use super::task::{EngineError, StopReason, Task};
 const FAULT_PANIC_REQUEST: &str = "fault:worker-panic";
 /// The request id that hangs the worker for good when fault injection is on.
 const FAULT_WEDGE_REQUEST: &str = "fault:worker-wedge";
+/// The request id whose sampling panics when fault injection is on.
+const FAULT_SAMPLE_PANIC_REQUEST: &str = "fault:sample-panic";
 
 pub struct Worker<'m> {
     model: &'m LoadedModel,
@@ -73,6 +77,7 @@ pub struct Worker<'m> {
     metrics: crate::metrics::Metrics,
     fault_panic: bool,
     fault_wedge: bool,
+    fault_sample_panic: bool,
 }
 
 /// A prefix decoded at start-up into a sequence of its own, never evicted.
@@ -137,6 +142,7 @@ pub fn run(
         metrics: config.metrics.clone(),
         fault_panic: fault_injected("worker-panic"),
         fault_wedge: fault_injected("worker-wedge"),
+        fault_sample_panic: fault_injected("sample-panic"),
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
@@ -157,12 +163,6 @@ pub fn run(
 
 fn fault_injected(fault: &str) -> bool {
     std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.split(',').any(|name| name == fault))
-}
-
-/// llama.cpp's backend may be initialised once per process.
-fn backend() -> &'static LlamaBackend {
-    static BACKEND: std::sync::OnceLock<LlamaBackend> = std::sync::OnceLock::new();
-    BACKEND.get_or_init(|| LlamaBackend::init().expect("llama.cpp backend initialises once"))
 }
 
 fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<LoadedModel>, LoadError> {
@@ -471,20 +471,45 @@ impl Worker<'_> {
                         other => EngineError::Decode(other.to_string()),
                     };
                     tracing::error!(slot = index, "decode failed: {error}");
-                    self.active.fetch_sub(1, Ordering::SeqCst);
-                    let ending = self.slots[index].fail(error);
-                    self.truncate(index, 0);
-                    self.publish();
-                    ending.map(Ending::send);
+                    self.fail(index, error);
                 }
             }
         }
         let n_ctx = self.n_ctx as u32;
         for index in 0..self.slots.len() {
-            if let Some(reason) = self.slots[index].sample(&self.ctx, &self.model.model, n_ctx) {
-                self.finish(index, reason);
+            // Sampling and streaming are one request's business: whatever goes wrong there,
+            // a panic included, ends that request and no other.
+            let fault = self.fault_sample_panic && self.slots[index].request_id() == Some(FAULT_SAMPLE_PANIC_REQUEST);
+            let sampled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if fault {
+                    panic!("fault injection: request {FAULT_SAMPLE_PANIC_REQUEST}");
+                }
+                self.slots[index].sample(&self.ctx, &self.model.model, n_ctx)
+            }));
+            match sampled {
+                Ok(Ok(Some(reason))) => self.finish(index, reason),
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(slot = index, "{error}");
+                    self.fail(index, error);
+                }
+                Err(panic) => {
+                    let error = EngineError::Sampling(crate::offload::panic_message(panic.as_ref()));
+                    tracing::error!(slot = index, "sampling panicked: {error}");
+                    self.fail(index, error);
+                }
             }
         }
+    }
+
+    /// Ends the task in slot `index` with `error`; its sequence, whose contents are no longer
+    /// known, is cleared.
+    fn fail(&mut self, index: usize, error: EngineError) {
+        let Some(ending) = self.slots[index].fail(error) else { return };
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.truncate(index, 0);
+        self.publish();
+        ending.send();
     }
 
     /// Decodes `feeds` as one batch; the logits index of each feed that asked for logits.

@@ -5,7 +5,13 @@
 //! listener uses, with the caller as its `Client`: validation, limits, the queue, slots, the
 //! prompt cache and tools are exactly gRPC's. Each API keeps its own wire shapes and its own
 //! error shape, in its own file.
+//!
+//! The listener runs its own accept loop (`serve`): each connection is admitted and watched by
+//! `listeners::connections` (per-client and total caps, header, body and idle deadlines),
+//! served over TLS (and client certificates) when the config has them, as gRPC is, by hyper's
+//! HTTP/1.1-or-HTTP/2 connection builder; `browsers` keeps web pages out.
 
+pub mod browsers;
 pub mod ollama;
 pub mod openai;
 pub mod pull;
@@ -82,6 +88,9 @@ impl ApiError {
             Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            // A tool turn whose model replies could not be used: retrying the same request
+            // (as clients do for a 5xx) would spend the same budget again.
+            Code::Aborted => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(api, http, status.message())
@@ -130,6 +139,14 @@ impl HttpState {
             options.choice = if anything { ToolChoice::Auto } else { ToolChoice::None } as i32;
         }
         options
+    }
+
+    /// A bridge request as the client sent it, with the plugin tools this server offers HTTP
+    /// clients added (see [`HttpState::tool_options`]).
+    fn with_plugin_tools(&self, mut request: ChatRequest) -> ChatRequest {
+        let structured = request.options.as_ref().is_some_and(|options| !options.json_schema.is_empty());
+        request.tools = Some(self.tool_options(request.tools.take().unwrap_or_default(), structured));
+        request
     }
 
     /// The loaded model's facts, or `None` while it loads.
@@ -184,7 +201,8 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 /// Ollama's own server reads every POST body as JSON, and its users' curl lines rely on it
-/// (`curl -d` says `application/x-www-form-urlencoded`): so does phi3d, whatever the body claims.
+/// (`curl -d` says `application/x-www-form-urlencoded`): so does phi3d, whatever the body claims,
+/// for clients that are not browsers (`browsers::guard` has refused a browser's non-JSON body).
 async fn bodies_are_json(mut request: Request) -> Request {
     if request.method() == axum::http::Method::POST {
         request
@@ -194,21 +212,135 @@ async fn bodies_are_json(mut request: Request) -> Request {
     request
 }
 
-/// Serves the bridges on `listener` until `stopping` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, state: HttpState, stopping: CancellationToken) -> std::io::Result<()> {
+/// How the HTTP listener takes connections: which ones (`gate`), over what (`tls`), and what
+/// browsers may do on it.
+pub struct Admission {
+    pub gate: crate::listeners::connections::Gate,
+    /// The same certificate, key and client CA as gRPC's; `None`: plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub browsers: browsers::Browsers,
+}
+
+/// Serves the bridges on `listener` until `stopping` is cancelled, then lets the connections
+/// finish (the server bounds that wait).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    door: Admission,
+    state: HttpState,
+    stopping: CancellationToken,
+) -> std::io::Result<()> {
+    use crate::listeners::connections::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, accept_failed};
     let router = axum::Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
         .route("/metrics", axum::routing::get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::middleware::map_request(bodies_are_json))
+        // Before the token check, and before bodies_are_json rewrites the content type.
+        .layer(axum::middleware::from_fn_with_state(door.browsers.clone(), browsers::guard))
         // Outside the token check, so that refusals count too; on every route and the fallback.
         .layer(axum::middleware::from_fn_with_state(state.clone(), count))
         .layer(axum::extract::DefaultBodyLimit::max(state.inference.max_request_bytes()))
-        .layer(axum::middleware::map_request(bodies_are_json))
         .with_state(state);
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(stopping.cancelled_owned())
-        .await
+    let limits = door.gate.limits();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // The gate's deadlines come first; hyper's own header timeout (it starts when a kept-alive
+    // connection goes idle) only backs them up.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout + limits.idle_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let builder = Arc::new(builder);
+    let acceptor = door.tls.map(tokio_rustls::TlsAcceptor::from);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopping.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                accept_failed(&err).await;
+                continue;
+            }
+        };
+        // A client at its cap: the stream is closed here, at once.
+        let Some(watched) = door.gate.admit(stream) else { continue };
+        let activity = watched.activity();
+        let connection = Connection {
+            peer,
+            activity,
+            builder: builder.clone(),
+            router: router.clone(),
+            body_timeout: limits.body_timeout,
+            stopping: stopping.clone(),
+        };
+        match acceptor.clone() {
+            None => connections.spawn(connection.serve(watched)),
+            Some(acceptor) => connections.spawn(async move {
+                match acceptor.accept(watched).await {
+                    Ok(tls) => connection.serve(tls).await,
+                    Err(err) => tracing::debug!(%peer, error = %err, "HTTP: TLS handshake failed"),
+                }
+            }),
+        };
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}
+
+/// One accepted connection of the HTTP listener.
+struct Connection {
+    peer: SocketAddr,
+    activity: Arc<crate::listeners::connections::Activity>,
+    builder: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
+    router: axum::Router,
+    body_timeout: std::time::Duration,
+    stopping: CancellationToken,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` until the client leaves or a deadline passes; at
+    /// shutdown, finishes what is in flight and closes.
+    async fn serve<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use crate::listeners::connections::{DeadlineBody, GuardedBody};
+        use tower::ServiceExt;
+        let Connection { peer, activity, builder, router, body_timeout, stopping } = self;
+        let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            // In flight from its headers until its response body is sent or dropped.
+            let guard = activity.begin();
+            let mut request = request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let router = router.clone();
+            async move {
+                let response = match router.oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                Ok::<_, std::convert::Infallible>(response.map(|body| GuardedBody::new(body, Some(guard))))
+            }
+        });
+        let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            () = stopping.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(err) = served {
+            tracing::debug!(%peer, error = %err, "HTTP connection ended");
+        }
+    }
 }
 
 /// A reply read to its end, for the APIs' non-streamed answers.

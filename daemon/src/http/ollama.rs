@@ -22,6 +22,10 @@ use serde_json::{Value, json};
 use super::{Api, ApiError, HttpState};
 use crate::auth::Client;
 
+/// The body parsing and mapping, callable without a server, for the fuzz tests.
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/api/tags", get(tags))
@@ -267,24 +271,24 @@ async fn chat(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid chat request: {rejection}")).into_response(),
     };
-    let request = match build_chat(&state, &body) {
-        Ok(request) => request,
+    let request = match chat_request(&body) {
+        Ok(request) => state.with_plugin_tools(request),
         Err(err) => return err.into_response(),
     };
     respond(&state, client, request, body.stream.unwrap_or(true), Shape::Chat).await
 }
 
-fn build_chat(state: &HttpState, body: &ChatBody) -> Result<ChatRequest, ApiError> {
+/// What the client asked for in `/api/chat`, before the server adds its plugin tools.
+fn chat_request(body: &ChatBody) -> Result<ChatRequest, ApiError> {
     let tools = client_tools(Api::Ollama, &body.tools)?;
     let mut options = generation_options(body.options.as_ref())?;
     options.json_schema = json_schema(body.format.as_ref())?;
-    let structured = !options.json_schema.is_empty();
     Ok(ChatRequest {
         request_id: String::new(),
         messages: messages(&body.messages)?,
         options: Some(options),
         // Offered tools may be called; Ollama has no tool choice, so it is AUTO.
-        tools: Some(state.tool_options(ToolOptions { client_tools: tools, ..ToolOptions::default() }, structured)),
+        tools: Some(ToolOptions { client_tools: tools, ..ToolOptions::default() }),
     })
 }
 
@@ -326,19 +330,23 @@ async fn generate(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid generate request: {rejection}")).into_response(),
     };
-    let options = match (generation_options(body.options.as_ref()), json_schema(body.format.as_ref())) {
-        (Ok(options), Ok(json_schema)) => GenerationOptions { json_schema, ..options },
-        (Err(err), _) | (_, Err(err)) => return err.into_response(),
+    let stream = body.stream.unwrap_or(true);
+    let request = match generate_request(body) {
+        Ok(request) => state.with_plugin_tools(request),
+        Err(err) => return err.into_response(),
     };
+    respond(&state, client, request, stream, Shape::Generate).await
+}
+
+/// What the client asked for in `/api/generate`, before the server adds its plugin tools.
+fn generate_request(body: GenerateBody) -> Result<ChatRequest, ApiError> {
+    let options = GenerationOptions { json_schema: json_schema(body.format.as_ref())?, ..generation_options(body.options.as_ref())? };
     let mut messages = Vec::new();
     if let Some(system) = body.system.filter(|system| !system.is_empty()) {
         messages.push(Message { role: Role::System as i32, content: system, ..Message::default() });
     }
     messages.push(Message { role: Role::User as i32, content: body.prompt, ..Message::default() });
-    let structured = !options.json_schema.is_empty();
-    let tools = Some(state.tool_options(ToolOptions::default(), structured));
-    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools };
-    respond(&state, client, request, body.stream.unwrap_or(true), Shape::Generate).await
+    Ok(ChatRequest { request_id: String::new(), messages, options: Some(options), tools: Some(ToolOptions::default()) })
 }
 
 /// `/api/chat` answers with `message`, `/api/generate` with `response`.

@@ -20,6 +20,10 @@ use serde_json::{Value, json};
 use super::{Api, ApiError, HttpState, unix_now};
 use crate::auth::Client;
 
+/// The body parsing and mapping, callable without a server, for the fuzz tests.
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/v1/models", get(models))
@@ -258,6 +262,14 @@ fn usage(done: &phi3d_proto::v1::Done) -> Value {
     })
 }
 
+/// What the client asked for in `/v1/chat/completions`, before the server adds its plugin tools.
+fn chat_request(body: &ChatBody) -> Result<ChatRequest, ApiError> {
+    let messages = messages(&body.messages)?;
+    let options = body.sampling.options()?;
+    let tools = tool_options(body)?;
+    Ok(ChatRequest { request_id: String::new(), messages, options: Some(options), tools: Some(tools) })
+}
+
 async fn chat_completions(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
@@ -267,12 +279,9 @@ async fn chat_completions(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid chat completion request: {rejection}")).into_response(),
     };
-    let request = match (messages(&body.messages), body.sampling.options(), tool_options(&body)) {
-        (Ok(messages), Ok(options), Ok(tools)) => {
-            let tools = Some(state.tool_options(tools, !options.json_schema.is_empty()));
-            ChatRequest { request_id: String::new(), messages, options: Some(options), tools }
-        }
-        (Err(err), ..) | (_, Err(err), _) | (.., Err(err)) => return err.into_response(),
+    let request = match chat_request(&body) {
+        Ok(request) => state.with_plugin_tools(request),
+        Err(err) => return err.into_response(),
     };
     let events = match state.chat(Api::OpenAi, client, request).await {
         Ok(events) => events,
@@ -381,7 +390,22 @@ struct CompletionBody {
     sampling: Sampling,
 }
 
-/// The legacy completions endpoint, as one user turn (phi3d's models are chat models).
+/// `/v1/completions` as one user turn (phi3d's models are chat models).
+fn completion_request(body: &CompletionBody) -> Result<ChatRequest, ApiError> {
+    let Some(prompt) = body.prompt.as_str().map(str::to_owned) else {
+        return Err(invalid("prompt must be one string"));
+    };
+    if body.stream {
+        return Err(invalid("stream is not supported on /v1/completions; use /v1/chat/completions"));
+    }
+    let options = body.sampling.options()?;
+    let messages = vec![Message { role: Role::User as i32, content: prompt, ..Message::default() }];
+    // A completion is text for text: no tools, whatever the config offers chats.
+    let tools = Some(ToolOptions { choice: ToolChoice::None as i32, ..ToolOptions::default() });
+    Ok(ChatRequest { request_id: String::new(), messages, options: Some(options), tools })
+}
+
+/// The legacy completions endpoint.
 async fn completions(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
@@ -391,20 +415,10 @@ async fn completions(
         Ok(body) => body,
         Err(rejection) => return invalid(format!("the request body is not a valid completion request: {rejection}")).into_response(),
     };
-    let Some(prompt) = body.prompt.as_str().map(str::to_owned) else {
-        return invalid("prompt must be one string").into_response();
-    };
-    if body.stream {
-        return invalid("stream is not supported on /v1/completions; use /v1/chat/completions").into_response();
-    }
-    let options = match body.sampling.options() {
-        Ok(options) => options,
+    let request = match completion_request(&body) {
+        Ok(request) => request,
         Err(err) => return err.into_response(),
     };
-    let messages = vec![Message { role: Role::User as i32, content: prompt, ..Message::default() }];
-    // A completion is text for text: no tools, whatever the config offers chats.
-    let tools = Some(ToolOptions { choice: ToolChoice::None as i32, ..ToolOptions::default() });
-    let request = ChatRequest { request_id: String::new(), messages, options: Some(options), tools };
     let reply = match state.chat(Api::OpenAi, client, request).await {
         Ok(events) => super::whole_reply(Api::OpenAi, events).await,
         Err(err) => Err(err),

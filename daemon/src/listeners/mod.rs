@@ -2,10 +2,14 @@
 //! address and the Unix socket the config names; and the rule that a listener reachable from
 //! the network needs authentication.
 //!
-//! TLS, when configured, covers the TCP listeners; the Unix socket is guarded by its file
-//! mode and group instead (TLS to a local peer adds nothing a file permission does not).
+//! TLS, when configured, covers every TCP listener (gRPC and the HTTP bridges alike); the
+//! Unix socket is guarded by its file mode and group instead (TLS to a local peer adds nothing
+//! a file permission does not). The network rule is checked for each listener on its own,
+//! with what that listener itself requires ([`Door`]). `connections` holds what one TCP
+//! connection may take (caps and deadlines).
 
 pub mod activation;
+pub mod connections;
 pub mod tls;
 pub mod unix;
 
@@ -60,15 +64,17 @@ impl Listeners {
         self.tcp.iter().chain(&self.http).filter_map(|listener| listener.local_addr().ok()).collect()
     }
 
-    /// Refuses a TCP listener that other machines can reach when nobody has to authenticate.
-    pub fn check_exposure(&self, authenticated: bool, allow_unauthenticated_network: bool) -> anyhow::Result<()> {
-        let exposed: Vec<String> = self
-            .tcp_addresses()
-            .into_iter()
-            .filter(|address| !address.ip().to_canonical().is_loopback())
-            .map(|address| address.to_string())
+    /// Refuses a TCP listener that other machines can reach when its callers need not
+    /// authenticate: `grpc` is what the gRPC TCP listeners require, `http` what the HTTP
+    /// bridges' listener requires, each judged on its own.
+    pub fn check_exposure(&self, grpc: Door, http: Door, allow_unauthenticated_network: bool) -> anyhow::Result<()> {
+        let doors = self.tcp.iter().map(|listener| (listener, grpc)).chain(self.http.iter().map(|listener| (listener, http)));
+        let exposed: Vec<String> = doors
+            .filter_map(|(listener, door)| listener.local_addr().ok().map(|address| (address, door)))
+            .filter(|(address, door)| !address.ip().to_canonical().is_loopback() && !door.authenticates())
+            .map(|(address, _)| address.to_string())
             .collect();
-        if exposed.is_empty() || authenticated {
+        if exposed.is_empty() {
             return Ok(());
         }
         if allow_unauthenticated_network {
@@ -88,6 +94,21 @@ impl Listeners {
     }
 }
 
+/// What one listener requires of its callers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Door {
+    /// Bearer tokens (the token file exists).
+    pub tokens: bool,
+    /// Client certificates, checked in this listener's own TLS handshake.
+    pub client_certificates: bool,
+}
+
+impl Door {
+    fn authenticates(&self) -> bool {
+        self.tokens || self.client_certificates
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,12 +120,27 @@ mod tests {
 
     #[tokio::test]
     async fn only_a_network_listener_needs_authentication() {
+        let open = Door::default();
+        let tokens = Door { tokens: true, client_certificates: false };
+        let certificates = Door { tokens: false, client_certificates: true };
         let loopback = listening_on("127.0.0.1:0").await;
-        assert!(loopback.check_exposure(false, false).is_ok());
+        assert!(loopback.check_exposure(open, open, false).is_ok());
         let network = listening_on("0.0.0.0:0").await;
-        let err = network.check_exposure(false, false).unwrap_err().to_string();
+        let err = network.check_exposure(open, open, false).unwrap_err().to_string();
         assert!(err.contains("no authentication is configured") && err.contains("phi3d token create"), "{err}");
-        assert!(network.check_exposure(true, false).is_ok());
-        assert!(network.check_exposure(false, true).is_ok(), "the explicit override");
+        assert!(network.check_exposure(tokens, open, false).is_ok());
+        assert!(network.check_exposure(certificates, open, false).is_ok());
+        assert!(network.check_exposure(open, open, true).is_ok(), "the explicit override");
+    }
+
+    #[tokio::test]
+    async fn each_listener_is_judged_by_its_own_door() {
+        let certificates = Door { tokens: false, client_certificates: true };
+        let mut listeners = listening_on("127.0.0.1:0").await;
+        listeners.http = Some(TcpListener::bind("0.0.0.0:0").await.unwrap());
+        // Client certificates on gRPC say nothing about an HTTP listener without them.
+        let err = listeners.check_exposure(certificates, Door::default(), false).unwrap_err().to_string();
+        assert!(err.contains("0.0.0.0:"), "{err}");
+        assert!(listeners.check_exposure(Door::default(), certificates, false).is_ok());
     }
 }

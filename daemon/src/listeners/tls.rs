@@ -1,6 +1,7 @@
-//! TLS for the TCP listeners (rustls, through tonic): the server's certificate and key, and
-//! optionally a CA whose client certificates are required (mTLS). A client without a valid
-//! certificate is refused during the handshake, before any RPC.
+//! TLS for the TCP listeners (rustls: through tonic for gRPC, through tokio-rustls for the HTTP
+//! bridges): the server's certificate and key, and optionally a CA whose client certificates
+//! are required (mTLS), the same on every TCP listener. A client without a valid certificate is
+//! refused during the handshake, before any request.
 
 use std::path::{Path, PathBuf};
 
@@ -15,19 +16,67 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// tonic's TLS settings, `None` when TLS is off; errors name the key and the file.
-    pub fn server_config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
-        let (cert, key) = match (&self.cert, &self.key) {
+    /// The certificate and key, `None` when TLS is off; half a configuration is an error.
+    fn pair(&self) -> anyhow::Result<Option<(&Path, &Path)>> {
+        match (&self.cert, &self.key) {
             (None, None) => {
                 if self.client_ca.is_some() {
                     anyhow::bail!("tls_client_ca: client certificates need TLS; set tls_cert and tls_key too");
                 }
-                return Ok(None);
+                Ok(None)
             }
-            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
             (Some(_), None) => anyhow::bail!("tls_cert is set but tls_key is not; TLS needs both"),
             (None, Some(_)) => anyhow::bail!("tls_key is set but tls_cert is not; TLS needs both"),
+        }
+    }
+
+    /// Whether a listener under this configuration requires client certificates.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.cert.is_some() && self.key.is_some() && self.client_ca.is_some()
+    }
+
+    /// The HTTP bridges' TLS: the same certificate, key and client CA as gRPC, as a rustls
+    /// configuration for tokio-rustls (HTTP/2 and HTTP/1.1 offered by ALPN); `None` when TLS
+    /// is off.
+    pub fn rustls_config(&self) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use std::sync::Arc;
+        let Some((cert, key)) = self.pair()? else { return Ok(None) };
+        let chain = CertificateDer::pem_slice_iter(&read_pem("tls_cert", cert, "CERTIFICATE")?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| anyhow::anyhow!("tls_cert: {}: {err}", cert.display()))?;
+        let private = PrivateKeyDer::from_pem_slice(&read_pem("tls_key", key, "PRIVATE KEY")?)
+            .map_err(|err| anyhow::anyhow!("tls_key: {}: {err}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|err| anyhow::anyhow!("TLS: {err}"))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(client_ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for ca in CertificateDer::pem_slice_iter(&read_pem("tls_client_ca", client_ca, "CERTIFICATE")?) {
+                    let ca = ca.map_err(|err| anyhow::anyhow!("tls_client_ca: {}: {err}", client_ca.display()))?;
+                    roots.add(ca).map_err(|err| anyhow::anyhow!("tls_client_ca: {}: {err}", client_ca.display()))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|err| anyhow::anyhow!("tls_client_ca: {}: {err}", client_ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
         };
+        let mut config = builder
+            .with_single_cert(chain, private)
+            .map_err(|err| anyhow::anyhow!("tls_cert / tls_key: {err}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
+
+    /// tonic's TLS settings, `None` when TLS is off; errors name the key and the file.
+    pub fn server_config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let Some((cert, key)) = self.pair()? else { return Ok(None) };
         let cert_pem = read_pem("tls_cert", cert, "CERTIFICATE")?;
         let key_pem = read_pem("tls_key", key, "PRIVATE KEY")?;
         let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));

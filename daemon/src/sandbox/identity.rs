@@ -153,7 +153,7 @@ mod tests {
         let report = identity.report();
         assert_eq!(report.switched_from_root, root);
         if !root {
-            eprintln!("SKIPPED the switch itself: it needs root, and this test runs as uid {}", report.uid);
+            phi3d_tests::skip(format!("the switch itself: it needs root, and this test runs as uid {}", report.uid));
             assert!(identity.apply().is_ok());
             return;
         }

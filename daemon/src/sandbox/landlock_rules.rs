@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn report_lists_every_rule_and_tcp_follows_the_network_policy() {
         let Some(abi) = KernelSupport::probe().landlock_abi else {
-            eprintln!("SKIPPED: Landlock is unavailable here");
+            phi3d_tests::skip("Landlock is unavailable here");
             return;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -222,7 +222,7 @@ mod tests {
     #[test]
     fn a_missing_policy_path_is_an_error_naming_it() {
         let Some(abi) = KernelSupport::probe().landlock_abi else {
-            eprintln!("SKIPPED: Landlock is unavailable here");
+            phi3d_tests::skip("Landlock is unavailable here");
             return;
         };
         let dir = tempfile::tempdir().unwrap();
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn restrict_confines_the_child_to_the_rules() {
         let Some(abi) = KernelSupport::probe().landlock_abi else {
-            eprintln!("SKIPPED: Landlock is unavailable here");
+            phi3d_tests::skip("Landlock is unavailable here");
             return;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -143,7 +143,7 @@ mod tests {
     fn enter_gives_a_new_namespace_with_lo_up_only_when_asked() {
         let support = KernelSupport::probe();
         if !support.network_namespaces {
-            eprintln!("SKIPPED: this kernel gives this process no network namespaces ({support})");
+            phi3d_tests::skip(format!("this kernel gives this process no network namespaces ({support})"));
             return;
         }
         let host = namespace_inode();

@@ -356,7 +356,7 @@ mod tests {
     #[test]
     fn host_unix_sockets_are_out_of_reach_unless_asked_for_and_socketpair_works() {
         if !KernelSupport::probe().seccomp {
-            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            phi3d_tests::skip("this kernel has no seccomp filters");
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -385,7 +385,7 @@ mod tests {
     #[test]
     fn memory_files_cannot_be_executed() {
         if !KernelSupport::probe().seccomp {
-            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            phi3d_tests::skip("this kernel has no seccomp filters");
             return;
         }
         let filters = build(NO_NETWORK).unwrap().unwrap();
@@ -419,7 +419,7 @@ mod tests {
     #[test]
     fn with_own_signals_only_nothing_outside_the_plugin_can_be_signalled() {
         if !KernelSupport::probe().seccomp {
-            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            phi3d_tests::skip("this kernel has no seccomp filters");
             return;
         }
         // A bystander of the same uid, outside the plugin's process group.
@@ -451,7 +451,7 @@ mod tests {
     #[test]
     fn denied_calls_fail_in_the_child_and_ordinary_ones_work() {
         if !KernelSupport::probe().seccomp {
-            eprintln!("SKIPPED: this kernel has no seccomp filters");
+            phi3d_tests::skip("this kernel has no seccomp filters");
             return;
         }
         let filters = std::cell::RefCell::new(build(Options { unix_sockets: true, ..NO_NETWORK }).unwrap().unwrap());

@@ -2,7 +2,8 @@
 //! coreutils, util-linux, and this test binary itself playing a hostile plugin) try to get out,
 //! and must fail.
 //!
-//! A test that needs a kernel feature says SKIPPED, and why, when the kernel lacks it. The tests
+//! A test that needs a kernel feature skips, saying why, when the kernel lacks it (and fails
+//! instead with `PHI3D_TEST_STRICT=1`, as in CI: see `phi3d_tests::skip`). The tests
 //! take turns: RLIMIT_NPROC counts every process of the plugin's uid, so plugins running side
 //! by side would eat into each other's process limit.
 
@@ -238,7 +239,7 @@ fn no_network_needs_only_one_of_namespace_and_seccomp() {
 #[test]
 fn connect_without_landlock_network_rules_is_missing_port_filtering() {
     if support().landlock_abi.is_none() {
-        eprintln!("SKIPPED: building a Landlock ruleset needs Landlock");
+        phi3d_tests::skip("building a Landlock ruleset needs Landlock");
         return;
     }
     let kernel = KernelSupport { landlock_abi: Some(3), landlock_unavailable: None, seccomp: true, ..bare_kernel() };
@@ -279,7 +280,7 @@ fn the_executable_is_found_on_the_policys_path() {
 async fn files_outside_the_read_paths_cannot_be_read() {
     let _turn = ONE_AT_A_TIME.lock().await;
     if support().landlock_abi.is_none() {
-        eprintln!("SKIPPED: no Landlock here ({support:?})", support = support().landlock_unavailable);
+        phi3d_tests::skip(format!("no Landlock here ({support:?})", support = support().landlock_unavailable));
         return;
     }
     let dir = temp_dir();
@@ -311,7 +312,7 @@ async fn files_outside_the_read_paths_cannot_be_read() {
 async fn only_the_write_paths_can_be_written_and_nothing_written_can_be_run() {
     let _turn = ONE_AT_A_TIME.lock().await;
     if support().landlock_abi.is_none() {
-        eprintln!("SKIPPED: no Landlock here ({support:?})", support = support().landlock_unavailable);
+        phi3d_tests::skip(format!("no Landlock here ({support:?})", support = support().landlock_unavailable));
         return;
     }
     let dir = temp_dir();
@@ -338,14 +339,14 @@ async fn tcp_connects_only_to_the_allowed_port() {
         let (_, answers) = run_hostile("connect", &allowed_addr.to_string(), default_policy()).await;
         assert_ne!(answer(&answers, "connect"), "ok");
     } else {
-        eprintln!("SKIPPED the no-network case: neither seccomp nor network namespaces here");
+        phi3d_tests::skip("the no-network case: neither seccomp nor network namespaces here");
     }
 
     if support().landlock_abi.is_none_or(|abi| abi < 4) {
-        eprintln!(
-            "SKIPPED the port filter: it needs Landlock ABI 4 or later, and here it is {:?}",
+        phi3d_tests::skip(format!(
+            "the port filter: it needs Landlock ABI 4 or later, and here it is {:?}",
             support().landlock_abi
-        );
+        ));
         return;
     }
     let connect = NetworkPolicy::Connect(vec![HostPort { host: "127.0.0.1".into(), port: allowed_addr.port() }]);
@@ -361,7 +362,7 @@ async fn tcp_connects_only_to_the_allowed_port() {
 async fn loopback_reaches_only_the_plugins_own_loopback() {
     let _turn = ONE_AT_A_TIME.lock().await;
     if !support().network_namespaces {
-        eprintln!("SKIPPED: no network namespaces here");
+        phi3d_tests::skip("no network namespaces here");
         return;
     }
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -380,7 +381,7 @@ async fn loopback_reaches_only_the_plugins_own_loopback() {
 async fn dangerous_system_calls_fail_with_eperm_and_ordinary_ones_work() {
     let _turn = ONE_AT_A_TIME.lock().await;
     if !support().seccomp {
-        eprintln!("SKIPPED: this kernel has no seccomp filters");
+        phi3d_tests::skip("this kernel has no seccomp filters");
         return;
     }
     let (finished, answers) = run_hostile("syscalls", "", default_policy()).await;
@@ -489,7 +490,7 @@ async fn a_fork_bomb_is_stopped_by_the_process_limit() {
     if !support().running_as_root {
         // The kernel counts every process of the uid, phi3d's own threads included, and the
         // test harness has a thread per test: there is no meaningful small limit to test.
-        eprintln!("SKIPPED: without root, plugins share phi3d's uid and so its process count");
+        phi3d_tests::skip("without root, plugins share phi3d's uid and so its process count");
         return;
     }
     const LIMIT: u64 = 8;

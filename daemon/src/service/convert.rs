@@ -4,6 +4,7 @@ use phi3d_proto::v1::{self as pb, ChatEvent, chat_event};
 use tonic::Status;
 
 use crate::engine::task::{Completion, EngineError, Event, StopReason};
+use crate::offload::OffloadError;
 use crate::tools::PromptError;
 use crate::tools::agent::{AgentError, AgentEvent};
 
@@ -52,9 +53,22 @@ pub fn stop_reason(reason: StopReason) -> pb::StopReason {
     }
 }
 
+/// A request whose preparation outgrows its budget is the request's fault (its schemas are
+/// too complex); a panic is phi3d's, and ends that request only.
+impl From<OffloadError> for Status {
+    fn from(error: OffloadError) -> Status {
+        match error {
+            OffloadError::TimedOut(_) => Status::invalid_argument(error.to_string()),
+            OffloadError::Busy => Status::resource_exhausted(error.to_string()),
+            OffloadError::Panicked(_) => Status::internal(error.to_string()),
+        }
+    }
+}
+
 pub fn engine_status(error: EngineError) -> Status {
     match error {
-        EngineError::Decode(_) | EngineError::Grammar(_) => Status::internal(error.to_string()),
+        EngineError::Decode(_) | EngineError::Sampling(_) => Status::internal(error.to_string()),
+        EngineError::Grammar(_) => Status::invalid_argument(error.to_string()),
         EngineError::ShuttingDown => Status::unavailable(error.to_string()),
         EngineError::CacheFull { .. } => Status::resource_exhausted(error.to_string()),
     }
@@ -105,6 +119,8 @@ pub fn agent_status(error: AgentError<Status>) -> Status {
         AgentError::Grammar(_) => Status::invalid_argument(error.to_string()),
         AgentError::Engine(error) => engine_status(error),
         AgentError::Unusable { .. } => Status::aborted(error.to_string()),
-        AgentError::EngineLost => Status::internal(error.to_string()),
+        AgentError::CallCutShort { .. } => Status::out_of_range(error.to_string()),
+        AgentError::Prepare(error) => error.into(),
+        AgentError::EngineLost | AgentError::Panicked(_) => Status::internal(error.to_string()),
     }
 }

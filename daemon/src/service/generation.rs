@@ -15,7 +15,6 @@ use tonic::Status;
 use super::requests::{Registration, Requests};
 use super::validate;
 use crate::auth::Client;
-use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, Event, GenerationParams, StopReason, Task};
 use crate::engine::{Engine, LoadedModel, QueueError};
 use crate::tools::agent::StepRunner;
@@ -60,27 +59,9 @@ impl RequestScope {
         &self.registration.request_id
     }
 
-    /// Queues one generation step; its events arrive on the returned channel.
+    /// Queues one generation step, its sampler already built (off the runtime, in
+    /// `offload`); its events arrive on the returned channel.
     pub fn submit(
-        &self,
-        engine: &Engine,
-        model: &LoadedModel,
-        prompt: Vec<LlamaToken>,
-        params: GenerationParams,
-    ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
-        // Compiling a grammar can take a while for large schemas: it happens here, on the
-        // async side, never on the worker thread that every slot's decoding waits on.
-        let sampler = if params.grammar.is_some() {
-            tokio::task::block_in_place(|| build_sampler(&params, &model.model))
-        } else {
-            build_sampler(&params, &model.model)
-        }
-        .map_err(|reason| Status::internal(format!("cannot build the sampler: invalid grammar: {reason}")))?;
-        self.submit_sampled(engine, model, prompt, params, sampler)
-    }
-
-    /// [`RequestScope::submit`] with the sampler already built.
-    pub fn submit_sampled(
         &self,
         engine: &Engine,
         model: &LoadedModel,
@@ -140,7 +121,7 @@ impl StepRunner for ToolTurnRunner {
         params: GenerationParams,
         sampler: LlamaSampler,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Status> {
-        self.scope.submit_sampled(&self.engine, &self.model, prompt, params, sampler)
+        self.scope.submit(&self.engine, &self.model, prompt, params, sampler)
     }
 
     fn cancelled(&self) -> &CancellationToken {

@@ -1,11 +1,16 @@
 //! The `phi3d.v1.Inference` service: validate a request, turn it into a task, and stream the
 //! engine's events back as `ChatEvent`s. No llama.cpp calls happen here beyond the model's
-//! read-only tokenizer and chat template.
+//! read-only tokenizer, chat template and grammar compiler.
+//!
+//! A request is registered (its id, its client's stream count) before any work is done for
+//! it, and the CPU-heavy part of that work (schemas, grammars, the prompt's tokens) runs in
+//! [`Offload`], never on the runtime's worker.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use phi3d_proto::v1::inference_server::Inference;
 use phi3d_proto::v1::{
@@ -18,13 +23,15 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::generation::{RequestScope, ToolTurnRunner};
-use super::live::LiveReader;
+use super::live::{LiveReader, LiveSettings};
 use super::requests::{CancelOutcome, Requests};
 use super::tool_options::{self, ToolPlan};
 use super::validate::{self, Defaults};
 use crate::auth::Client;
+use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Event, GenerationParams};
 use crate::engine::{Engine, LoadedModel};
+use crate::offload::Offload;
 use crate::plugins::PluginRegistry;
 use crate::tools::{ChatMessage, ToolFormat};
 use crate::tools::agent::AgentTurn;
@@ -38,11 +45,18 @@ pub struct InferenceService {
     /// Defaults and tool choice, as the last reload left them.
     live: LiveReader,
     plugins: PluginRegistry,
+    offload: Offload,
+}
+
+/// A chat request made ready off the runtime: a tool turn to run, or a plain generation.
+enum PreparedChat {
+    ToolTurn { messages: Vec<ChatMessage>, plan: ToolPlan, params: GenerationParams },
+    Plain { tokens: Vec<LlamaToken>, params: GenerationParams, sampler: LlamaSampler },
 }
 
 impl InferenceService {
-    pub fn new(engine: Engine, requests: Arc<Requests>, live: LiveReader, plugins: PluginRegistry) -> Self {
-        InferenceService { engine, requests, live, plugins }
+    pub fn new(engine: Engine, requests: Arc<Requests>, live: LiveReader, plugins: PluginRegistry, offload: Offload) -> Self {
+        InferenceService { engine, requests, live, plugins, offload }
     }
 
     /// The largest request body the HTTP bridges should read (`max_request_bytes`).
@@ -53,16 +67,13 @@ impl InferenceService {
     /// A chat turn with tools: the agent loop runs in its own task and streams every step.
     async fn tool_turn(
         &self,
+        scope: RequestScope,
         model: Arc<LoadedModel>,
-        request_id: &str,
         messages: Vec<ChatMessage>,
         plan: ToolPlan,
         params: GenerationParams,
-        client: &Client,
-        deadline: Option<std::time::Duration>,
         defaults: Defaults,
     ) -> Result<EventStream, Status> {
-        let scope = RequestScope::begin(&self.requests, request_id, client, deadline)?;
         // Every log line of the turn (steps, plugin calls) carries the request id; under
         // systemd it is a journal field (REQUEST_ID).
         let span = tracing::info_span!("request", request_id = %scope.request_id());
@@ -72,17 +83,30 @@ impl InferenceService {
             format: ToolFormat::detect(&model),
             model,
             plugins: self.plugins.clone(),
-            tools: plan.tools,
+            tools: plan.tools.into(),
             messages,
             max_steps: plan.max_steps,
-            call_max_tokens: defaults.tool_call_max_tokens,
+            call_max_tokens: defaults.tool_call_max_tokens.min(defaults.max_tokens_limit),
             params,
+            offload: self.offload.clone(),
         };
         // The first step is queued here, so that a full queue or a prompt too long is the
         // request's status rather than an error inside the stream.
-        let first = turn.submit_step(&plan.first_mode).map_err(convert::agent_status)?;
+        let first = turn.submit_step(&plan.first_mode).await.map_err(convert::agent_status)?;
         let (sink, events) = mpsc::unbounded_channel();
-        tokio::spawn(turn.run(plan.first_mode, first, sink).instrument(span));
+        // A panic in the loop ends this turn with INTERNAL; the daemon and other turns go on.
+        let on_panic = sink.clone();
+        let run = std::panic::AssertUnwindSafe(turn.run(plan.first_mode, first, sink));
+        tokio::spawn(
+            async move {
+                if let Err(panic) = futures::FutureExt::catch_unwind(run).await {
+                    let message = crate::offload::panic_message(panic.as_ref());
+                    tracing::error!("the tool turn panicked: {message}");
+                    let _ = on_panic.send(Err(crate::tools::agent::AgentError::Panicked(message)));
+                }
+            }
+            .instrument(span),
+        );
         let events = UnboundedReceiverStream::new(events).map(convert::agent_event);
         Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events)))
     }
@@ -90,15 +114,13 @@ impl InferenceService {
     /// Queues a tokenized prompt and returns the stream of its events.
     fn generate(
         &self,
+        scope: RequestScope,
         model: &LoadedModel,
-        request_id: &str,
         prompt: Vec<LlamaToken>,
         params: GenerationParams,
-        client: &Client,
-        deadline: Option<std::time::Duration>,
+        sampler: LlamaSampler,
     ) -> Result<EventStream, Status> {
-        let scope = RequestScope::begin(&self.requests, request_id, client, deadline)?;
-        let receiver = scope.submit(&self.engine, model, prompt, params)?;
+        let receiver = scope.submit(&self.engine, model, prompt, params, sampler)?;
         let started = convert::started(scope.request_id(), &model.info.name);
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let saw_end = ended.clone();
@@ -151,6 +173,48 @@ pub fn ready_model(engine: &Engine) -> Result<Arc<LoadedModel>, Status> {
     }
 }
 
+/// Everything CPU-heavy a chat request needs before it can be queued: its messages and
+/// options checked, its schemas compiled, its tools planned, and for a plain chat its prompt
+/// rendered and tokenized and its sampler built. Runs in [`Offload`].
+fn prepare_chat(
+    model: &LoadedModel,
+    request: &ChatRequest,
+    live: LiveSettings,
+    plugin_tools: &[crate::plugins::ToolInfo],
+) -> Result<PreparedChat, Status> {
+    let messages = validate::chat_messages(&request.messages)?;
+    let params = validate::generation_params(request.options.as_ref(), live.defaults)?;
+    if let Some(plan) = tool_options::plan(
+        request.tools.as_ref(),
+        live.tool_choice,
+        plugin_tools,
+        live.defaults.max_tool_steps,
+        &live.defaults.schema_limits,
+    )? {
+        if params.grammar.is_some() {
+            return Err(Status::invalid_argument(
+                "options.json_schema cannot be combined with tools: each tool step has its own grammar; \
+                 send the request with tool choice NONE, or leave json_schema out",
+            ));
+        }
+        return Ok(PreparedChat::ToolTurn { messages, plan, params });
+    }
+    let turns: Vec<TemplateTurn> = messages
+        .iter()
+        .map(|message| TemplateTurn::new(message.role.template_name(), plain(&message.content)))
+        .collect();
+    let prompt = render(model, &turns).map_err(convert::prompt_status)?;
+    let tokens = tokenize_prompt(&model.model, &prompt);
+    let sampler = sampler_for(&params, model)?;
+    Ok(PreparedChat::Plain { tokens, params, sampler })
+}
+
+/// The sampler chain; a grammar llama.cpp rejects is the request's mistake.
+fn sampler_for(params: &GenerationParams, model: &LoadedModel) -> Result<LlamaSampler, Status> {
+    build_sampler(params, &model.model)
+        .map_err(|reason| Status::invalid_argument(format!("options.json_schema gives a grammar llama.cpp rejects: {reason}")))
+}
+
 #[tonic::async_trait]
 impl Inference for InferenceService {
     type ChatStream = EventStream;
@@ -163,34 +227,23 @@ impl Inference for InferenceService {
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let live = *self.live.borrow();
-        let messages = validate::chat_messages(&request.messages)?;
-        let params = validate::generation_params(request.options.as_ref(), live.defaults)?;
+        // Registered first, so that the work below counts against the client's streams.
+        let scope = RequestScope::begin(&self.requests, &request.request_id, &client, deadline)?;
         let wants_tools = tool_options::wants_tools(request.tools.as_ref(), live.tool_choice);
         // Listing tools starts lazy plugins, so a plain chat does not ask.
         let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
-        if let Some(plan) = tool_options::plan(
-            request.tools.as_ref(),
-            live.tool_choice,
-            &plugin_tools,
-            live.defaults.max_tool_steps,
-        )? {
-            if params.grammar.is_some() {
-                return Err(Status::invalid_argument(
-                    "options.json_schema cannot be combined with tools: each tool step has its own grammar; \
-                     send the request with tool choice NONE, or leave json_schema out",
-                ));
+        let prepare_model = model.clone();
+        // The job holds the registration: a job left behind past its budget still counts
+        // against its client until it ends.
+        let (prepared, scope) =
+            self.offload.run_holding(scope, move || prepare_chat(&prepare_model, &request, live, &plugin_tools)).await?;
+        let prepared = prepared?;
+        let stream = match prepared {
+            PreparedChat::ToolTurn { messages, plan, params } => {
+                self.tool_turn(scope, model, messages, plan, params, live.defaults).await?
             }
-            return Ok(Response::new(
-                self.tool_turn(model, &request.request_id, messages, plan, params, &client, deadline, live.defaults).await?,
-            ));
-        }
-        let turns: Vec<TemplateTurn> = messages
-            .iter()
-            .map(|message| TemplateTurn::new(message.role.template_name(), plain(&message.content)))
-            .collect();
-        let prompt = render(&model, &turns).map_err(convert::prompt_status)?;
-        let tokens = tokenize_prompt(&model.model, &prompt);
-        let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
+            PreparedChat::Plain { tokens, params, sampler } => self.generate(scope, &model, tokens, params, sampler)?,
+        };
         Ok(Response::new(stream))
     }
 
@@ -200,10 +253,21 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
-        let prompt = validate::prompt(&request.prompt)?;
-        let params = validate::generation_params(request.options.as_ref(), self.live.borrow().defaults)?;
-        let tokens = model.model.vocab().tokenize(prompt.as_bytes(), true, true);
-        let stream = self.generate(&model, &request.request_id, tokens, params, &client, deadline)?;
+        validate::prompt(&request.prompt)?;
+        let defaults = self.live.borrow().defaults;
+        let scope = RequestScope::begin(&self.requests, &request.request_id, &client, deadline)?;
+        let prepare_model = model.clone();
+        let (prepared, scope) = self
+            .offload
+            .run_holding(scope, move || -> Result<_, Status> {
+                let params = validate::generation_params(request.options.as_ref(), defaults)?;
+                let tokens = prepare_model.model.vocab().tokenize(request.prompt.as_bytes(), true, true);
+                let sampler = sampler_for(&params, &prepare_model)?;
+                Ok((tokens, params, sampler))
+            })
+            .await?;
+        let (tokens, params, sampler) = prepared?;
+        let stream = self.generate(scope, &model, tokens, params, sampler)?;
         Ok(Response::new(stream))
     }
 
@@ -211,14 +275,20 @@ impl Inference for InferenceService {
         let request = request.into_inner();
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
-        let vocab = model.model.vocab();
-        let tokens = vocab.tokenize(request.text.as_bytes(), request.add_special, request.parse_special);
-        let pieces = tokens
-            .iter()
-            .map(|token| String::from_utf8_lossy(&vocab.token_to_piece(*token, true, None)).into_owned())
-            .collect();
-        let tokens = tokens.iter().map(|token| token.0 as u32).collect();
-        Ok(Response::new(TokenizeResponse { tokens, pieces }))
+        let response = self
+            .offload
+            .run(move || {
+                let vocab = model.model.vocab();
+                let tokens = vocab.tokenize(request.text.as_bytes(), request.add_special, request.parse_special);
+                let pieces = tokens
+                    .iter()
+                    .map(|token| String::from_utf8_lossy(&vocab.token_to_piece(*token, true, None)).into_owned())
+                    .collect();
+                let tokens = tokens.iter().map(|token| token.0 as u32).collect();
+                TokenizeResponse { tokens, pieces }
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {

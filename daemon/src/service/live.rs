@@ -21,6 +21,7 @@ impl LiveSettings {
                 tool_call_max_tokens: config.tool_call_max_tokens,
                 max_tool_steps: config.max_tool_steps,
                 max_tokens_limit: config.max_tokens_limit,
+                schema_limits: config.schema_limits,
             },
             tool_choice: config.tool_choice,
         }

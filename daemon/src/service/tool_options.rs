@@ -7,6 +7,7 @@ use tonic::Status;
 
 use super::validate::invalid;
 use crate::plugins::ToolInfo;
+use crate::tools::schema_guard::{self, SchemaLimits};
 use crate::tools::toolset::{OfferedTool, StepMode, ToolSide};
 
 /// Round trips allowed when a request does not say.
@@ -38,12 +39,15 @@ fn implied_choice(options: &ToolOptions, default_choice: ToolChoice) -> ToolChoi
 
 /// `None` when the turn is a plain chat (choice NONE, or AUTO with nothing to call).
 ///
-/// `max_steps_limit` is the configured bound on `tools.max_steps` (`max_tool_steps`).
+/// `max_steps_limit` is the configured bound on `tools.max_steps` (`max_tool_steps`); every
+/// tool schema must keep to `schema_limits` before it is compiled. Compiling is CPU work:
+/// callers run this off the runtime (`offload`).
 pub fn plan(
     options: Option<&ToolOptions>,
     default_choice: ToolChoice,
     plugin_tools: &[ToolInfo],
     max_steps_limit: u32,
+    schema_limits: &SchemaLimits,
 ) -> Result<Option<ToolPlan>, Status> {
     let fallback = ToolOptions::default();
     let options = options.unwrap_or(&fallback);
@@ -73,6 +77,10 @@ pub fn plan(
     for tool in plugin_tools.iter().filter(|_| !options.client_tools_only) {
         if options.allow.is_empty() || options.allow.contains(&tool.qualified_name) {
             // A tool whose schema does not compile is left out; the others are still offered.
+            if let Err(err) = schema_guard::check(&tool.input_schema, schema_limits) {
+                tracing::warn!(plugin = %tool.plugin, tool = %tool.qualified_name, "tool not offered: its input schema: {err}");
+                continue;
+            }
             match OfferedTool::new(tool.qualified_name.clone(), tool.description.clone(), tool.input_schema.clone(), ToolSide::Plugin) {
                 Ok(offered) => tools.push(offered),
                 Err(err) => tracing::warn!(plugin = %tool.plugin, tool = %tool.qualified_name, "tool not offered: {err}"),
@@ -92,6 +100,8 @@ pub fn plan(
             serde_json::from_str(&client.parameters_json)
                 .map_err(|err| invalid(format!("tools.client_tools[{index}].parameters_json is not JSON: {err}")))?
         };
+        schema_guard::check(&parameters, schema_limits)
+            .map_err(|err| invalid(format!("tools.client_tools[{index}].parameters_json: {err}")))?;
         let offered = OfferedTool::new(client.name.clone(), client.description.clone(), parameters, ToolSide::Client)
             .map_err(|err| invalid(format!("tools.client_tools[{index}].parameters_json: {err}")))?;
         tools.push(offered);

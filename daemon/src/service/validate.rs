@@ -8,6 +8,7 @@ use phi3d_proto::v1::{GenerationOptions, Message, Role};
 use tonic::Status;
 
 use crate::engine::task::{GenerationParams, Grammar, SamplingParams};
+use crate::tools::schema_guard::{self, SchemaLimits};
 use crate::tools::{CallRecord, ChatMessage, ChatRole};
 
 /// Server-side defaults that a request may leave unset.
@@ -20,7 +21,15 @@ pub struct Defaults {
     pub max_tool_steps: u32,
     /// The largest `max_tokens` a request may ask for (`max_tokens_limit`).
     pub max_tokens_limit: u32,
+    /// What a schema from a request must keep to (`schema_max_*`).
+    pub schema_limits: SchemaLimits,
 }
+
+/// Temperatures below this are greedy sampling. Dividing logits by a temperature near zero
+/// overflows them to infinity, the probabilities become NaN, and a grammar sampler then meets
+/// a token it forbids, which llama.cpp answers by throwing; greedy is what such a temperature
+/// means anyway.
+pub const GREEDY_BELOW_TEMPERATURE: f32 = 0.01;
 
 /// The most stop strings one request may give: each is checked against every new character.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -35,6 +44,7 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
     if !(temperature >= 0.0 && temperature.is_finite()) {
         return Err(invalid(format!("options.temperature must be >= 0 (0 is greedy), got {temperature}")));
     }
+    let temperature = if temperature < GREEDY_BELOW_TEMPERATURE { 0.0 } else { temperature };
     let top_p = options.top_p.unwrap_or(base.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(invalid(format!("options.top_p must be in (0, 1], got {top_p}")));
@@ -83,15 +93,16 @@ pub fn generation_params(options: Option<&GenerationOptions>, defaults: Defaults
         sampling: SamplingParams { temperature, top_p, top_k, min_p, repeat_penalty, seed },
         stop: options.stop.clone(),
         ignore_eos: options.ignore_eos,
-        grammar: structured_output(&options.json_schema)?,
+        grammar: structured_output(&options.json_schema, &defaults.schema_limits)?,
         render_special_tokens: false,
     })
 }
 
 /// The grammar that holds a reply to `options.json_schema`, or `None` for free text. The
-/// schema is checked as a schema first, so that a mistake is named in the client's terms
-/// rather than in the grammar converter's.
-fn structured_output(schema_text: &str) -> Result<Option<Grammar>, Status> {
+/// schema is checked against the limits and as a schema first, so that a mistake is named in
+/// the client's terms rather than in the grammar converter's, and nothing the converter cannot
+/// take reaches it. Compiling is CPU work: callers run this off the runtime (`offload`).
+fn structured_output(schema_text: &str, limits: &SchemaLimits) -> Result<Option<Grammar>, Status> {
     if schema_text.trim().is_empty() {
         return Ok(None);
     }
@@ -100,6 +111,7 @@ fn structured_output(schema_text: &str) -> Result<Option<Grammar>, Status> {
     if !schema.is_object() {
         return Err(invalid(format!("options.json_schema must be a JSON object (a schema), got {schema}")));
     }
+    schema_guard::check(&schema, limits).map_err(|err| invalid(format!("options.json_schema: {err}")))?;
     if let Err(err) = jsonschema::validator_for(&schema) {
         return Err(invalid(format!("options.json_schema is not a valid JSON schema: {err}")));
     }
@@ -198,7 +210,20 @@ pub(super) fn invalid(message: String) -> Status {
 mod tests {
     use super::*;
 
-    const DEFAULTS: Defaults = Defaults { max_tokens: 77, tool_call_max_tokens: 256, max_tool_steps: 16, max_tokens_limit: 1000 };
+    const DEFAULTS: Defaults = Defaults {
+        max_tokens: 77,
+        tool_call_max_tokens: 256,
+        max_tool_steps: 16,
+        max_tokens_limit: 1000,
+        schema_limits: SchemaLimits {
+            max_bytes: 64 * 1024,
+            max_depth: 64,
+            max_properties: 128,
+            max_name_bytes: 256,
+            max_literal_bytes: 1024,
+            max_repetition: 1024,
+        },
+    };
 
     fn rejects(options: GenerationOptions, field: &str) {
         let status = generation_params(Some(&options), DEFAULTS).unwrap_err();
@@ -230,6 +255,8 @@ mod tests {
         assert_eq!(params.max_tokens, 5);
         assert_eq!(params.sampling.temperature, 0.0);
         assert_eq!(params.sampling.seed, 9);
+        let tiny = GenerationOptions { temperature: Some(1e-45), ..Default::default() };
+        assert_eq!(generation_params(Some(&tiny), DEFAULTS).unwrap().sampling.temperature, 0.0, "greedy");
     }
 
     #[test]
@@ -245,6 +272,10 @@ mod tests {
         rejects(
             GenerationOptions { json_schema: r#"{"type":"nonsense"}"#.into(), ..Default::default() },
             "options.json_schema is not a valid JSON schema",
+        );
+        rejects(
+            GenerationOptions { json_schema: r##"{"$ref":"#"}"##.into(), ..Default::default() },
+            "options.json_schema: the $ref chain",
         );
     }
 

@@ -25,6 +25,7 @@ use super::{CallRecord, ChatMessage, ChatRole, ModelReply, ParsedCall, PromptErr
 use crate::engine::LoadedModel;
 use crate::engine::sampling::build_sampler;
 use crate::engine::task::{Completion, EngineError, Event, GenerationParams, StopReason, Timings};
+use crate::offload::{Offload, OffloadError};
 use crate::plugins::PluginRegistry;
 
 /// How often a reply that cannot be parsed is answered with a correction and retried before
@@ -101,6 +102,19 @@ pub enum AgentError<E> {
     Engine(EngineError),
     #[error("the model's reply could not be used {attempts} times in a row (last: {problem}); the turn was ended")]
     Unusable { attempts: u32, problem: String },
+    /// A step that had to call a tool ran out of tokens mid-call: another try would spend the
+    /// same budget again.
+    #[error(
+        "the model's call did not fit in its budget of {budget} tokens (tool_call_max_tokens, at most \
+         max_tokens_limit) and could not be made; give the call's arguments less to say or raise tool_call_max_tokens"
+    )]
+    CallCutShort { budget: u32 },
+    /// The step's grammar and prompt could not be prepared (too slow, or a panic).
+    #[error(transparent)]
+    Prepare(OffloadError),
+    /// The loop itself panicked: this turn ends, nothing else does.
+    #[error("the tool turn failed inside phi3d: {0}")]
+    Panicked(String),
     #[error("the engine dropped a generation step without an answer")]
     EngineLost,
 }
@@ -113,12 +127,15 @@ pub struct AgentTurn<R: StepRunner> {
     pub model: Arc<LoadedModel>,
     pub plugins: PluginRegistry,
     pub format: ToolFormat,
-    pub tools: Vec<OfferedTool>,
+    pub tools: Arc<[OfferedTool]>,
     pub messages: Vec<ChatMessage>,
     pub max_steps: u32,
-    /// The token budget of a step whose grammar allows only a call (`tool_call_max_tokens`).
+    /// The token budget of a step whose grammar allows only a call (`tool_call_max_tokens`,
+    /// never above `max_tokens_limit`).
     pub call_max_tokens: u32,
     pub params: GenerationParams,
+    /// Where each step's prompt and grammar are prepared, off the runtime.
+    pub offload: Offload,
 }
 
 /// The sum of every step's accounting.
@@ -135,24 +152,32 @@ struct Totals {
 impl<R: StepRunner> AgentTurn<R> {
     /// Renders and queues one step. Errors (a prompt too long, a full queue, a grammar llama.cpp
     /// rejects) end the request.
-    pub fn submit_step(&self, mode: &StepMode) -> Result<mpsc::UnboundedReceiver<Event>, AgentError<R::Error>> {
-        let turns = tool_turns(&self.messages, self.format, &self.tools, mode)?;
-        let prompt = render(&self.model, &turns)?;
-        let tokens = tokenize_prompt(&self.model.model, &prompt);
-        let grammar = self.format.grammar(&self.tools, mode).map_err(AgentError::Grammar)?;
+    pub async fn submit_step(&self, mode: &StepMode) -> Result<mpsc::UnboundedReceiver<Event>, AgentError<R::Error>> {
         // A step that can only be a call gets the call budget, not the client's max_tokens
         // (which limits the answer), and no client stop strings: those would cut the JSON.
         let forced_call = matches!(mode, StepMode::Required | StepMode::Force(_));
         let params = GenerationParams {
-            grammar: Some(grammar),
+            grammar: None,
             render_special_tokens: self.format.renders_special_tokens(),
             max_tokens: if forced_call { self.call_max_tokens } else { self.params.max_tokens },
             stop: if forced_call { Vec::new() } else { self.params.stop.clone() },
             ..self.params.clone()
         };
-        // Compiling the grammar can take a while for large schemas: here, once per step, on
-        // the async side, never on the worker thread that every slot's decoding waits on.
-        let sampler = tokio::task::block_in_place(|| build_sampler(&params, &self.model.model)).map_err(AgentError::Grammar)?;
+        let (messages, tools, model, format, mode) =
+            (self.messages.clone(), self.tools.clone(), self.model.clone(), self.format, mode.clone());
+        // Rendering, tokenizing and compiling the grammar are CPU work (a large schema takes a
+        // while): off the runtime, once per step, and never on the worker thread that every
+        // slot's decoding waits on.
+        let prepared = self.offload.run(move || -> Result<_, AgentError<R::Error>> {
+            let turns = tool_turns(&messages, format, &tools, &mode)?;
+            let prompt = render(&model, &turns)?;
+            let tokens = tokenize_prompt(&model.model, &prompt);
+            let grammar = format.grammar(&tools, &mode).map_err(AgentError::Grammar)?;
+            let params = GenerationParams { grammar: Some(grammar), ..params };
+            let sampler = build_sampler(&params, &model.model).map_err(AgentError::Grammar)?;
+            Ok((tokens, params, sampler))
+        });
+        let (tokens, params, sampler) = prepared.await.map_err(AgentError::Prepare)??;
         self.runner.submit(tokens, params, sampler).map_err(AgentError::Request)
     }
 
@@ -200,8 +225,13 @@ impl<R: StepRunner> AgentTurn<R> {
                         return finish(&sink, totals, StopReason::EndOfGeneration, true);
                     }
                 }
-                Err(_) if completion.stop_reason == StopReason::MaxTokens && !totals.text.is_empty() => {
-                    // An answer cut by max_tokens: what was streamed is the reply.
+                Err(_) if completion.stop_reason == StopReason::MaxTokens => {
+                    // A reply cut by its token budget is not a mistake a correction can fix: a
+                    // retry would spend the whole budget again. A step that had to call cannot
+                    // make its call; any other ends with what was streamed, cut by length.
+                    if matches!(mode, StepMode::Required | StepMode::Force(_)) {
+                        return fail(AgentError::CallCutShort { budget: self.call_max_tokens });
+                    }
                     return finish(&sink, totals, StopReason::MaxTokens, false);
                 }
                 Err(problem) if unusable_replies >= MAX_REPLY_RETRIES => {
@@ -213,7 +243,7 @@ impl<R: StepRunner> AgentTurn<R> {
                     send_result(&sink, "", "", &message, true, Duration::ZERO);
                     self.messages.push(ChatMessage::new(ChatRole::User, message));
                     // A retry asks for what the failed step asked for (a forced call stays forced).
-                    receiver = match self.submit_step(&mode) {
+                    receiver = match self.submit_step(&mode).await {
                         Ok(receiver) => receiver,
                         Err(error) => return fail(error),
                     };
@@ -221,7 +251,7 @@ impl<R: StepRunner> AgentTurn<R> {
                 }
             }
             mode = if totals.steps >= self.max_steps { StepMode::AnswerOnly } else { StepMode::Auto };
-            receiver = match self.submit_step(&mode) {
+            receiver = match self.submit_step(&mode).await {
                 Ok(receiver) => receiver,
                 Err(error) => return fail(error),
             };

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod conversation;
 pub mod generic;
 pub mod phi4;
+pub mod schema_guard;
 pub mod toolset;
 
 use serde_json::Value;
