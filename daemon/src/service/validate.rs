@@ -210,23 +210,18 @@ pub(super) fn invalid(message: String) -> Status {
 mod tests {
     use super::*;
 
-    const DEFAULTS: Defaults = Defaults {
-        max_tokens: 77,
-        tool_call_max_tokens: 256,
-        max_tool_steps: 16,
-        max_tokens_limit: 1000,
-        schema_limits: SchemaLimits {
-            max_bytes: 64 * 1024,
-            max_depth: 64,
-            max_properties: 128,
-            max_name_bytes: 256,
-            max_literal_bytes: 1024,
-            max_repetition: 1024,
-        },
-    };
+    fn defaults() -> Defaults {
+        Defaults {
+            max_tokens: 77,
+            tool_call_max_tokens: 256,
+            max_tool_steps: 16,
+            max_tokens_limit: 1000,
+            schema_limits: SchemaLimits::default(),
+        }
+    }
 
     fn rejects(options: GenerationOptions, field: &str) {
-        let status = generation_params(Some(&options), DEFAULTS).unwrap_err();
+        let status = generation_params(Some(&options), defaults()).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains(field), "{}", status.message());
     }
@@ -243,30 +238,30 @@ mod tests {
         rejects(GenerationOptions { stop: vec!["x".into(); 17], ..Default::default() }, "options.stop has 17");
         rejects(GenerationOptions { stop: vec!["x".into(), "y".repeat(257)], ..Default::default() }, "options.stop[1]");
         let bounded = GenerationOptions { stop: vec!["y".repeat(256); 16], ..Default::default() };
-        assert_eq!(generation_params(Some(&bounded), DEFAULTS).unwrap().stop.len(), 16);
+        assert_eq!(generation_params(Some(&bounded), defaults()).unwrap().stop.len(), 16);
     }
 
     #[test]
     fn defaults_fill_what_the_request_leaves_out() {
-        let params = generation_params(None, DEFAULTS).unwrap();
+        let params = generation_params(None, defaults()).unwrap();
         assert_eq!(params.max_tokens, 77);
         let options = GenerationOptions { max_tokens: 5, temperature: Some(0.0), seed: Some(9), ..Default::default() };
-        let params = generation_params(Some(&options), DEFAULTS).unwrap();
+        let params = generation_params(Some(&options), defaults()).unwrap();
         assert_eq!(params.max_tokens, 5);
         assert_eq!(params.sampling.temperature, 0.0);
         assert_eq!(params.sampling.seed, 9);
         let tiny = GenerationOptions { temperature: Some(1e-45), ..Default::default() };
-        assert_eq!(generation_params(Some(&tiny), DEFAULTS).unwrap().sampling.temperature, 0.0, "greedy");
+        assert_eq!(generation_params(Some(&tiny), defaults()).unwrap().sampling.temperature, 0.0, "greedy");
     }
 
     #[test]
     fn a_json_schema_becomes_a_grammar_and_a_bad_one_is_named() {
         let schema = r#"{"type":"object","properties":{"room":{"enum":["kitchen","hall"]}},"required":["room"]}"#;
         let options = GenerationOptions { json_schema: schema.into(), ..Default::default() };
-        let grammar = generation_params(Some(&options), DEFAULTS).unwrap().grammar.expect("a grammar");
+        let grammar = generation_params(Some(&options), defaults()).unwrap().grammar.expect("a grammar");
         assert!(grammar.gbnf.contains("root ::=") && grammar.gbnf.contains("kitchen"), "{}", grammar.gbnf);
         assert_eq!(grammar.trigger, None);
-        assert_eq!(generation_params(None, DEFAULTS).unwrap().grammar, None);
+        assert_eq!(generation_params(None, defaults()).unwrap().grammar, None);
         rejects(GenerationOptions { json_schema: "{".into(), ..Default::default() }, "options.json_schema is not JSON");
         rejects(GenerationOptions { json_schema: "[1]".into(), ..Default::default() }, "must be a JSON object");
         rejects(

@@ -106,11 +106,7 @@ impl Walk<'_> {
     /// `key` is the member name under which `value` sits in its parent object.
     fn node(&mut self, value: &Value, at: &mut String, depth: usize, key: Option<&str>) -> Result<(), SchemaRejection> {
         if depth > self.limits.max_depth {
-            return Err(reject(
-                at,
-                format!("the schema nests deeper than {} levels", self.limits.max_depth),
-                "flatten the schema or raise schema_max_depth",
-            ));
+            return Err(self.too_deep(at));
         }
         match value {
             Value::Object(members) => {
@@ -251,17 +247,21 @@ impl Walk<'_> {
         Ok(())
     }
 
+    fn too_deep(&self, at: &str) -> SchemaRejection {
+        reject(
+            at,
+            format!("the schema nests deeper than {} levels", self.limits.max_depth),
+            "flatten the schema or raise schema_max_depth",
+        )
+    }
+
     /// Prose (`description`, `examples`, ...): depth still counts, strings do not.
     fn node_without_literals(&self, value: &Value, at: &str, depth: usize) -> Result<(), SchemaRejection> {
         // An explicit stack: prose may be arbitrary JSON.
         let mut pending = vec![(value, depth)];
         while let Some((value, depth)) = pending.pop() {
             if depth > self.limits.max_depth {
-                return Err(reject(
-                    at,
-                    format!("the schema nests deeper than {} levels", self.limits.max_depth),
-                    "flatten the schema or raise schema_max_depth",
-                ));
+                return Err(self.too_deep(at));
             }
             match value {
                 Value::Object(members) => pending.extend(members.values().map(|child| (child, depth + 1))),
