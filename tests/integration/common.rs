@@ -105,3 +105,47 @@ pub async fn wait_active(daemon: &Daemon, active: u32) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// A free loopback address for an HTTP listener.
+pub fn http_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// A CA, a server certificate for localhost signed by it, a client certificate signed by it,
+/// and a client certificate from another CA, as PEM files in `dir`.
+pub struct Certificates {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub rogue_cert: PathBuf,
+    pub rogue_key: PathBuf,
+}
+
+pub fn make_certificates(dir: &Path) -> Certificates {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let authority = |name: &str| {
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let ca = authority("phi3d test CA");
+    let rogue_ca = authority("someone else's CA");
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let leaf = |names: Vec<String>, issuer: &CertifiedIssuer<'_, KeyPair>, stem: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, issuer).unwrap();
+        (write(&format!("{stem}.pem"), cert.pem()), write(&format!("{stem}-key.pem"), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], &ca, "server");
+    let (client_cert, client_key) = leaf(vec!["client.example".into()], &ca, "client");
+    let (rogue_cert, rogue_key) = leaf(vec!["rogue.example".into()], &rogue_ca, "rogue");
+    Certificates { ca: write("ca.pem", ca.pem()), server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key }
+}

@@ -6,7 +6,7 @@
 //! still work.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,12 +14,11 @@ use phi3d_tests::harness::Daemon;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::common::tiny_daemon;
+use crate::common::{make_certificates, tiny_daemon};
 
 /// A free loopback address for the HTTP listener.
 fn http_address() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
+    crate::common::http_address().parse().unwrap()
 }
 
 /// Reads until the peer closes (or fails) and returns what came and how long it took; panics
@@ -174,35 +173,6 @@ async fn one_client_cannot_take_every_connection() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let response = http(address, &request("GET", "/api/tags", "", "")).await;
     assert_eq!(status(&response), 200, "{response}");
-}
-
-struct Certificates {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-fn make_certificates(dir: &Path) -> Certificates {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut params = CertificateParams::new(Vec::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, "phi3d test CA");
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let leaf = |names: Vec<String>, stem: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
-        (write(&format!("{stem}.pem"), cert.pem()), write(&format!("{stem}-key.pem"), key.serialize_pem()))
-    };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "server");
-    let (client_cert, client_key) = leaf(vec!["client.example".into()], "client");
-    Certificates { ca: write("ca.pem", ca.pem()), server_cert, server_key, client_cert, client_key }
 }
 
 /// A TLS connection to `address` trusting `ca`, with a client certificate or none.

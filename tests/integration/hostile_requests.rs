@@ -11,12 +11,20 @@ use phi3d_proto::v1::{ClientTool, GenerationOptions, ToolOptions};
 use phi3d_tests::harness::tonic_health_client::ServingStatus;
 use serde_json::{Value, json};
 
-use crate::common::{chat_request, collect, daemon, tiny_daemon};
+use crate::common::{chat_request, collect, daemon, http_address, tiny_daemon};
 
-/// A free loopback address for the HTTP listener.
-fn http_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+/// The daemon's `/metrics` text.
+async fn metrics(address: &str) -> String {
+    http_client().get(format!("http://{address}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Generation steps run so far, whatever their stop reason (`phi3d_generations_total`).
+fn generation_steps(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("phi3d_generations_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn http_client() -> reqwest::Client {
@@ -212,17 +220,13 @@ async fn every_token_budget_stays_within_max_tokens_limit() {
         }
     }
     assert!(generated <= 16, "{generated} tokens under max_tokens_limit 16");
-    let metrics = http_client().get(format!("http://{address}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = metrics(&address).await;
     let total: f64 = metrics
         .lines()
         .find_map(|line| line.strip_prefix("phi3d_generated_tokens_total "))
         .map_or(0.0, |value| value.trim().parse().unwrap());
     assert!(total <= 16.0, "the turn generated {total} tokens in all, past max_tokens_limit 16:\n{metrics}");
-    let steps: f64 = metrics
-        .lines()
-        .filter(|line| line.starts_with("phi3d_generations_total{"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let steps = generation_steps(&metrics);
     assert_eq!(steps, 1.0, "one step, not retries:\n{metrics}");
 }
 
@@ -244,12 +248,8 @@ async fn a_tool_reply_cut_by_max_tokens_ends_with_length_at_once() {
     let reply: Value = response.json().await.unwrap();
     assert_eq!(status, reqwest::StatusCode::OK, "{reply}");
     assert_eq!(reply["done_reason"], "length", "{reply}");
-    let metrics = http_client().get(format!("http://{address}/metrics")).send().await.unwrap().text().await.unwrap();
-    let steps: f64 = metrics
-        .lines()
-        .filter(|line| line.starts_with("phi3d_generations_total{"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let metrics = metrics(&address).await;
+    let steps = generation_steps(&metrics);
     assert_eq!(steps, 1.0, "one step, not three:\n{metrics}");
 }
 

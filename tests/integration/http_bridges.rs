@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use phi3d_tests::harness::{Daemon, run};
 use serde_json::Value;
 
-use crate::common::{PHI3D, tiny_daemon};
+use crate::common::{PHI3D, http_address, tiny_daemon};
 
 /// The virtual environment with both clients, made once per build directory.
 fn python_clients() -> Option<PathBuf> {
@@ -64,12 +64,6 @@ fn run_client(python: &Path, name: &str, args: &[&str], daemon: &Daemon) -> Valu
     );
     let stdout = String::from_utf8(output.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|err| panic!("{err}: {stdout}"))
-}
-
-/// A free loopback address for the HTTP listener.
-fn http_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use phi3d_proto::v1::admin_client::AdminClient;
@@ -16,7 +16,7 @@ use phi3d_tests::harness::{Daemon, run};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::common::{PHI3D, chat_request, collect, exactly, in_background, tiny_daemon, tiny_model, user};
+use crate::common::{PHI3D, chat_request, collect, exactly, in_background, make_certificates, tiny_daemon, tiny_model, user};
 
 /// `phi3d token ACTION NAME` on `file`; stdout when it succeeds.
 fn token_cli(file: &Path, args: &[&str]) -> String {
@@ -125,44 +125,6 @@ async fn tokens_guard_every_rpc_but_health_and_revocation_is_immediate() {
     let listing = token_cli(&file, &["list"]);
     assert!(listing.contains("homeassistant") && listing.contains("revoked"), "{listing}");
     assert!(!std::fs::read_to_string(&file).unwrap().contains(&token["phi3d_".len()..]), "only digests are stored");
-}
-
-/// A CA, a server certificate for localhost signed by it, a client certificate signed by it,
-/// and a client certificate from another CA, as PEM files in `dir`.
-struct Certificates {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    rogue_cert: PathBuf,
-    rogue_key: PathBuf,
-}
-
-fn make_certificates(dir: &Path) -> Certificates {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let authority = |name: &str| {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-    };
-    let ca = authority("phi3d test CA");
-    let rogue_ca = authority("someone else's CA");
-    let write = |name: &str, text: String| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    let leaf = |names: Vec<String>, issuer: &CertifiedIssuer<'_, KeyPair>, stem: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names).unwrap().signed_by(&key, issuer).unwrap();
-        (write(&format!("{stem}.pem"), cert.pem()), write(&format!("{stem}-key.pem"), key.serialize_pem()))
-    };
-    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], &ca, "server");
-    let (client_cert, client_key) = leaf(vec!["client.example".into()], &ca, "client");
-    let (rogue_cert, rogue_key) = leaf(vec!["rogue.example".into()], &rogue_ca, "rogue");
-    Certificates { ca: write("ca.pem", ca.pem()), server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key }
 }
 
 async fn tls_channel(port: u16, ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Channel, String> {
