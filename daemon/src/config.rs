@@ -158,6 +158,9 @@ pub struct Settings {
     /// Largest minLength/maxLength/minItems/maxItems (and the like) in a JSON schema
     #[arg(long, env = "PHI3D_SCHEMA_MAX_REPETITION")]
     pub schema_max_repetition: Option<u64>,
+    /// Most enum values and anyOf/oneOf branches in one JSON schema, all together
+    #[arg(long, env = "PHI3D_SCHEMA_MAX_ALTERNATIVES")]
+    pub schema_max_alternatives: Option<usize>,
     /// Milliseconds a request's preparation (schemas, grammars, tokenizing) may take
     #[arg(long, env = "PHI3D_COMPILE_TIMEOUT_MS")]
     pub compile_timeout_ms: Option<u64>,
@@ -296,6 +299,7 @@ impl Settings {
             schema_max_name_bytes: over.schema_max_name_bytes.or(self.schema_max_name_bytes),
             schema_max_literal_bytes: over.schema_max_literal_bytes.or(self.schema_max_literal_bytes),
             schema_max_repetition: over.schema_max_repetition.or(self.schema_max_repetition),
+            schema_max_alternatives: over.schema_max_alternatives.or(self.schema_max_alternatives),
             compile_timeout_ms: over.compile_timeout_ms.or(self.compile_timeout_ms),
             header_timeout_seconds: over.header_timeout_seconds.or(self.header_timeout_seconds),
             body_timeout_seconds: over.body_timeout_seconds.or(self.body_timeout_seconds),
@@ -329,14 +333,14 @@ impl ConfigSource {
 }
 
 /// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 51] = [
+const KEYS: [&str; 52] = [
     "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
     "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
     "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
     "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
     "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
     "max_streams_per_client", "http_listen", "http_plugin_tools", "schema_max_bytes", "schema_max_depth",
-    "schema_max_properties", "schema_max_name_bytes", "schema_max_literal_bytes", "schema_max_repetition",
+    "schema_max_properties", "schema_max_name_bytes", "schema_max_literal_bytes", "schema_max_repetition", "schema_max_alternatives",
     "compile_timeout_ms", "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds",
     "max_connections_per_client", "max_connections", "http_allowed_origins", "http_allowed_hosts",
     "shutdown_grace_seconds", "gpu_layers",
@@ -560,6 +564,7 @@ impl Config {
                     max_name_bytes: settings.schema_max_name_bytes.unwrap_or(defaults.max_name_bytes),
                     max_literal_bytes: settings.schema_max_literal_bytes.unwrap_or(defaults.max_literal_bytes),
                     max_repetition: settings.schema_max_repetition.unwrap_or(defaults.max_repetition),
+                    max_alternatives: settings.schema_max_alternatives.unwrap_or(defaults.max_alternatives),
                 }
             },
             compile_timeout: std::time::Duration::from_millis(
@@ -715,7 +720,7 @@ mod tests {
                     http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\ngpu_layers = 99\n\
                     schema_max_bytes = 1000\nschema_max_depth = 9\nschema_max_properties = 8\n\
                     schema_max_name_bytes = 32\nschema_max_literal_bytes = 64\nschema_max_repetition = 10\n\
-                    compile_timeout_ms = 250\nheader_timeout_seconds = 5\nbody_timeout_seconds = 6\n\
+                    schema_max_alternatives = 20\ncompile_timeout_ms = 250\nheader_timeout_seconds = 5\nbody_timeout_seconds = 6\n\
                     idle_timeout_seconds = 7\nmax_connections_per_client = 3\nmax_connections = 9\n\
                     http_allowed_origins = [\"https://ha.example:8123\"]\nhttp_allowed_hosts = [\"phi3d.lan\"]\n";
         let settings = Settings::parse(file).unwrap();
@@ -732,7 +737,7 @@ mod tests {
         assert_eq!(config.http_plugin_tools, ["clock.now"]);
         let limits = config.schema_limits;
         assert_eq!((limits.max_bytes, limits.max_depth, limits.max_properties), (1000, 9, 8));
-        assert_eq!((limits.max_name_bytes, limits.max_literal_bytes, limits.max_repetition), (32, 64, 10));
+        assert_eq!((limits.max_name_bytes, limits.max_literal_bytes, limits.max_repetition, limits.max_alternatives), (32, 64, 10, 20));
         assert_eq!(config.compile_timeout, std::time::Duration::from_millis(250));
         let timeouts = (config.header_timeout_seconds, config.body_timeout_seconds, config.idle_timeout_seconds);
         assert_eq!((timeouts, config.max_connections_per_client, config.max_connections), ((5, 6, 7), 3, 9));

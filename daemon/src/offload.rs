@@ -3,15 +3,21 @@
 //! runs one, so a 20-second schema would stall every listing and health check), but on a
 //! thread of its own with a large stack (llama.cpp's converters recurse), a few at a time,
 //! within a time budget (`compile_timeout_ms`). A panic in the work ends that request only.
+//! One client holds at most half of the jobs at once, so that a client whose work runs long
+//! (llama.cpp's tokenizer cannot be interrupted) leaves room for every other client.
 //!
 //! A thread per job rather than `spawn_blocking`: tokio's blocking pool has a fixed, small
 //! stack size for every thread, and the budget needs a job that can be left behind.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::time::Instant;
+
+use crate::auth::Client;
 
 /// The stack of an offloaded job. Reserved address space, touched only as deep as the work
 /// goes; the schema limits keep real work far below it.
@@ -24,6 +30,50 @@ pub struct Offload {
     /// One permit per job running; a job past its budget keeps its permit until it ends, so
     /// runaway work cannot pile up threads.
     permits: Arc<Semaphore>,
+    shares: Arc<Shares>,
+    /// Whose work this handle runs ([`Offload::for_client`]); `None`: daemon work, bounded by
+    /// the global permits only.
+    client: Option<Client>,
+}
+
+/// Each client's share of the jobs: a semaphore per client with work running or waiting.
+struct Shares {
+    per_client: usize,
+    by_client: Mutex<HashMap<Client, Arc<Semaphore>>>,
+}
+
+/// A client's share held by one job; the client's entry goes when nothing holds or awaits it.
+struct Share {
+    permit: Option<OwnedSemaphorePermit>,
+    semaphore: Arc<Semaphore>,
+    shares: Arc<Shares>,
+    client: Client,
+}
+
+impl Shares {
+    async fn acquire(self: &Arc<Self>, client: &Client, deadline: Instant) -> Result<Share, OffloadError> {
+        let semaphore = {
+            let mut by_client = self.by_client.lock().expect("offload shares lock");
+            by_client.entry(client.clone()).or_insert_with(|| Arc::new(Semaphore::new(self.per_client))).clone()
+        };
+        // Built before waiting, so that a wait that times out still tidies the entry up.
+        let mut share = Share { permit: None, semaphore, shares: self.clone(), client: client.clone() };
+        let acquired = tokio::time::timeout_at(deadline, share.semaphore.clone().acquire_owned()).await;
+        share.permit = Some(acquired.map_err(|_| OffloadError::ClientBusy)?.map_err(|_| OffloadError::ClientBusy)?);
+        Ok(share)
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut by_client = self.shares.by_client.lock().expect("offload shares lock");
+        // Clones are taken under this lock: two references (the map's and this one) mean
+        // nobody else holds or awaits this client's share.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            by_client.remove(&self.client);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,14 +82,28 @@ pub enum OffloadError {
     TimedOut(Duration),
     #[error("phi3d is busy preparing other requests; retry shortly")]
     Busy,
+    #[error("this client's earlier requests are still being prepared (compile_timeout_ms); retry when they have ended")]
+    ClientBusy,
     #[error("preparing the request failed inside phi3d: {0}")]
     Panicked(String),
 }
 
 impl Offload {
-    /// `jobs` run at once at most; each gets `budget`.
+    /// `jobs` run at once at most, half of them (at least one) for one client; each gets
+    /// `budget`.
     pub fn new(jobs: usize, budget: Duration) -> Offload {
-        Offload { budget, permits: Arc::new(Semaphore::new(jobs.max(1))) }
+        let jobs = jobs.max(1);
+        Offload {
+            budget,
+            permits: Arc::new(Semaphore::new(jobs)),
+            shares: Arc::new(Shares { per_client: (jobs / 2).max(1), by_client: Mutex::default() }),
+            client: None,
+        }
+    }
+
+    /// This offload, for `client`'s work: counted against its share.
+    pub fn for_client(&self, client: &Client) -> Offload {
+        Offload { client: Some(client.clone()), ..self.clone() }
     }
 
     /// Runs `job` on its own thread and waits for it without blocking the runtime: its
@@ -56,7 +120,13 @@ impl Offload {
         held: H,
         job: impl FnOnce() -> T + Send + 'static,
     ) -> Result<(T, H), OffloadError> {
-        let permit = tokio::time::timeout(self.budget, self.permits.clone().acquire_owned())
+        // Waiting for a share or a permit counts against the same budget.
+        let deadline = Instant::now() + self.budget;
+        let share = match &self.client {
+            Some(client) => Some(self.shares.acquire(client, deadline).await?),
+            None => None,
+        };
+        let permit = tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| OffloadError::Busy)?
             .map_err(|_| OffloadError::Busy)?;
@@ -66,7 +136,7 @@ impl Offload {
             .stack_size(STACK_BYTES)
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(job)).map(|value| (value, held));
-                drop(permit);
+                drop((permit, share));
                 let _ = sender.send(outcome);
             })
             .map_err(|err| OffloadError::Panicked(format!("cannot start a thread: {err}")))?;
@@ -118,5 +188,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(std::sync::Arc::strong_count(&held), 1, "and lets go when it ends");
         offload.run(|| ()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_client_holds_half_of_the_jobs_and_others_go_past_it() {
+        let offload = Offload::new(2, Duration::from_millis(300));
+        let greedy = offload.for_client(&Client::Address([192, 168, 1, 9].into()));
+        let other = offload.for_client(&Client::Address([192, 168, 1, 10].into()));
+        let long = tokio::spawn({
+            let greedy = greedy.clone();
+            async move { greedy.run(|| std::thread::sleep(Duration::from_millis(1000))).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The same client's next job waits for its share, within the budget, and gets none.
+        let refused = greedy.run(|| ()).await.unwrap_err();
+        assert!(matches!(refused, OffloadError::ClientBusy), "{refused:?}");
+        // Another client still finds a job free.
+        let started = Instant::now();
+        other.run(|| ()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(200), "{:?}", started.elapsed());
+        assert!(matches!(long.await.unwrap(), Err(OffloadError::TimedOut(_))));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // Once its job has ended, the client's entry is gone and it runs again.
+        assert!(offload.shares.by_client.lock().unwrap().is_empty());
+        greedy.run(|| ()).await.unwrap();
     }
 }

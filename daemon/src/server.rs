@@ -20,7 +20,7 @@ use tonic_health::ServingStatus;
 use crate::auth::Authenticator;
 use crate::auth::tokens::TokenStore;
 use crate::config::{Config, ConfigSource, SandboxRequire};
-use crate::listeners::connections::{ConnectionLimits, Gate, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TrackRequests};
+use crate::listeners::connections::{ConnectionLimits, Gate, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS_PER_CONNECTION, TrackRequests};
 use crate::listeners::{Door, Listeners};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
@@ -266,7 +266,8 @@ pub async fn serve(
         // HTTP/2 pings drop a peer that stopped answering.
         let mut builder = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
         if let Some(tls) = tls {
             builder = builder.tls_config(tls.timeout(connection_limits.header_timeout))?;
         }
@@ -282,7 +283,7 @@ pub async fn serve(
             return anyhow::Ok(());
         }
         let incoming = futures::stream::select_all(unix.into_iter().map(UnixListenerStream::new));
-        routes(tonic::transport::Server::builder())
+        routes(tonic::transport::Server::builder().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION)))
             .serve_with_incoming_shutdown(incoming, stopping.clone().cancelled_owned())
             .await?;
         anyhow::Ok(())

@@ -178,9 +178,12 @@ async fn a_slow_schema_neither_stalls_other_clients_nor_outlives_its_budget() {
     assert!(status.message().contains("compile_timeout_ms"), "{}", status.message());
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(4), "the budget of 1.5 s held: {elapsed:?}");
-    // The daemon serves on.
-    let mut client = daemon.inference().await;
-    collect(client.chat(chat_request("hi", crate::common::exactly(2))).await.unwrap().into_inner()).await.unwrap();
+    // The daemon serves on, at once, for another client (the slow job, left behind, still
+    // holds its own client's share of the preparation threads).
+    let other = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let body = json!({"model": "m", "prompt": "hi", "stream": false, "options": {"num_predict": 2}});
+    let reply = other.post(format!("http://{address}/api/generate")).json(&body).send().await.unwrap();
+    assert_eq!(reply.status(), 200, "{}", reply.text().await.unwrap());
 }
 
 #[tokio::test]
@@ -254,6 +257,28 @@ async fn a_tool_reply_cut_by_max_tokens_ends_with_length_at_once() {
 }
 
 #[tokio::test]
+async fn a_tool_reply_cut_by_a_stop_string_ends_at_once() {
+    // A client's stop string that cuts the JSON of a tool step would cut every retry the same
+    // way: the turn ends with what was generated and `stop`, in one step.
+    let address = http_address();
+    let _daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
+    let body = json!({
+        "model": "m", "stream": false,
+        "messages": [{"role": "user", "content": "Turn on the kitchen light"}],
+        "tools": [{"type": "function", "function": {"name": "HassTurnOn", "parameters":
+            {"type": "object", "properties": {"name": {"type": "string"}}}}}],
+        "options": {"num_predict": 32, "temperature": 0, "stop": ["\""]}
+    });
+    let response = http_client().post(format!("http://{address}/api/chat")).json(&body).send().await.unwrap();
+    let status = response.status();
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK, "{reply}");
+    assert_eq!(reply["done_reason"], "stop", "{reply}");
+    let steps = generation_steps(&metrics(&address).await);
+    assert_eq!(steps, 1.0, "one step, not retries");
+}
+
+#[tokio::test]
 async fn a_panic_while_sampling_one_request_ends_that_request_only() {
     let daemon = tiny_daemon().env("PHI3D_FAULT_INJECTION", "sample-panic").start().await;
     let mut client = daemon.inference().await;
@@ -272,4 +297,102 @@ async fn a_panic_while_sampling_one_request_ends_that_request_only() {
     assert_eq!(daemon.health_status().await, ServingStatus::Serving);
     let reply = collect(client.chat(chat_request("hi", crate::common::exactly(3))).await.unwrap().into_inner()).await.unwrap();
     assert_eq!(reply.done.usage.unwrap().completion_tokens, 3, "and the next request is served");
+}
+
+#[tokio::test]
+async fn a_body_over_max_request_bytes_is_413_naming_the_limit_on_every_route() {
+    let address = http_address();
+    let daemon = tiny_daemon().arg("--http-listen").arg(&address).arg("--max-request-bytes").arg("4096").start().await;
+    let http = http_client();
+    // Small enough to be sent whole before the refusal closes the connection.
+    let big = json!({"model": "m".repeat(20_000), "messages": [], "prompt": "hi"}).to_string();
+    for path in ["/api/chat", "/api/generate", "/api/show", "/api/pull", "/v1/chat/completions", "/v1/completions"] {
+        let reply = http.post(format!("http://{address}{path}")).body(big.clone()).send().await.unwrap();
+        assert_eq!(reply.status(), 413, "{path}");
+        let body: Value = reply.json().await.unwrap();
+        let message = body["error"].as_str().or_else(|| body["error"]["message"].as_str()).unwrap_or_default();
+        assert!(message.contains("max_request_bytes") && message.contains("4096"), "{path}: {body}");
+    }
+    // A body that is JSON but not what the route takes is a 400 that names the route.
+    let reply = http.post(format!("http://{address}/api/show")).body("[1, 2").send().await.unwrap();
+    assert_eq!(reply.status(), 400);
+    let body: Value = reply.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("/api/show"), "{body}");
+    // And the daemon serves the next, well-formed request.
+    let reply = http.post(format!("http://{address}/api/show")).body(r#"{"model": "phi3d"}"#).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized() {
+    let address = http_address();
+    let daemon = tiny_daemon().arg("--http-listen").arg(&address).arg("--max-request-bytes").arg("4000000").start().await;
+    let http = http_client();
+    // 200,000 emoji take llama.cpp's tokenizer seconds that nothing can interrupt; no context
+    // this daemon has could hold them.
+    let prompt = "\u{1F600}".repeat(200_000);
+    let reply = http
+        .post(format!("http://{address}/api/generate"))
+        .json(&json!({"model": "phi3d", "prompt": prompt, "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let body: Value = reply.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("ctx_size"), "{body}");
+    let mut client = daemon.inference().await;
+    let options = GenerationOptions { max_tokens: 4, ..GenerationOptions::default() };
+    let mut complete = phi3d_proto::v1::CompleteRequest { prompt: "\u{1F600}".repeat(200_000), ..Default::default() };
+    complete.options = Some(options);
+    let status = client.complete(complete).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("ctx_size"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_grammar_whose_alternatives_multiply_ends_its_request_and_no_other() {
+    // An anyOf of enums offers all of their values where the first token is chosen: 24,576
+    // numbers make the grammar check of each such token take seconds on the engine thread that
+    // every client shares. With the default limits it is refused before anything compiles...
+    let enums = |count: usize| -> Value {
+        let branches: Vec<Value> = (0..count).map(|branch| json!({"enum": (branch * 512..branch * 512 + 512).collect::<Vec<_>>()})).collect();
+        json!({"type": "array", "minItems": 2, "maxItems": 2, "items": {"anyOf": branches}})
+    };
+    let address = http_address();
+    let daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
+    let http = http_client();
+    let body = json!({"model": "m", "prompt": "numbers", "stream": false, "format": enums(4), "options": {"num_predict": 8}});
+    let reply = http.post(format!("http://{address}/api/generate")).json(&body).send().await.unwrap();
+    assert_eq!(reply.status(), 400);
+    let reply: Value = reply.json().await.unwrap();
+    assert!(reply["error"].as_str().unwrap().contains("schema_max_alternatives"), "{reply}");
+    drop(daemon);
+    // ...and where an operator raised the limits, the step's CPU budget ends the request.
+    let address = http_address();
+    let _daemon = tiny_daemon()
+        .arg("--http-listen")
+        .arg(&address)
+        .arg("--schema-max-alternatives")
+        .arg("100000")
+        .arg("--schema-max-bytes")
+        .arg("1000000")
+        .arg("--max-request-bytes")
+        .arg("4000000")
+        .start()
+        .await;
+    let schema = enums(48);
+    let body = json!({"model": "m", "prompt": "numbers", "stream": false, "format": schema, "options": {"num_predict": 8}});
+    let started = Instant::now();
+    let reply = http.post(format!("http://{address}/api/generate")).json(&body).send().await.unwrap();
+    let status = reply.status();
+    let reply: Value = reply.json().await.unwrap();
+    assert_eq!(status, 400, "{reply}");
+    let message = reply["error"].as_str().unwrap();
+    assert!(message.contains("CPU time") || message.contains("compile_timeout_ms"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
+    // The engine goes on serving.
+    let body = json!({"model": "m", "prompt": "hello", "stream": false, "options": {"num_predict": 4}});
+    let reply = http.post(format!("http://{address}/api/generate")).json(&body).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
 }

@@ -288,7 +288,7 @@ async fn ollama_pull_uses_phi3ds_own_download_with_streamed_progress() {
         .unwrap();
     assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST);
     let body: Value = refused.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("not a valid pull request"), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not a valid request for /api/pull"), "{body}");
 }
 
 #[tokio::test]

@@ -51,6 +51,10 @@ pub struct LoadedModel {
     pub model: LlamaModel,
     pub chat_template: Option<LlamaChatTemplate>,
     pub info: ModelInfo,
+    /// The most text one token stands for, in bytes (its raw vocabulary text, which is never
+    /// shorter than the text it covers): a prompt longer than the context times this cannot
+    /// fit, and is refused before the tokenizer, which cannot be interrupted, spends seconds on it.
+    pub longest_token_bytes: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -149,7 +153,10 @@ pub fn load_model(
         kv_cache_bytes,
         memory_plan: Some(plan),
     };
-    Ok(LoadedModel { model, chat_template, info })
+    let vocab = model.vocab();
+    let longest_token_bytes =
+        vocab.tokens().filter_map(|token| vocab.text(token)).map(|text| text.to_bytes().len()).max().unwrap_or(1).max(1);
+    Ok(LoadedModel { model, chat_template, info, longest_token_bytes })
 }
 
 /// The refusal: what the plan needs against what there is, and a configuration that fits.

@@ -12,6 +12,13 @@ use super::task::{EngineError, GenerationParams, Grammar};
 /// How many recent tokens the repeat penalty looks at (llama.cpp's default).
 const PENALTY_LAST_N: i32 = 64;
 
+/// The CPU time one token's sampling may take. A grammar checks every candidate token against
+/// every alternative open at that point, and the schema limits bound alternatives one by one,
+/// not their products (an `anyOf` of enums): a request whose grammar makes one step take
+/// longer than this ends, rather than holding the engine thread that every client shares.
+/// Ordinary steps take milliseconds; CPU time, so that a busy neighbour does not count.
+const SAMPLING_CPU_BUDGET: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The chain for one task. Fails only on a grammar llama.cpp rejects.
 pub fn build_sampler(params: &GenerationParams, model: &LlamaModel) -> Result<LlamaSampler, String> {
     let sampling = &params.sampling;
@@ -76,7 +83,17 @@ pub fn sample(sampler: &mut LlamaSampler, ctx: &LlamaContext<'_>, index: i32) ->
     if !candidates.data.iter().any(|candidate| candidate.logit().is_finite()) {
         return Err(EngineError::Sampling("the model gave no finite logits".into()));
     }
+    let before = thread_cpu_time();
     sampler.apply(&mut candidates);
+    let spent = thread_cpu_time().saturating_sub(before);
+    if spent > SAMPLING_CPU_BUDGET {
+        return Err(EngineError::Grammar(format!(
+            "choosing one token took {} ms of CPU time, more than {} ms: the request's schema or grammar offers \
+             too many alternatives at once; offer fewer enum values or anyOf branches",
+            spent.as_millis(),
+            SAMPLING_CPU_BUDGET.as_millis()
+        )));
+    }
     let selected = candidates.selected.and_then(|selected| candidates.data.get(selected));
     let Some(chosen) = selected.filter(|candidate| candidate.logit().is_finite()) else {
         return Err(EngineError::Sampling(
@@ -88,4 +105,13 @@ pub fn sample(sampler: &mut LlamaSampler, ctx: &LlamaContext<'_>, index: i32) ->
         .try_accept(token)
         .map_err(|err| EngineError::Sampling(format!("llama.cpp refused the sampled token {}: {err}", token.0)))?;
     Ok(token)
+}
+
+/// CPU time this thread has used.
+fn thread_cpu_time() -> std::time::Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write; CLOCK_THREAD_CPUTIME_ID is always supported
+    // on Linux. On failure it stays zero and the budget is not enforced.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    std::time::Duration::new(now.tv_sec.max(0) as u64, now.tv_nsec.clamp(0, 999_999_999) as u32)
 }

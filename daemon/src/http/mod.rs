@@ -11,6 +11,7 @@
 //! served over TLS (and client certificates) when the config has them, as gRPC is, by hyper's
 //! HTTP/1.1-or-HTTP/2 connection builder; `browsers` keeps web pages out.
 
+pub mod body;
 pub mod browsers;
 pub mod ollama;
 pub mod openai;
@@ -229,7 +230,7 @@ pub async fn serve(
     state: HttpState,
     stopping: CancellationToken,
 ) -> std::io::Result<()> {
-    use crate::listeners::connections::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, accept_failed};
+    use crate::listeners::connections::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_STREAMS_PER_CONNECTION, accept_failed};
     let router = axum::Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
@@ -251,7 +252,8 @@ pub async fn serve(
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     let builder = Arc::new(builder);
     let acceptor = door.tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = tokio_util::task::TaskTracker::new();

@@ -19,6 +19,7 @@ use phi3d_proto::v1::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::body::JsonBody;
 use super::{Api, ApiError, HttpState};
 use crate::auth::Client;
 
@@ -115,7 +116,9 @@ async fn version() -> Json<Value> {
     Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
 }
 
-async fn show(State(state): State<HttpState>) -> Result<Json<Value>, ApiError> {
+/// The body (`{"model": …}`) is read within the limits, as every body is; phi3d has one model,
+/// so the name it gives does not matter, as on `/api/chat`.
+async fn show(State(state): State<HttpState>, _body: JsonBody<serde::de::IgnoredAny>) -> Result<Json<Value>, ApiError> {
     let model = state
         .model()
         .ok_or_else(|| ApiError::new(Api::Ollama, StatusCode::SERVICE_UNAVAILABLE, "the model is still loading"))?;
@@ -265,12 +268,8 @@ pub(super) fn client_tools(api: Api, tools: &[Value]) -> Result<Vec<ClientTool>,
 async fn chat(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
-    body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<ChatBody>,
 ) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return invalid(format!("the request body is not a valid chat request: {rejection}")).into_response(),
-    };
     let request = match chat_request(&body) {
         Ok(request) => state.with_plugin_tools(request),
         Err(err) => return err.into_response(),
@@ -324,12 +323,8 @@ struct GenerateBody {
 async fn generate(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
-    body: Result<Json<GenerateBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<GenerateBody>,
 ) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return invalid(format!("the request body is not a valid generate request: {rejection}")).into_response(),
-    };
     let stream = body.stream.unwrap_or(true);
     let request = match generate_request(body) {
         Ok(request) => state.with_plugin_tools(request),

@@ -17,6 +17,7 @@ use phi3d_proto::v1::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::body::JsonBody;
 use super::{Api, ApiError, HttpState, unix_now};
 use crate::auth::Client;
 
@@ -273,12 +274,8 @@ fn chat_request(body: &ChatBody) -> Result<ChatRequest, ApiError> {
 async fn chat_completions(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
-    body: Result<Json<ChatBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<ChatBody>,
 ) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return invalid(format!("the request body is not a valid chat completion request: {rejection}")).into_response(),
-    };
     let request = match chat_request(&body) {
         Ok(request) => state.with_plugin_tools(request),
         Err(err) => return err.into_response(),
@@ -409,12 +406,8 @@ fn completion_request(body: &CompletionBody) -> Result<ChatRequest, ApiError> {
 async fn completions(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
-    body: Result<Json<CompletionBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<CompletionBody>,
 ) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => return invalid(format!("the request body is not a valid completion request: {rejection}")).into_response(),
-    };
     let request = match completion_request(&body) {
         Ok(request) => request,
         Err(err) => return err.into_response(),

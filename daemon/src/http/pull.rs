@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc, watch};
 
+use super::body::JsonBody;
 use super::{Api, ApiError, HttpState};
 use crate::model::catalogue::{self, CatalogueEntry};
 use crate::model::hub::{self, HubError, HubOptions, ProgressStyle, Transfer};
@@ -63,14 +64,8 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
 
 pub(super) async fn pull(
     State(state): State<HttpState>,
-    body: Result<Json<PullBody>, axum::extract::rejection::JsonRejection>,
+    JsonBody(body): JsonBody<PullBody>,
 ) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            return refuse(StatusCode::BAD_REQUEST, format!("the request body is not a valid pull request: {rejection}"));
-        }
-    };
     let stream = body.stream.unwrap_or(true);
     let requested = body.model.or(body.name).unwrap_or_default();
     let name = requested.trim();

@@ -41,6 +41,12 @@ use crate::config::Config;
 /// HTTP/2 keep-alive pings (both listeners): a peer that stops answering is dropped.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS), on
+/// gRPC and on the HTTP bridges. Requests that generate are limited per client by
+/// `max_streams_per_client`; this bounds everything else a connection can open (reflection and
+/// health watches, listings), so that with `max_connections_per_client` a client's streams are
+/// bounded too. hyper's default is 200; a home client needs a handful.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 
 /// Descriptors phi3d needs besides its client connections: the model, listeners, the journal,
 /// plugin pipes, prompt-cache files, the token file and the config watcher.

@@ -59,7 +59,7 @@ impl From<OffloadError> for Status {
     fn from(error: OffloadError) -> Status {
         match error {
             OffloadError::TimedOut(_) => Status::invalid_argument(error.to_string()),
-            OffloadError::Busy => Status::resource_exhausted(error.to_string()),
+            OffloadError::Busy | OffloadError::ClientBusy => Status::resource_exhausted(error.to_string()),
             OffloadError::Panicked(_) => Status::internal(error.to_string()),
         }
     }
@@ -109,6 +109,7 @@ pub fn prompt_status(error: PromptError) -> Status {
     match error {
         PromptError::NoChatTemplate => Status::failed_precondition(error.to_string()),
         PromptError::Invalid(message) => Status::invalid_argument(message),
+        PromptError::TooLong { .. } => Status::invalid_argument(error.to_string()),
     }
 }
 

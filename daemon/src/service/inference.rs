@@ -35,7 +35,7 @@ use crate::offload::Offload;
 use crate::plugins::PluginRegistry;
 use crate::tools::{ChatMessage, ToolFormat};
 use crate::tools::agent::AgentTurn;
-use crate::tools::conversation::{TemplateTurn, plain, render, tokenize_prompt};
+use crate::tools::conversation::{TemplateTurn, could_fit, plain, render, tokenize_prompt};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
@@ -68,6 +68,7 @@ impl InferenceService {
     async fn tool_turn(
         &self,
         scope: RequestScope,
+        offload: Offload,
         model: Arc<LoadedModel>,
         messages: Vec<ChatMessage>,
         plan: ToolPlan,
@@ -88,7 +89,7 @@ impl InferenceService {
             max_steps: plan.max_steps,
             call_max_tokens: defaults.tool_call_max_tokens.min(defaults.max_tokens_limit),
             params,
-            offload: self.offload.clone(),
+            offload,
         };
         // The first step is queued here, so that a full queue or a prompt too long is the
         // request's status rather than an error inside the stream.
@@ -159,7 +160,7 @@ pub fn system_prefix_tokens(model: &LoadedModel, text: &str) -> Result<Vec<Llama
         .model
         .apply_chat_template(template, &[system], false)
         .map_err(|err| format!("the model's chat template cannot render it: {err}"))?;
-    Ok(tokenize_prompt(&model.model, &rendered))
+    tokenize_prompt(model, &rendered).map_err(|err| err.to_string())
 }
 
 /// The warm model, or UNAVAILABLE saying how far loading got.
@@ -204,7 +205,7 @@ fn prepare_chat(
         .map(|message| TemplateTurn::new(message.role.template_name(), plain(&message.content)))
         .collect();
     let prompt = render(model, &turns).map_err(convert::prompt_status)?;
-    let tokens = tokenize_prompt(&model.model, &prompt);
+    let tokens = tokenize_prompt(model, &prompt).map_err(convert::prompt_status)?;
     let sampler = sampler_for(&params, model)?;
     Ok(PreparedChat::Plain { tokens, params, sampler })
 }
@@ -235,12 +236,13 @@ impl Inference for InferenceService {
         let prepare_model = model.clone();
         // The job holds the registration: a job left behind past its budget still counts
         // against its client until it ends.
+        let offload = self.offload.for_client(&client);
         let (prepared, scope) =
-            self.offload.run_holding(scope, move || prepare_chat(&prepare_model, &request, live, &plugin_tools)).await?;
+            offload.run_holding(scope, move || prepare_chat(&prepare_model, &request, live, &plugin_tools)).await?;
         let prepared = prepared?;
         let stream = match prepared {
             PreparedChat::ToolTurn { messages, plan, params } => {
-                self.tool_turn(scope, model, messages, plan, params, live.defaults).await?
+                self.tool_turn(scope, offload, model, messages, plan, params, live.defaults).await?
             }
             PreparedChat::Plain { tokens, params, sampler } => self.generate(scope, &model, tokens, params, sampler)?,
         };
@@ -259,8 +261,10 @@ impl Inference for InferenceService {
         let prepare_model = model.clone();
         let (prepared, scope) = self
             .offload
+            .for_client(&client)
             .run_holding(scope, move || -> Result<_, Status> {
                 let params = validate::generation_params(request.options.as_ref(), defaults)?;
+                could_fit(&prepare_model, request.prompt.len()).map_err(convert::prompt_status)?;
                 let tokens = prepare_model.model.vocab().tokenize(request.prompt.as_bytes(), true, true);
                 let sampler = sampler_for(&params, &prepare_model)?;
                 Ok((tokens, params, sampler))
@@ -272,11 +276,13 @@ impl Inference for InferenceService {
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        let client = Client::of(&request);
         let request = request.into_inner();
         self.requests.limits.check_size(&request)?;
         let model = ready_model(&self.engine)?;
         let response = self
             .offload
+            .for_client(&client)
             .run(move || {
                 let vocab = model.model.vocab();
                 let tokens = vocab.tokenize(request.text.as_bytes(), request.add_special, request.parse_special);

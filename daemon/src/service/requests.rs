@@ -72,7 +72,8 @@ impl Requests {
         let open = in_flight.values().filter(|request| request.client == *client).count();
         if open >= self.limits.max_streams_per_client as usize {
             return Err(Status::resource_exhausted(format!(
-                "{client} already has {open} requests in flight, the most one client may have                  (max_streams_per_client); wait for one to finish"
+                "{client} already has {open} requests in flight, the most one client may have \
+                 (max_streams_per_client); wait for one to finish"
             )));
         }
         let cancel = self.shutdown.child_token();

@@ -171,7 +171,7 @@ impl<R: StepRunner> AgentTurn<R> {
         let prepared = self.offload.run(move || -> Result<_, AgentError<R::Error>> {
             let turns = tool_turns(&messages, format, &tools, &mode)?;
             let prompt = render(&model, &turns)?;
-            let tokens = tokenize_prompt(&model.model, &prompt);
+            let tokens = tokenize_prompt(&model, &prompt)?;
             let grammar = format.grammar(&tools, &mode).map_err(AgentError::Grammar)?;
             let params = GenerationParams { grammar: Some(grammar), ..params };
             let sampler = build_sampler(&params, &model.model).map_err(AgentError::Grammar)?;
@@ -225,14 +225,15 @@ impl<R: StepRunner> AgentTurn<R> {
                         return finish(&sink, totals, StopReason::EndOfGeneration, true);
                     }
                 }
-                Err(_) if completion.stop_reason == StopReason::MaxTokens => {
-                    // A reply cut by its token budget is not a mistake a correction can fix: a
-                    // retry would spend the whole budget again. A step that had to call cannot
-                    // make its call; any other ends with what was streamed, cut by length.
+                Err(_) if matches!(completion.stop_reason, StopReason::MaxTokens | StopReason::StopSequence) => {
+                    // A reply cut by its token budget or by one of the client's stop strings
+                    // is not a mistake a correction can fix: a retry would be cut the same way,
+                    // spending the whole budget again. A step that had to call cannot make its
+                    // call; any other ends with what was streamed, cut as the client asked.
                     if matches!(mode, StepMode::Required | StepMode::Force(_)) {
                         return fail(AgentError::CallCutShort { budget: self.call_max_tokens });
                     }
-                    return finish(&sink, totals, StopReason::MaxTokens, false);
+                    return finish(&sink, totals, completion.stop_reason, false);
                 }
                 Err(problem) if unusable_replies >= MAX_REPLY_RETRIES => {
                     return fail(AgentError::Unusable { attempts: unusable_replies + 1, problem });

@@ -102,7 +102,7 @@ pub fn plain(text: &str) -> String {
 /// marked text: a BOS if the model wants one, then special tokens and the text runs between
 /// them, each run tokenized as one piece (with its leading-space rule), and the whitespace
 /// beside a special token stripped where its attributes say so.
-pub fn tokenize_prompt(model: &llama_cpp_2::model::LlamaModel, prompt: &str) -> Vec<llama_cpp_2::token::LlamaToken> {
+pub fn tokenize_prompt(model: &LoadedModel, prompt: &str) -> Result<Vec<llama_cpp_2::token::LlamaToken>, PromptError> {
     use llama_cpp_2::token::LlamaToken;
     use llama_cpp_2::token_type::LlamaTokenAttr;
     enum Fragment {
@@ -123,7 +123,8 @@ pub fn tokenize_prompt(model: &llama_cpp_2::model::LlamaModel, prompt: &str) -> 
             self.text.push_str(piece);
         }
     }
-    let vocab = model.vocab();
+    could_fit(model, prompt.len())?;
+    let vocab = model.model.vocab();
     let mut fragments = Vec::new();
     let mut run = Run::default();
     let mut rest = prompt;
@@ -166,7 +167,18 @@ pub fn tokenize_prompt(model: &llama_cpp_2::model::LlamaModel, prompt: &str) -> 
             Fragment::Text(text) => tokens.extend(vocab.tokenize(text.as_bytes(), false, false)),
         }
     }
-    tokens
+    Ok(tokens)
+}
+
+/// Refuses, before tokenizing, a prompt of `bytes` that cannot fit the context whatever it
+/// says (see [`LoadedModel::longest_token_bytes`]).
+pub fn could_fit(model: &LoadedModel, bytes: usize) -> Result<(), PromptError> {
+    let ctx_size = model.info.context_length;
+    let most = (ctx_size as usize).saturating_mul(model.longest_token_bytes);
+    if bytes > most {
+        return Err(PromptError::TooLong { bytes, most, ctx_size });
+    }
+    Ok(())
 }
 
 /// The chat template's rendering of `turns`, ready for the assistant to speak.

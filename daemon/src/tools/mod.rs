@@ -72,6 +72,9 @@ pub enum PromptError {
     /// The request's messages are at fault; the message names the field.
     #[error("{0}")]
     Invalid(String),
+    #[error("the prompt is {bytes} bytes of text, more than the context of {ctx_size} tokens can hold \
+             (at most {most} bytes with this model's vocabulary); shorten the prompt or raise ctx_size")]
+    TooLong { bytes: usize, most: usize, ctx_size: u32 },
 }
 
 /// A call the model made, before validation.

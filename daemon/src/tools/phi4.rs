@@ -70,13 +70,21 @@ pub fn parse_reply(text: &str) -> Result<ModelReply, String> {
     let Some(start) = text.find(CALL_OPEN) else {
         return Ok(ModelReply::Answer(text.to_owned()));
     };
+    // The block is read as one JSON value and must then close: an argument may itself contain
+    // the closing tag's text, so searching for the tag first would cut the JSON short.
     let block = &text[start + CALL_OPEN.len()..];
-    let block = block
-        .find(CALL_CLOSE)
-        .map(|end| &block[..end])
-        .ok_or_else(|| format!("the call block has no closing {CALL_CLOSE}"))?;
-    let value: Value =
-        serde_json::from_str(block.trim()).map_err(|err| format!("the call block is not valid JSON ({err})"))?;
+    let mut values = serde_json::Deserializer::from_str(block).into_iter::<Value>();
+    let value = match values.next() {
+        Some(Ok(value)) => value,
+        Some(Err(err)) if err.is_eof() => {
+            return Err(format!("the call block ends inside its JSON, with no closing {CALL_CLOSE}"));
+        }
+        Some(Err(err)) => return Err(format!("the call block is not valid JSON ({err})")),
+        None => return Err(format!("the call block is empty; write a list of calls, then {CALL_CLOSE}")),
+    };
+    if !block[values.byte_offset()..].trim_start().starts_with(CALL_CLOSE) {
+        return Err(format!("the call block has no closing {CALL_CLOSE} after its JSON"));
+    }
     let items = match value {
         Value::Array(items) => items,
         single @ Value::Object(_) => vec![single],
@@ -167,6 +175,10 @@ mod tests {
         assert_eq!(reply, ModelReply::Calls(vec![ParsedCall { name: "clock.now".into(), arguments: json!({"zone": "UTC"}) }]));
         assert!(parse_reply("<|tool_call|>[{\"name\": \"clock.now\"").unwrap_err().contains("closing"));
         assert!(parse_reply("<|tool_call|>[]<|/tool_call|>").unwrap_err().contains("empty"));
+        assert!(parse_reply("<|tool_call|>[{\"name\": \"clock.now\"}] and more").unwrap_err().contains("closing"));
+        // The closing tag's text inside an argument is the argument's.
+        let reply = parse_reply("<|tool_call|>[{\"name\": \"note.add\", \"arguments\": {\"text\": \"a <|/tool_call|> b\"}}]<|/tool_call|>").unwrap();
+        assert_eq!(reply, ModelReply::Calls(vec![ParsedCall { name: "note.add".into(), arguments: json!({"text": "a <|/tool_call|> b"}) }]));
         assert!(parse_reply("<|tool_call|>{\"arguments\": {}}<|/tool_call|>").unwrap_err().contains("name"));
     }
 

@@ -33,6 +33,12 @@ pub struct SchemaLimits {
     /// `minContains`, `maxContains` (`schema_max_repetition`): each becomes that many grammar
     /// repetitions.
     pub max_repetition: u64,
+    /// `enum` values and `anyOf`/`oneOf` branches in the whole schema, each `$defs` entry
+    /// counted once (`schema_max_alternatives`): the grammar checks every candidate token
+    /// against every alternative open at a step, so 10,000 of them make such a step take
+    /// seconds (65,536: a minute), on the one engine thread every client shares. A sum, not a
+    /// per-keyword count, because an `anyOf` of enums opens all of their values at once.
+    pub max_alternatives: usize,
 }
 
 impl Default for SchemaLimits {
@@ -46,6 +52,7 @@ impl Default for SchemaLimits {
             max_name_bytes: 256,
             max_literal_bytes: 1024,
             max_repetition: 1024,
+            max_alternatives: 1024,
         }
     }
 }
@@ -68,6 +75,9 @@ const PROSE: [&str; 5] = ["description", "title", "$comment", "examples", "defau
 const REPETITION: [&str; 8] =
     ["minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains"];
 
+/// Keywords whose arrays are alternatives the grammar tries side by side.
+const ALTERNATIVES: [&str; 3] = ["enum", "anyOf", "oneOf"];
+
 /// Numeric bounds llama.cpp reads as 64-bit integers for integer schemas.
 const NUMERIC_BOUNDS: [&str; 4] = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
 
@@ -85,7 +95,7 @@ pub fn check(schema: &Value, limits: &SchemaLimits) -> Result<(), SchemaRejectio
             "send a smaller schema or raise schema_max_bytes",
         ));
     }
-    let mut walk = Walk { limits, refs: Vec::new() };
+    let mut walk = Walk { limits, refs: Vec::new(), alternatives: 0 };
     walk.node(schema, &mut String::new(), 0, None)?;
     check_refs(schema, &walk.refs, limits)
 }
@@ -100,6 +110,8 @@ struct RefSite {
 struct Walk<'a> {
     limits: &'a SchemaLimits,
     refs: Vec<RefSite>,
+    /// `enum` values and `anyOf`/`oneOf` branches seen so far.
+    alternatives: usize,
 }
 
 impl Walk<'_> {
@@ -177,6 +189,9 @@ impl Walk<'_> {
             if REPETITION.contains(&name) {
                 return self.repetition(name, child, at);
             }
+            if ALTERNATIVES.contains(&name) {
+                self.alternatives(name, child, at)?;
+            }
             if NUMERIC_BOUNDS.contains(&name) {
                 if let Some(bound) = child.as_f64() {
                     if !(bound.abs() <= MAX_BOUND) {
@@ -228,6 +243,22 @@ impl Walk<'_> {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn alternatives(&mut self, name: &str, value: &Value, at: &str) -> Result<(), SchemaRejection> {
+        let Value::Array(choices) = value else { return Ok(()) };
+        self.alternatives = self.alternatives.saturating_add(choices.len());
+        if self.alternatives > self.limits.max_alternatives {
+            return Err(reject(
+                at,
+                format!(
+                    "with this {name}, the schema offers {} enum values and anyOf/oneOf branches, more than {}",
+                    self.alternatives, self.limits.max_alternatives
+                ),
+                "offer fewer choices (a plain string the tool checks itself) or raise schema_max_alternatives",
+            ));
         }
         Ok(())
     }
@@ -474,6 +505,14 @@ mod tests {
         refused(deep, "schema_max_depth");
         let big = json!({"enum": (0..20000).map(|i| format!("value number {i}")).collect::<Vec<_>>()});
         refused(big, "schema_max_bytes");
+        refused(json!({"type": "array", "items": {"enum": (0..1100).collect::<Vec<_>>()}}), "schema_max_alternatives");
+        let branches: Vec<Value> = (0..1100).map(|i| json!({"const": i})).collect();
+        refused(json!({"anyOf": branches}), "schema_max_alternatives");
+        // Enums side by side add up: an anyOf of them opens every value at once.
+        let enums: Vec<Value> = (0..4).map(|branch| json!({"enum": (branch * 300..branch * 300 + 300).collect::<Vec<_>>()})).collect();
+        refused(json!({"anyOf": enums}), "schema_max_alternatives");
+        // A house's worth of entity names is fine.
+        check(&json!({"enum": (0..300).map(|i| format!("light.room_{i}")).collect::<Vec<_>>()}), &SchemaLimits::default()).unwrap();
     }
 
     #[test]
