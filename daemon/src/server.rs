@@ -120,7 +120,7 @@ pub async fn serve(
         prompt_cache_dir: config.prompt_cache_dir.clone(),
         prompt_cache_disk_bytes: config.prompt_cache_disk_mb.saturating_mul(1_000_000),
         cancel: stopping.clone(),
-        metrics: metrics.clone(),
+        observer: Arc::new(metrics.clone()),
     })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -14,6 +14,7 @@ pub mod heartbeat;
 pub mod kv_cells;
 pub mod loader;
 pub mod memory_plan;
+pub mod observer;
 pub mod prompt_cache;
 pub mod queue;
 pub mod sampling;
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 pub use loader::{EngineConfig, LoadedModel, ModelInfo};
+pub use observer::Observer;
 pub use queue::QueueError;
 pub use status::EngineStatus;
 

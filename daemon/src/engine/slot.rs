@@ -209,7 +209,7 @@ pub struct Ending {
 }
 
 impl Ending {
-    /// What a finished task reports, for the metrics.
+    /// What a finished task reports, for the engine's observer.
     pub fn completion(&self) -> Option<&Completion> {
         match &self.event {
             Event::Done(done) => Some(done),

@@ -74,7 +74,7 @@ pub struct Worker<'m> {
     entries_on_disk: usize,
     started_at: Instant,
     heartbeat: Arc<Heartbeat>,
-    metrics: crate::metrics::Metrics,
+    observer: Arc<dyn super::observer::Observer>,
     fault_panic: bool,
     fault_wedge: bool,
     fault_sample_panic: bool,
@@ -139,7 +139,7 @@ pub fn run(
         entries_on_disk: 0,
         started_at: Instant::now(),
         heartbeat,
-        metrics: config.metrics.clone(),
+        observer: config.observer.clone(),
         fault_panic: fault_injected("worker-panic"),
         fault_wedge: fault_injected("worker-wedge"),
         fault_sample_panic: fault_injected("sample-panic"),
@@ -543,7 +543,7 @@ impl Worker<'_> {
         if let Some(ending) = self.slots[index].finish(reason) {
             self.publish();
             if let Some(done) = ending.completion() {
-                self.metrics.generation(done);
+                self.observer.generation_ended(done);
             }
             ending.send();
         }
