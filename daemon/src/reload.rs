@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigSource, SandboxRequire};
+use crate::config::{Config, ConfigSource};
 use crate::engine::{Engine, LoadState};
 use crate::plugins::PluginRegistry;
-use crate::sandbox::Requirement;
 use crate::service::live::{LivePublisher, LiveSettings};
 use crate::systemd::Notifier;
 
@@ -141,10 +140,7 @@ impl Reloader {
             tracing::error!("log: {reason}");
         }
         self.live.send_replace(LiveSettings::of(&effective));
-        let requirement = match effective.sandbox_require {
-            SandboxRequire::Strict => Requirement::Strict,
-            SandboxRequire::BestEffort => Requirement::BestEffort,
-        };
+        let requirement = effective.sandbox_require;
         let folder = crate::plugins::bundled::plugins_folder(effective.plugins_dir.as_deref());
         if let Err(error) = self.plugins.reload(folder.path, requirement).await {
             tracing::error!("plugins: {error}");

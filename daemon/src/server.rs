@@ -19,12 +19,12 @@ use tonic_health::ServingStatus;
 
 use crate::auth::Authenticator;
 use crate::auth::tokens::TokenStore;
-use crate::config::{Config, ConfigSource, SandboxRequire};
+use crate::config::{Config, ConfigSource};
 use crate::listeners::connections::{ConnectionLimits, Gate, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, TrackRequests};
 use crate::listeners::{Door, Listeners};
 use crate::metrics::Metrics;
 use crate::plugins::PluginRegistry;
-use crate::sandbox::{KernelSupport, Requirement};
+use crate::sandbox::KernelSupport;
 use crate::engine::{Engine, EngineConfig};
 use crate::service::admin::AdminService;
 use crate::service::inference::InferenceService;
@@ -93,10 +93,7 @@ pub async fn serve(
 
     let support = KernelSupport::probe();
     tracing::info!(%support, "plugin sandbox");
-    let requirement = match config.sandbox_require {
-        SandboxRequire::Strict => Requirement::Strict,
-        SandboxRequire::BestEffort => Requirement::BestEffort,
-    };
+    let requirement = config.sandbox_require;
     let folder = crate::plugins::bundled::plugins_folder(config.plugins_dir.as_deref());
     tracing::info!(dir = %folder.path.display(), "plugins folder: {}", folder.origin);
     let metrics = Metrics::default();
