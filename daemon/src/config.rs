@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::engine::memory_plan::KvType;
 use crate::sandbox::Requirement;
+use crate::toml_lines::{self, key_line, line_of};
 use crate::tools::schema_guard::SchemaLimits;
 
 /// Where `serve` looks for its config file when `--config` is not given.
@@ -261,19 +262,19 @@ impl Settings {
     fn parse(text: &str) -> Result<Settings, String> {
         let table: toml::Table = toml::from_str(text).map_err(|err| {
             let line = err.span().map_or(1, |span| line_of(text, span.start));
-            format!("line {line}: {}", err.message().trim().replace('\n', " "))
+            format!("line {line}: {}", toml_lines::message(&err))
         })?;
         for (key, value) in &table {
-            let line = key_line(text, key);
+            let line = key_line(text, key).unwrap_or(1);
             if !KEYS.contains(&key.as_str()) {
                 return Err(format!("line {line}: unknown key `{key}`; valid keys are {}", KEYS.join(", ")));
             }
             let single = toml::Table::from_iter([(key.clone(), value.clone())]);
             if let Err(err) = single.try_into::<Settings>() {
-                return Err(format!("line {line}: {key}: {}", err.message().trim().replace('\n', " ")));
+                return Err(format!("line {line}: {key}: {}", toml_lines::message(&err)));
             }
         }
-        table.try_into().map_err(|err: toml::de::Error| err.message().trim().replace('\n', " "))
+        table.try_into().map_err(|err: toml::de::Error| toml_lines::message(&err))
     }
 }
 
@@ -334,22 +335,6 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 /// Where plugin manifests live unless configured (when it does not exist, the bundled
 /// manifests are served: see `plugins::bundled`).
 pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// The line where `key` is assigned or its table starts (the first such line).
-fn key_line(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start();
-            line.trim_end() == format!("[{key}]")
-                || line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-                || line.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map_or(1, |index| index + 1)
-}
 
 /// The TLS files the config names; the listeners make rustls and tonic configurations of
 /// them (`listeners::tls`).
