@@ -332,10 +332,6 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// tokens on a Raspberry Pi 5 takes about that long.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 
-/// Where plugin manifests live unless configured (when it does not exist, the bundled
-/// manifests are served: see `plugins::bundled`).
-pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
-
 /// The TLS files the config names; the listeners make rustls and tonic configurations of
 /// them (`listeners::tls`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
