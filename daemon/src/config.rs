@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::memory_plan::KvType;
+use crate::sandbox::Requirement;
+use crate::toml_lines::{self, key_line, line_of};
 use crate::tools::schema_guard::SchemaLimits;
 
 /// Where `serve` looks for its config file when `--config` is not given.
@@ -23,197 +25,221 @@ pub const DEFAULT_QUEUE_SIZE: u32 = 16;
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 pub const DEFAULT_LOG: &str = "info";
 
-/// Every configuration key, each optional so that the sources can be layered.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// GGUF file path, or a catalogue name (see `phi3d pull --list`)
-    #[arg(long, env = "PHI3D_MODEL")]
-    pub model: Option<String>,
-    /// Directory holding downloaded models
-    #[arg(long, env = "PHI3D_MODEL_DIR")]
-    pub model_dir: Option<PathBuf>,
-    /// Address to listen on, HOST:PORT
-    #[arg(long, env = "PHI3D_LISTEN")]
-    pub listen: Option<String>,
-    /// Inference threads (default: physical cores)
-    #[arg(long, env = "PHI3D_THREADS")]
-    pub threads: Option<u32>,
-    /// Context size in tokens: the longest prompt + reply
-    #[arg(long, env = "PHI3D_CTX_SIZE")]
-    pub ctx_size: Option<u32>,
-    /// Prompt tokens decoded per step; cancellation is checked between steps
-    #[arg(long, env = "PHI3D_BATCH_SIZE")]
-    pub batch_size: Option<u32>,
-    /// Requests that may wait for the model; more get RESOURCE_EXHAUSTED
-    #[arg(long, env = "PHI3D_QUEUE_SIZE")]
-    pub queue_size: Option<u32>,
-    /// Reply length when a request does not set max_tokens
-    #[arg(long, env = "PHI3D_MAX_TOKENS")]
-    pub max_tokens: Option<u32>,
-    /// Lock the model in RAM (mlock) so it is never paged out
-    #[arg(long, env = "PHI3D_MLOCK", num_args = 0..=1, default_missing_value = "true")]
-    pub mlock: Option<bool>,
-    /// Never download a model
-    #[arg(long, env = "PHI3D_OFFLINE", num_args = 0..=1, default_missing_value = "true")]
-    pub offline: Option<bool>,
-    /// Log filter, e.g. "info" or "phi3d=debug,llama-cpp-2=info" (RUST_LOG wins)
-    #[arg(long, env = "PHI3D_LOG")]
-    pub log: Option<String>,
-    /// Directory of plugin manifests (*.toml), watched for changes
-    #[arg(long, env = "PHI3D_PLUGINS_DIR")]
-    pub plugins_dir: Option<PathBuf>,
-    /// Tool choice when a request leaves it unset: none, auto or required
-    #[arg(long, env = "PHI3D_TOOL_CHOICE", value_parser = ["none", "auto", "required"])]
-    pub tool_choice: Option<String>,
-    /// The `[sandbox]` table of the file; its keys are also flags.
-    #[arg(skip)]
-    pub sandbox: Option<SandboxSettings>,
-    /// strict: refuse to start a plugin whose manifest asks for protection the kernel cannot
-    /// give; best-effort: run it with a loud warning
-    #[arg(long = "sandbox-require", env = "PHI3D_SANDBOX_REQUIRE", value_parser = ["strict", "best-effort"])]
-    #[serde(skip)]
-    pub sandbox_require: Option<String>,
-    /// Requests generated at once, each in its own sequence of one shared KV cache (1-16;
-    /// default: one per 1024 tokens of ctx_size, at most 4)
-    #[arg(long, env = "PHI3D_SLOTS")]
-    pub slots: Option<u32>,
-    /// KV cache element type: f16, q8_0 (about half the memory) or q4_0 (about a quarter)
-    #[arg(long, env = "PHI3D_KV_TYPE", value_parser = ["f16", "q8_0", "q4_0"])]
-    pub kv_type: Option<String>,
-    /// Files holding system prompts to decode at start-up and keep cached (repeat the flag,
-    /// or separate them with commas in the variable)
-    #[arg(long = "pinned-prompt", env = "PHI3D_PINNED_PROMPTS", value_delimiter = ',')]
-    pub pinned_prompts: Option<Vec<PathBuf>>,
-    /// Where the prompt cache is saved across restarts
-    #[arg(long, env = "PHI3D_PROMPT_CACHE_DIR")]
-    pub prompt_cache_dir: Option<PathBuf>,
-    /// Disk space the saved prompt cache may take, in MB (0: never saved)
-    #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
-    pub prompt_cache_disk_mb: Option<u64>,
-    /// Tokens one tool-call step may generate, whatever the request's max_tokens
-    #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
-    pub tool_call_max_tokens: Option<u32>,
-    /// The most tool round trips a request's tools.max_steps may ask for
-    #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
-    pub max_tool_steps: Option<u32>,
+/// Writes [`Settings`] from one list of keys, and from the same list [`KEYS`] and
+/// [`Settings::overlay`], so that a key is spelled once: its doc (the flag's help), its flag
+/// and variable, its type. serde and clap derive the file's shape and the flags from the struct;
+/// layering two values of it and listing the file's keys are what neither derives, and a
+/// dozen lines of macro cost less than a crate for each. `keys` are the file's keys (and flags);
+/// `flags_only` have no key of their own in the file (it spells them inside a table).
+macro_rules! settings {
+    (
+        keys { $( $(#[$key_attr:meta])* $key:ident: $key_type:ty, )* }
+        flags_only { $( $(#[$flag_attr:meta])* $flag:ident: $flag_type:ty, )* }
+    ) => {
+        /// Every configuration key, each optional so that the sources can be layered.
+        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $( $(#[$key_attr])* pub $key: Option<$key_type>, )*
+            $( $(#[$flag_attr])* #[serde(skip)] pub $flag: Option<$flag_type>, )*
+        }
 
-    // Who may connect, and how much one client may ask.
-    /// Also listen on this Unix socket, e.g. /run/phi3d/phi3d.sock
-    #[arg(long, env = "PHI3D_UNIX_SOCKET")]
-    pub unix_socket: Option<PathBuf>,
-    /// The Unix socket's permissions, in octal (default 660: owner and group)
-    #[arg(long, env = "PHI3D_UNIX_SOCKET_MODE")]
-    pub unix_socket_mode: Option<String>,
-    /// The group that owns the Unix socket (name or number)
-    #[arg(long, env = "PHI3D_UNIX_SOCKET_GROUP")]
-    pub unix_socket_group: Option<String>,
-    /// Bearer tokens (`phi3d token create`); when the file exists, every RPC but health needs one
-    #[arg(long, env = "PHI3D_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// TLS certificate chain (PEM) for the TCP listener
-    #[arg(long, env = "PHI3D_TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM)
-    #[arg(long, env = "PHI3D_TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM): mutual TLS
-    #[arg(long, env = "PHI3D_TLS_CLIENT_CA")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// Serve a listener reachable from the network even with no authentication configured
-    #[arg(long, env = "PHI3D_ALLOW_UNAUTHENTICATED_NETWORK", num_args = 0..=1, default_missing_value = "true")]
-    pub allow_unauthenticated_network: Option<bool>,
-    /// Largest request message in bytes
-    #[arg(long, env = "PHI3D_MAX_REQUEST_BYTES")]
-    pub max_request_bytes: Option<u32>,
-    /// Longest prompt in tokens (default: the context size)
-    #[arg(long, env = "PHI3D_MAX_PROMPT_TOKENS")]
-    pub max_prompt_tokens: Option<u32>,
-    /// The most max_tokens a request may ask for (default: the context size)
-    #[arg(long, env = "PHI3D_MAX_TOKENS_LIMIT")]
-    pub max_tokens_limit: Option<u32>,
-    /// Requests one client (token, or address without tokens) may have in flight at once
-    #[arg(long, env = "PHI3D_MAX_STREAMS_PER_CLIENT")]
-    pub max_streams_per_client: Option<u32>,
-    /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
-    #[arg(long, env = "PHI3D_HTTP_LISTEN")]
-    pub http_listen: Option<String>,
-    // What a JSON schema from a request (structured output, tool parameters) may be: each
-    // limit keeps llama.cpp's schema-to-grammar converter within bounded stack and time.
-    /// Largest JSON schema in a request, in bytes
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_BYTES")]
-    pub schema_max_bytes: Option<usize>,
-    /// Deepest nesting of a JSON schema, in JSON levels, counted through its $refs
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_DEPTH")]
-    pub schema_max_depth: Option<usize>,
-    /// Most properties of one object in a JSON schema
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_PROPERTIES")]
-    pub schema_max_properties: Option<usize>,
-    /// Longest property name, $defs name or $ref in a JSON schema, in bytes
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_NAME_BYTES")]
-    pub schema_max_name_bytes: Option<usize>,
-    /// Longest enum/const value, pattern or other literal in a JSON schema, in bytes
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_LITERAL_BYTES")]
-    pub schema_max_literal_bytes: Option<usize>,
-    /// Largest minLength/maxLength/minItems/maxItems (and the like) in a JSON schema
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_REPETITION")]
-    pub schema_max_repetition: Option<u64>,
-    /// Most enum values and anyOf/oneOf branches in one JSON schema, all together
-    #[arg(long, env = "PHI3D_SCHEMA_MAX_ALTERNATIVES")]
-    pub schema_max_alternatives: Option<usize>,
-    /// Milliseconds a request's preparation (schemas, grammars, tokenizing) may take
-    #[arg(long, env = "PHI3D_COMPILE_TIMEOUT_MS")]
-    pub compile_timeout_ms: Option<u64>,
-    /// Plugin tools offered to HTTP clients, run by phi3d: names like clock.now, or * for all
-    /// (repeat the flag, or separate them with commas in the variable; default: none)
-    #[arg(long = "http-plugin-tool", env = "PHI3D_HTTP_PLUGIN_TOOLS", value_delimiter = ',')]
-    pub http_plugin_tools: Option<Vec<String>>,
-    // What one TCP connection may take (gRPC and HTTP listeners), and what browsers may do.
-    /// Seconds a connection has, with no request in flight, to send a request's headers (TLS
-    /// handshake included)
-    #[arg(long, env = "PHI3D_HEADER_TIMEOUT_SECONDS")]
-    pub header_timeout_seconds: Option<u64>,
-    /// Seconds a request's body has to arrive whole once its headers are in
-    #[arg(long, env = "PHI3D_BODY_TIMEOUT_SECONDS")]
-    pub body_timeout_seconds: Option<u64>,
-    /// Seconds a kept-alive connection may wait for its next request (and a write may stall)
-    #[arg(long, env = "PHI3D_IDLE_TIMEOUT_SECONDS")]
-    pub idle_timeout_seconds: Option<u64>,
-    /// TCP connections one client (peer address) may have open; more are closed at once
-    #[arg(long, env = "PHI3D_MAX_CONNECTIONS_PER_CLIENT")]
-    pub max_connections_per_client: Option<u32>,
-    /// TCP connections all clients together may have open
-    #[arg(long, env = "PHI3D_MAX_CONNECTIONS")]
-    pub max_connections: Option<u32>,
-    /// Browser origins (besides loopback ones) allowed to call the HTTP APIs, e.g.
-    /// https://ha.example:8123; `*` in a pattern matches anything (repeat the flag, or separate
-    /// them with commas in the variable)
-    #[arg(long = "http-allowed-origin", env = "PHI3D_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub http_allowed_origins: Option<Vec<String>>,
-    /// Host names (besides localhost and loopback addresses) a loopback HTTP listener answers to
-    #[arg(long = "http-allowed-host", env = "PHI3D_HTTP_ALLOWED_HOSTS", value_delimiter = ',')]
-    pub http_allowed_hosts: Option<Vec<String>>,
-    // Service life and hardware: shutdown, GPU offload.
-    /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
-    #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
-    pub shutdown_grace_seconds: Option<u64>,
-    /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
-    #[arg(long, env = "PHI3D_GPU_LAYERS")]
-    pub gpu_layers: Option<u32>,
+        /// The keys of the config file, in the order the README documents them.
+        const KEYS: &[&str] = &[$(stringify!($key)),*];
+
+        impl Settings {
+            /// Layers `over` on top of `self`: every key `over` sets wins.
+            pub fn overlay(self, over: Settings) -> Settings {
+                Settings { $( $key: over.$key.or(self.$key), )* $( $flag: over.$flag.or(self.$flag), )* }
+            }
+        }
+    };
+}
+
+settings! {
+    keys {
+        /// GGUF file path, or a catalogue name (see `phi3d pull --list`)
+        #[arg(long, env = "PHI3D_MODEL")]
+        model: String,
+        /// Directory holding downloaded models
+        #[arg(long, env = "PHI3D_MODEL_DIR")]
+        model_dir: PathBuf,
+        /// Address to listen on, HOST:PORT
+        #[arg(long, env = "PHI3D_LISTEN")]
+        listen: String,
+        /// Inference threads (default: physical cores)
+        #[arg(long, env = "PHI3D_THREADS")]
+        threads: u32,
+        /// Context size in tokens: the longest prompt + reply
+        #[arg(long, env = "PHI3D_CTX_SIZE")]
+        ctx_size: u32,
+        /// Prompt tokens decoded per step; cancellation is checked between steps
+        #[arg(long, env = "PHI3D_BATCH_SIZE")]
+        batch_size: u32,
+        /// Requests that may wait for the model; more get RESOURCE_EXHAUSTED
+        #[arg(long, env = "PHI3D_QUEUE_SIZE")]
+        queue_size: u32,
+        /// Reply length when a request does not set max_tokens
+        #[arg(long, env = "PHI3D_MAX_TOKENS")]
+        max_tokens: u32,
+        /// Lock the model in RAM (mlock) so it is never paged out
+        #[arg(long, env = "PHI3D_MLOCK", num_args = 0..=1, default_missing_value = "true")]
+        mlock: bool,
+        /// Never download a model
+        #[arg(long, env = "PHI3D_OFFLINE", num_args = 0..=1, default_missing_value = "true")]
+        offline: bool,
+        /// Log filter, e.g. "info" or "phi3d=debug,llama-cpp-2=info" (RUST_LOG wins)
+        #[arg(long, env = "PHI3D_LOG")]
+        log: String,
+        /// Directory of plugin manifests (*.toml), watched for changes
+        #[arg(long, env = "PHI3D_PLUGINS_DIR")]
+        plugins_dir: PathBuf,
+        /// Tool choice when a request leaves it unset: none, auto or required
+        #[arg(long, env = "PHI3D_TOOL_CHOICE", value_parser = ["none", "auto", "required"])]
+        tool_choice: String,
+        /// The `[sandbox]` table of the file; its keys are also flags.
+        #[arg(skip)]
+        sandbox: SandboxSettings,
+        /// Requests generated at once, each in its own sequence of one shared KV cache (1-16;
+        /// default: one per 1024 tokens of ctx_size, at most 4)
+        #[arg(long, env = "PHI3D_SLOTS")]
+        slots: u32,
+        /// KV cache element type: f16, q8_0 (about half the memory) or q4_0 (about a quarter)
+        #[arg(long, env = "PHI3D_KV_TYPE", value_parser = ["f16", "q8_0", "q4_0"])]
+        kv_type: String,
+        /// Files holding system prompts to decode at start-up and keep cached (repeat the flag,
+        /// or separate them with commas in the variable)
+        #[arg(long = "pinned-prompt", env = "PHI3D_PINNED_PROMPTS", value_delimiter = ',')]
+        pinned_prompts: Vec<PathBuf>,
+        /// Where the prompt cache is saved across restarts
+        #[arg(long, env = "PHI3D_PROMPT_CACHE_DIR")]
+        prompt_cache_dir: PathBuf,
+        /// Disk space the saved prompt cache may take, in MB (0: never saved)
+        #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
+        prompt_cache_disk_mb: u64,
+        /// Tokens one tool-call step may generate, whatever the request's max_tokens
+        #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
+        tool_call_max_tokens: u32,
+        /// The most tool round trips a request's tools.max_steps may ask for
+        #[arg(long, env = "PHI3D_MAX_TOOL_STEPS")]
+        max_tool_steps: u32,
+
+        // Who may connect, and how much one client may ask.
+        /// Also listen on this Unix socket, e.g. /run/phi3d/phi3d.sock
+        #[arg(long, env = "PHI3D_UNIX_SOCKET")]
+        unix_socket: PathBuf,
+        /// The Unix socket's permissions, in octal (default 660: owner and group)
+        #[arg(long, env = "PHI3D_UNIX_SOCKET_MODE")]
+        unix_socket_mode: String,
+        /// The group that owns the Unix socket (name or number)
+        #[arg(long, env = "PHI3D_UNIX_SOCKET_GROUP")]
+        unix_socket_group: String,
+        /// Bearer tokens (`phi3d token create`); when the file exists, every RPC but health needs one
+        #[arg(long, env = "PHI3D_TOKEN_FILE")]
+        token_file: PathBuf,
+        /// TLS certificate chain (PEM) for the TCP listener
+        #[arg(long, env = "PHI3D_TLS_CERT")]
+        tls_cert: PathBuf,
+        /// TLS private key (PEM)
+        #[arg(long, env = "PHI3D_TLS_KEY")]
+        tls_key: PathBuf,
+        /// Require client certificates signed by this CA (PEM): mutual TLS
+        #[arg(long, env = "PHI3D_TLS_CLIENT_CA")]
+        tls_client_ca: PathBuf,
+        /// Serve a listener reachable from the network even with no authentication configured
+        #[arg(long, env = "PHI3D_ALLOW_UNAUTHENTICATED_NETWORK", num_args = 0..=1, default_missing_value = "true")]
+        allow_unauthenticated_network: bool,
+        /// Largest request message in bytes
+        #[arg(long, env = "PHI3D_MAX_REQUEST_BYTES")]
+        max_request_bytes: u32,
+        /// Longest prompt in tokens (default: the context size)
+        #[arg(long, env = "PHI3D_MAX_PROMPT_TOKENS")]
+        max_prompt_tokens: u32,
+        /// The most max_tokens a request may ask for (default: the context size)
+        #[arg(long, env = "PHI3D_MAX_TOKENS_LIMIT")]
+        max_tokens_limit: u32,
+        /// Requests one client (token, or address without tokens) may have in flight at once
+        #[arg(long, env = "PHI3D_MAX_STREAMS_PER_CLIENT")]
+        max_streams_per_client: u32,
+        /// Also serve the Ollama and OpenAI HTTP APIs on HOST:PORT, e.g. 127.0.0.1:11434
+        #[arg(long, env = "PHI3D_HTTP_LISTEN")]
+        http_listen: String,
+        // What a JSON schema from a request (structured output, tool parameters) may be: each
+        // limit keeps llama.cpp's schema-to-grammar converter within bounded stack and time.
+        /// Largest JSON schema in a request, in bytes
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_BYTES")]
+        schema_max_bytes: usize,
+        /// Deepest nesting of a JSON schema, in JSON levels, counted through its $refs
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_DEPTH")]
+        schema_max_depth: usize,
+        /// Most properties of one object in a JSON schema
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_PROPERTIES")]
+        schema_max_properties: usize,
+        /// Longest property name, $defs name or $ref in a JSON schema, in bytes
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_NAME_BYTES")]
+        schema_max_name_bytes: usize,
+        /// Longest enum/const value, pattern or other literal in a JSON schema, in bytes
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_LITERAL_BYTES")]
+        schema_max_literal_bytes: usize,
+        /// Largest minLength/maxLength/minItems/maxItems (and the like) in a JSON schema
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_REPETITION")]
+        schema_max_repetition: u64,
+        /// Most enum values and anyOf/oneOf branches in one JSON schema, all together
+        #[arg(long, env = "PHI3D_SCHEMA_MAX_ALTERNATIVES")]
+        schema_max_alternatives: usize,
+        /// Milliseconds a request's preparation (schemas, grammars, tokenizing) may take
+        #[arg(long, env = "PHI3D_COMPILE_TIMEOUT_MS")]
+        compile_timeout_ms: u64,
+        /// Plugin tools offered to HTTP clients, run by phi3d: names like clock.now, or * for all
+        /// (repeat the flag, or separate them with commas in the variable; default: none)
+        #[arg(long = "http-plugin-tool", env = "PHI3D_HTTP_PLUGIN_TOOLS", value_delimiter = ',')]
+        http_plugin_tools: Vec<String>,
+        // What one TCP connection may take (gRPC and HTTP listeners), and what browsers may do.
+        /// Seconds a connection has, with no request in flight, to send a request's headers (TLS
+        /// handshake included)
+        #[arg(long, env = "PHI3D_HEADER_TIMEOUT_SECONDS")]
+        header_timeout_seconds: u64,
+        /// Seconds a request's body has to arrive whole once its headers are in
+        #[arg(long, env = "PHI3D_BODY_TIMEOUT_SECONDS")]
+        body_timeout_seconds: u64,
+        /// Seconds a kept-alive connection may wait for its next request (and a write may stall)
+        #[arg(long, env = "PHI3D_IDLE_TIMEOUT_SECONDS")]
+        idle_timeout_seconds: u64,
+        /// TCP connections one client (peer address) may have open; more are closed at once
+        #[arg(long, env = "PHI3D_MAX_CONNECTIONS_PER_CLIENT")]
+        max_connections_per_client: u32,
+        /// TCP connections all clients together may have open
+        #[arg(long, env = "PHI3D_MAX_CONNECTIONS")]
+        max_connections: u32,
+        /// Browser origins (besides loopback ones) allowed to call the HTTP APIs, e.g.
+        /// https://ha.example:8123; `*` in a pattern matches anything (repeat the flag, or separate
+        /// them with commas in the variable)
+        #[arg(long = "http-allowed-origin", env = "PHI3D_HTTP_ALLOWED_ORIGINS", value_delimiter = ',')]
+        http_allowed_origins: Vec<String>,
+        /// Host names (besides localhost and loopback addresses) a loopback HTTP listener answers to
+        #[arg(long = "http-allowed-host", env = "PHI3D_HTTP_ALLOWED_HOSTS", value_delimiter = ',')]
+        http_allowed_hosts: Vec<String>,
+        // Service life and hardware: shutdown, GPU offload.
+        /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
+        #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
+        shutdown_grace_seconds: u64,
+        /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
+        #[arg(long, env = "PHI3D_GPU_LAYERS")]
+        gpu_layers: u32,
+    }
+    flags_only {
+        /// strict: refuse to start a plugin whose manifest asks for protection the kernel cannot
+        /// give; best-effort: run it with a loud warning
+        #[arg(long = "sandbox-require", env = "PHI3D_SANDBOX_REQUIRE", value_parser = ["strict", "best-effort"])]
+        sandbox_require: String,
+    }
 }
 
 /// The `[sandbox]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSettings {
-    pub require: Option<SandboxRequire>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SandboxRequire {
-    Strict,
-    BestEffort,
+    pub require: Option<Requirement>,
 }
 
 impl Settings {
@@ -239,78 +265,19 @@ impl Settings {
     fn parse(text: &str) -> Result<Settings, String> {
         let table: toml::Table = toml::from_str(text).map_err(|err| {
             let line = err.span().map_or(1, |span| line_of(text, span.start));
-            format!("line {line}: {}", err.message().trim().replace('\n', " "))
+            format!("line {line}: {}", toml_lines::message(&err))
         })?;
         for (key, value) in &table {
-            let line = key_line(text, key);
+            let line = key_line(text, key).unwrap_or(1);
             if !KEYS.contains(&key.as_str()) {
                 return Err(format!("line {line}: unknown key `{key}`; valid keys are {}", KEYS.join(", ")));
             }
             let single = toml::Table::from_iter([(key.clone(), value.clone())]);
             if let Err(err) = single.try_into::<Settings>() {
-                return Err(format!("line {line}: {key}: {}", err.message().trim().replace('\n', " ")));
+                return Err(format!("line {line}: {key}: {}", toml_lines::message(&err)));
             }
         }
-        table.try_into().map_err(|err: toml::de::Error| err.message().trim().replace('\n', " "))
-    }
-
-    /// Layers `over` on top of `self`: every key `over` sets wins.
-    pub fn overlay(self, over: Settings) -> Settings {
-        Settings {
-            model: over.model.or(self.model),
-            model_dir: over.model_dir.or(self.model_dir),
-            listen: over.listen.or(self.listen),
-            threads: over.threads.or(self.threads),
-            ctx_size: over.ctx_size.or(self.ctx_size),
-            batch_size: over.batch_size.or(self.batch_size),
-            queue_size: over.queue_size.or(self.queue_size),
-            max_tokens: over.max_tokens.or(self.max_tokens),
-            mlock: over.mlock.or(self.mlock),
-            offline: over.offline.or(self.offline),
-            log: over.log.or(self.log),
-            plugins_dir: over.plugins_dir.or(self.plugins_dir),
-            tool_choice: over.tool_choice.or(self.tool_choice),
-            sandbox: over.sandbox.or(self.sandbox),
-            sandbox_require: over.sandbox_require.or(self.sandbox_require),
-            slots: over.slots.or(self.slots),
-            kv_type: over.kv_type.or(self.kv_type),
-            pinned_prompts: over.pinned_prompts.or(self.pinned_prompts),
-            prompt_cache_dir: over.prompt_cache_dir.or(self.prompt_cache_dir),
-            prompt_cache_disk_mb: over.prompt_cache_disk_mb.or(self.prompt_cache_disk_mb),
-            tool_call_max_tokens: over.tool_call_max_tokens.or(self.tool_call_max_tokens),
-            max_tool_steps: over.max_tool_steps.or(self.max_tool_steps),
-            unix_socket: over.unix_socket.or(self.unix_socket),
-            unix_socket_mode: over.unix_socket_mode.or(self.unix_socket_mode),
-            unix_socket_group: over.unix_socket_group.or(self.unix_socket_group),
-            token_file: over.token_file.or(self.token_file),
-            tls_cert: over.tls_cert.or(self.tls_cert),
-            tls_key: over.tls_key.or(self.tls_key),
-            tls_client_ca: over.tls_client_ca.or(self.tls_client_ca),
-            allow_unauthenticated_network: over.allow_unauthenticated_network.or(self.allow_unauthenticated_network),
-            max_request_bytes: over.max_request_bytes.or(self.max_request_bytes),
-            max_prompt_tokens: over.max_prompt_tokens.or(self.max_prompt_tokens),
-            max_tokens_limit: over.max_tokens_limit.or(self.max_tokens_limit),
-            max_streams_per_client: over.max_streams_per_client.or(self.max_streams_per_client),
-            http_listen: over.http_listen.or(self.http_listen),
-            http_plugin_tools: over.http_plugin_tools.or(self.http_plugin_tools),
-            schema_max_bytes: over.schema_max_bytes.or(self.schema_max_bytes),
-            schema_max_depth: over.schema_max_depth.or(self.schema_max_depth),
-            schema_max_properties: over.schema_max_properties.or(self.schema_max_properties),
-            schema_max_name_bytes: over.schema_max_name_bytes.or(self.schema_max_name_bytes),
-            schema_max_literal_bytes: over.schema_max_literal_bytes.or(self.schema_max_literal_bytes),
-            schema_max_repetition: over.schema_max_repetition.or(self.schema_max_repetition),
-            schema_max_alternatives: over.schema_max_alternatives.or(self.schema_max_alternatives),
-            compile_timeout_ms: over.compile_timeout_ms.or(self.compile_timeout_ms),
-            header_timeout_seconds: over.header_timeout_seconds.or(self.header_timeout_seconds),
-            body_timeout_seconds: over.body_timeout_seconds.or(self.body_timeout_seconds),
-            idle_timeout_seconds: over.idle_timeout_seconds.or(self.idle_timeout_seconds),
-            max_connections_per_client: over.max_connections_per_client.or(self.max_connections_per_client),
-            max_connections: over.max_connections.or(self.max_connections),
-            http_allowed_origins: over.http_allowed_origins.or(self.http_allowed_origins),
-            http_allowed_hosts: over.http_allowed_hosts.or(self.http_allowed_hosts),
-            shutdown_grace_seconds: over.shutdown_grace_seconds.or(self.shutdown_grace_seconds),
-            gpu_layers: over.gpu_layers.or(self.gpu_layers),
-        }
+        table.try_into().map_err(|err: toml::de::Error| toml_lines::message(&err))
     }
 }
 
@@ -331,20 +298,6 @@ impl ConfigSource {
         Config::from_settings(file.overlay(self.overrides.clone()))
     }
 }
-
-/// The keys of the config file, in the order the README documents them.
-const KEYS: [&str; 52] = [
-    "model", "model_dir", "listen", "threads", "ctx_size", "batch_size", "queue_size", "max_tokens", "mlock",
-    "offline", "log", "plugins_dir", "tool_choice", "sandbox", "slots", "kv_type", "pinned_prompts",
-    "prompt_cache_dir", "prompt_cache_disk_mb", "tool_call_max_tokens", "max_tool_steps",
-    "unix_socket", "unix_socket_mode", "unix_socket_group", "token_file", "tls_cert", "tls_key", "tls_client_ca",
-    "allow_unauthenticated_network", "max_request_bytes", "max_prompt_tokens", "max_tokens_limit",
-    "max_streams_per_client", "http_listen", "http_plugin_tools", "schema_max_bytes", "schema_max_depth",
-    "schema_max_properties", "schema_max_name_bytes", "schema_max_literal_bytes", "schema_max_repetition", "schema_max_alternatives",
-    "compile_timeout_ms", "header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds",
-    "max_connections_per_client", "max_connections", "http_allowed_origins", "http_allowed_hosts",
-    "shutdown_grace_seconds", "gpu_layers",
-];
 
 /// The most slots the default picks: beyond four, each stream gets too small a share of a
 /// small board's memory bandwidth to be worth it.
@@ -382,24 +335,13 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// tokens on a Raspberry Pi 5 takes about that long.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 
-/// Where plugin manifests live unless configured (when it does not exist, the bundled
-/// manifests are served: see `plugins::bundled`).
-pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// The line where `key` is assigned or its table starts (the first such line).
-fn key_line(text: &str, key: &str) -> usize {
-    text.lines()
-        .position(|line| {
-            let line = line.trim_start();
-            line.trim_end() == format!("[{key}]")
-                || line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with('='))
-                || line.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map_or(1, |index| index + 1)
+/// The TLS files the config names; the listeners make rustls and tonic configurations of
+/// them (`listeners::tls`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A configuration problem, already phrased as the one line the user sees.
@@ -426,7 +368,7 @@ pub struct Config {
     /// the bundled manifests.
     pub plugins_dir: Option<PathBuf>,
     pub tool_choice: phi3d_proto::v1::ToolChoice,
-    pub sandbox_require: SandboxRequire,
+    pub sandbox_require: Requirement,
     pub slots: u32,
     pub kv_type: KvType,
     pub pinned_prompts: Vec<PathBuf>,
@@ -438,7 +380,7 @@ pub struct Config {
     pub unix_socket_mode: u32,
     pub unix_socket_group: Option<String>,
     pub token_file: PathBuf,
-    pub tls: crate::listeners::tls::TlsFiles,
+    pub tls: TlsFiles,
     pub allow_unauthenticated_network: bool,
     pub max_request_bytes: u32,
     pub max_prompt_tokens: u32,
@@ -508,9 +450,9 @@ impl Config {
             },
             // The flag (or its variable) wins over the file's [sandbox] table.
             sandbox_require: match settings.sandbox_require.as_deref() {
-                Some("strict") => SandboxRequire::Strict,
-                Some(_) => SandboxRequire::BestEffort,
-                None => settings.sandbox.and_then(|sandbox| sandbox.require).unwrap_or(SandboxRequire::BestEffort),
+                Some("strict") => Requirement::Strict,
+                Some(_) => Requirement::BestEffort,
+                None => settings.sandbox.and_then(|sandbox| sandbox.require).unwrap_or(Requirement::BestEffort),
             },
             // The slots share one KV cache of ctx_size cells; by default each gets 1024 on
             // average, so that a busy daemon still serves prompts of that length at once.
@@ -536,7 +478,7 @@ impl Config {
             },
             unix_socket_group: settings.unix_socket_group,
             token_file: settings.token_file.unwrap_or_else(|| PathBuf::from(crate::auth::tokens::DEFAULT_TOKEN_FILE)),
-            tls: crate::listeners::tls::TlsFiles {
+            tls: TlsFiles {
                 cert: settings.tls_cert,
                 key: settings.tls_key,
                 client_ca: settings.tls_client_ca,
@@ -728,7 +670,7 @@ mod tests {
         assert_eq!(settings.log.as_deref(), Some("warn"));
         assert_eq!(settings.mlock, Some(true));
         let config = Config::from_settings(settings).unwrap();
-        assert_eq!(config.sandbox_require, SandboxRequire::Strict);
+        assert_eq!(config.sandbox_require, Requirement::Strict);
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);

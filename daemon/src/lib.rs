@@ -19,4 +19,5 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod systemd;
+pub mod toml_lines;
 pub mod tools;

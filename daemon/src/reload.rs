@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigSource, SandboxRequire};
+use crate::config::{Config, ConfigSource};
 use crate::engine::{Engine, LoadState};
 use crate::plugins::PluginRegistry;
-use crate::sandbox::Requirement;
 use crate::service::live::{LivePublisher, LiveSettings};
 use crate::systemd::Notifier;
 
@@ -30,58 +29,57 @@ pub struct Reloader {
     pub notifier: Arc<Notifier>,
 }
 
-/// The keys that need a restart, by field name; the keys a reload applies are every other.
-macro_rules! restart_keys {
-    ($($key:ident),* $(,)?) => {
+/// Every field of [`Config`], once: those a reload applies (with the key a log line names) and
+/// those that need a restart. Writes the three functions below from the two lists; a field in
+/// neither list does not compile (the pattern in `with_live_keys` is exhaustive), so that a new
+/// key cannot be forgotten here.
+macro_rules! reload_keys {
+    (
+        live { $($live:ident => $name:literal),* $(,)? }
+        restart { $($restart:ident),* $(,)? }
+    ) => {
         /// The restart-only keys whose value differs between `running` and `wanted`.
         fn restart_keys_changed(running: &Config, wanted: &Config) -> Vec<&'static str> {
             let mut changed = Vec::new();
-            $(if running.$key != wanted.$key { changed.push(stringify!($key)); })*
+            $(if running.$restart != wanted.$restart { changed.push(stringify!($restart)); })*
             changed
+        }
+
+        /// The live keys whose value differs.
+        fn live_keys_changed(running: &Config, wanted: &Config) -> Vec<&'static str> {
+            let mut changed = Vec::new();
+            $(if running.$live != wanted.$live { changed.push($name); })*
+            changed
+        }
+
+        /// `running` with the live keys of `wanted`.
+        fn with_live_keys(running: &Config, wanted: &Config) -> Config {
+            let Config { $($live: _,)* $($restart: _,)* } = running;
+            Config { $($live: wanted.$live.clone(),)* ..running.clone() }
         }
     };
 }
-restart_keys!(
-    model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
-    pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
-    unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
-    max_streams_per_client, http_listen, http_plugin_tools, compile_timeout,
-    header_timeout_seconds, body_timeout_seconds, idle_timeout_seconds, max_connections_per_client, max_connections,
-    http_allowed_origins, http_allowed_hosts,
-);
-
-/// `running` with the live keys of `wanted`.
-fn with_live_keys(running: &Config, wanted: &Config) -> Config {
-    Config {
-        log: wanted.log.clone(),
-        plugins_dir: wanted.plugins_dir.clone(),
-        sandbox_require: wanted.sandbox_require,
-        tool_choice: wanted.tool_choice,
-        max_tokens: wanted.max_tokens,
-        tool_call_max_tokens: wanted.tool_call_max_tokens,
-        max_tool_steps: wanted.max_tool_steps,
-        max_tokens_limit: wanted.max_tokens_limit,
-        schema_limits: wanted.schema_limits,
-        shutdown_grace_seconds: wanted.shutdown_grace_seconds,
-        ..running.clone()
+reload_keys! {
+    live {
+        log => "log",
+        plugins_dir => "plugins_dir",
+        sandbox_require => "sandbox.require",
+        tool_choice => "tool_choice",
+        max_tokens => "max_tokens",
+        tool_call_max_tokens => "tool_call_max_tokens",
+        max_tool_steps => "max_tool_steps",
+        max_tokens_limit => "max_tokens_limit",
+        schema_limits => "schema_max_*",
+        shutdown_grace_seconds => "shutdown_grace_seconds",
     }
-}
-
-/// The live keys whose value differs.
-fn live_keys_changed(running: &Config, wanted: &Config) -> Vec<&'static str> {
-    let checks = [
-        ("log", running.log != wanted.log),
-        ("plugins_dir", running.plugins_dir != wanted.plugins_dir),
-        ("sandbox.require", running.sandbox_require != wanted.sandbox_require),
-        ("tool_choice", running.tool_choice != wanted.tool_choice),
-        ("max_tokens", running.max_tokens != wanted.max_tokens),
-        ("tool_call_max_tokens", running.tool_call_max_tokens != wanted.tool_call_max_tokens),
-        ("max_tool_steps", running.max_tool_steps != wanted.max_tool_steps),
-        ("max_tokens_limit", running.max_tokens_limit != wanted.max_tokens_limit),
-        ("schema_max_*", running.schema_limits != wanted.schema_limits),
-        ("shutdown_grace_seconds", running.shutdown_grace_seconds != wanted.shutdown_grace_seconds),
-    ];
-    checks.into_iter().filter(|(_, changed)| *changed).map(|(key, _)| key).collect()
+    restart {
+        model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
+        pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
+        unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
+        max_streams_per_client, http_listen, http_plugin_tools, compile_timeout,
+        header_timeout_seconds, body_timeout_seconds, idle_timeout_seconds, max_connections_per_client, max_connections,
+        http_allowed_origins, http_allowed_hosts,
+    }
 }
 
 /// Why a new configuration cannot be applied, beyond what `Config` validates.
@@ -141,10 +139,7 @@ impl Reloader {
             tracing::error!("log: {reason}");
         }
         self.live.send_replace(LiveSettings::of(&effective));
-        let requirement = match effective.sandbox_require {
-            SandboxRequire::Strict => Requirement::Strict,
-            SandboxRequire::BestEffort => Requirement::BestEffort,
-        };
+        let requirement = effective.sandbox_require;
         let folder = crate::plugins::bundled::plugins_folder(effective.plugins_dir.as_deref());
         if let Err(error) = self.plugins.reload(folder.path, requirement).await {
             tracing::error!("plugins: {error}");

@@ -14,7 +14,7 @@ use crate::fuzz;
 use crate::strategies::{json, json_value, nearly, odd_string};
 
 /// Private-use characters that mark plain text in a rendered prompt
-/// (`tools::conversation::plain`); tokenizing removes them, so the model never sees them.
+/// (`tools::conversation::mark_untrusted`); tokenizing removes them, so the model never sees them.
 const PLAIN_MARKS: [char; 2] = ['\u{E000}', '\u{E001}'];
 
 /// Equal as JSON, numbers within a rounding of each other (serde_json reads some floats one

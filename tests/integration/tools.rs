@@ -138,8 +138,8 @@ async fn a_forced_call_is_valid_runs_in_the_plugin_and_feeds_the_model() {
 /// runs as phi3d itself under the plugin's name, and homeassistant is listed as unconfigured.
 #[tokio::test]
 async fn a_new_users_daemon_serves_the_bundled_plugins() {
-    if Path::new(phi3d::config::DEFAULT_PLUGINS_DIR).exists() {
-        phi3d_tests::skip(format!("{} exists on this machine, so phi3d uses it", phi3d::config::DEFAULT_PLUGINS_DIR));
+    if Path::new(phi3d::plugins::bundled::DEFAULT_PLUGINS_DIR).exists() {
+        phi3d_tests::skip(format!("{} exists on this machine, so phi3d uses it", phi3d::plugins::bundled::DEFAULT_PLUGINS_DIR));
         return;
     }
     // phi3d alone in its folder, as `cargo run` leaves it: no plugin binaries beside it.

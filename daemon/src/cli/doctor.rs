@@ -12,7 +12,7 @@ use std::path::Path;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use crate::config::{Config, ConfigSource, SandboxRequire};
+use crate::config::{Config, ConfigSource};
 use crate::engine::memory_plan::{MemoryPlan, ModelShape, human_bytes, memory_budget};
 use crate::sandbox::KernelSupport;
 
@@ -67,7 +67,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
 
 fn sandbox(report: &mut Report, config: &Config) {
     let support = KernelSupport::probe();
-    let strict = config.sandbox_require == SandboxRequire::Strict;
+    let strict = config.sandbox_require == crate::sandbox::Requirement::Strict;
     // Under `strict` a missing feature keeps the plugins that ask for it from starting.
     let missing = if strict { Level::Fail } else { Level::Warn };
     match (support.landlock_abi, &support.landlock_unavailable) {

@@ -41,8 +41,8 @@ pub struct EngineConfig {
     pub prompt_cache_disk_bytes: u64,
     /// Stops a load in progress (shutdown).
     pub cancel: CancellationToken,
-    /// Where each generation's tokens and timings are counted.
-    pub metrics: crate::metrics::Metrics,
+    /// Told of each generation's tokens and timings as it ends.
+    pub observer: std::sync::Arc<dyn super::observer::Observer>,
 }
 
 /// A loaded model and what clients may know about it. Shared read-only between the worker

@@ -4,7 +4,8 @@
 //! [`queue`] holds tasks waiting for a [`slot::Slot`], one sequence of the llama context; the
 //! [`worker`] is the one thread that owns the context and drives every slot. The async side
 //! only sees [`Engine`]: submit a task, read the load state and the engine's status, tokenize
-//! with the shared model. The [`prompt_cache`] places tasks where their prefix is cached,
+//! with the shared model. The [`schedule`] decides what the worker does next (admission,
+//! eviction, the batch), the [`prompt_cache`] places tasks where their prefix is cached,
 //! [`kv_cells`] counts the cells sequences hold, [`cache_store`] keeps the cache across
 //! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates.
 
@@ -14,8 +15,10 @@ pub mod heartbeat;
 pub mod kv_cells;
 pub mod loader;
 pub mod memory_plan;
+pub mod observer;
 pub mod prompt_cache;
 pub mod queue;
+pub mod schedule;
 pub mod sampling;
 pub mod slot;
 pub mod status;
@@ -24,12 +27,12 @@ pub mod task;
 pub mod utf8;
 pub mod worker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 pub use loader::{EngineConfig, LoadedModel, ModelInfo};
+pub use observer::Observer;
 pub use queue::QueueError;
 pub use status::EngineStatus;
 
@@ -76,7 +79,6 @@ pub enum LoadState {
 pub struct Engine {
     queue: queue::TaskQueue,
     state: watch::Receiver<LoadState>,
-    active: Arc<AtomicUsize>,
     status: Arc<Mutex<EngineStatus>>,
     heartbeat: Arc<heartbeat::Heartbeat>,
     slots: u32,
@@ -87,10 +89,8 @@ impl Engine {
     pub fn start(config: EngineConfig) -> std::io::Result<(Engine, std::thread::JoinHandle<()>)> {
         let (queue, receiver) = queue::task_queue(config.queue_size as usize);
         let (state_tx, state) = watch::channel(LoadState::Loading { percent: 0 });
-        let active = Arc::new(AtomicUsize::new(0));
         let status = Arc::new(Mutex::new(EngineStatus::default()));
         let slots = config.slots;
-        let worker_active = active.clone();
         let worker_status = status.clone();
         let heartbeat = Arc::new(heartbeat::Heartbeat::default());
         let worker_heartbeat = heartbeat.clone();
@@ -99,7 +99,7 @@ impl Engine {
             // state says so, and the server stops with the reason.
             let panicked_state = state_tx.clone();
             let run = std::panic::AssertUnwindSafe(|| {
-                worker::run(config, receiver, state_tx, worker_active, worker_status, worker_heartbeat)
+                worker::run(config, receiver, state_tx, worker_status, worker_heartbeat)
             });
             if let Err(panic) = std::panic::catch_unwind(run) {
                 let reason = panic
@@ -110,7 +110,7 @@ impl Engine {
                 panicked_state.send_replace(LoadState::Failed(format!("the inference thread panicked: {reason}")));
             }
         })?;
-        Ok((Engine { queue, state, active, status, heartbeat, slots }, thread))
+        Ok((Engine { queue, state, status, heartbeat, slots }, thread))
     }
 
     pub fn state(&self) -> LoadState {
@@ -145,9 +145,9 @@ impl Engine {
         self.queue.depth()
     }
 
-    /// Tasks being generated.
+    /// Tasks being generated: the busy slots of the last published status.
     pub fn active_requests(&self) -> usize {
-        self.active.load(Ordering::SeqCst)
+        self.status().busy_slots()
     }
 
     pub fn slots(&self) -> u32 {

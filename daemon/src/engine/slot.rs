@@ -11,6 +11,7 @@ use std::time::Instant;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::schedule::{self, Need};
 use super::stop::{StopMatcher, StopStep};
 use super::task::{Completion, EngineError, Event, StopReason, Task, Timings};
 use super::utf8::Utf8Decoder;
@@ -77,7 +78,7 @@ impl Slot {
     pub fn start(&mut self, task: Task, reuse: usize, n_ctx: usize) {
         debug_assert!(self.tokens.len() == reuse && self.tokens[..] == task.prompt[..reuse]);
         let stop = StopMatcher::new(task.params.stop.clone());
-        let reserved_until = (task.prompt.len() + task.params.max_tokens as usize).min(n_ctx);
+        let reserved_until = schedule::reservation(task.prompt.len(), task.params.max_tokens, n_ctx);
         self.busy = Some(Busy {
             task,
             decoder: Utf8Decoder::new(),
@@ -103,6 +104,17 @@ impl Slot {
     /// Whether the client has gone or asked to stop.
     pub fn is_abandoned(&self) -> bool {
         self.busy.as_ref().is_some_and(|busy| busy.task.is_abandoned())
+    }
+
+    /// What this slot needs decoded, for the batch plan.
+    pub fn need(&self) -> Need {
+        let Some(busy) = self.busy.as_ref() else { return Need::Nothing };
+        let left = busy.task.prompt.len() - busy.prompt_fed;
+        match (left, busy.pending) {
+            (0, Some(_)) => Need::Token,
+            (0, None) => Need::Nothing,
+            (left, _) => Need::Prompt(left),
+        }
     }
 
     /// What this slot wants decoded next, at most `budget` tokens: the next chunk of the
@@ -209,7 +221,7 @@ pub struct Ending {
 }
 
 impl Ending {
-    /// What a finished task reports, for the metrics.
+    /// What a finished task reports, for the engine's observer.
     pub fn completion(&self) -> Option<&Completion> {
         match &self.event {
             Event::Done(done) => Some(done),

@@ -14,6 +14,13 @@ pub struct EngineStatus {
     pub memory_plan: Option<MemoryPlan>,
 }
 
+impl EngineStatus {
+    /// Slots serving a task (reading its prompt or generating): the requests being generated.
+    pub fn busy_slots(&self) -> usize {
+        self.slots.iter().filter(|slot| slot.phase != SlotPhase::Idle).count()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SlotPhase {
     #[default]

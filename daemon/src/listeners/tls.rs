@@ -3,18 +3,13 @@
 //! are required (mTLS), the same on every TCP listener. A client without a valid certificate is
 //! refused during the handshake, before any request.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-/// The TLS files the config names.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub client_ca: Option<PathBuf>,
-}
+pub use crate::config::TlsFiles;
 
+/// The config names the files; what they become is the listeners' business.
 impl TlsFiles {
     /// The certificate and key, `None` when TLS is off; half a configuration is an error.
     fn pair(&self) -> anyhow::Result<Option<(&Path, &Path)>> {

@@ -1,9 +1,10 @@
 //! Prometheus metrics, served as text at `GET /metrics` on the HTTP listener.
 //!
 //! Counters and histograms are recorded where things happen: requests by the gRPC layer
-//! (`grpc`) and the HTTP middleware, generations by the engine's worker as each one ends,
-//! plugin calls by the registry. Gauges that describe the present (queue, slots, KV cells,
-//! load state, memory) are read from the engine when a scrape asks, so they are never stale.
+//! (`grpc`) and the HTTP middleware, generations as the engine reports each one ending (the
+//! metrics are its [`crate::engine::Observer`]), plugin calls by the registry. Gauges that
+//! describe the present (queue, slots, KV cells, load state, memory) are read from the engine
+//! when a scrape asks, so they are never stale.
 
 pub mod grpc;
 
@@ -200,6 +201,14 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &inner.registry);
         text
+    }
+}
+
+/// The engine tells the metrics of each generation as it ends; the metrics know the engine,
+/// never the other way round.
+impl crate::engine::Observer for Metrics {
+    fn generation_ended(&self, done: &Completion) {
+        self.generation(done);
     }
 }
 

@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::DEFAULT_PLUGINS_DIR;
+/// Where plugin manifests live unless configured (when it does not exist, the bundled
+/// manifests are served).
+pub const DEFAULT_PLUGINS_DIR: &str = "/etc/phi3d/plugins.d";
 
 type Serve = fn() -> Result<(), Box<dyn std::error::Error>>;
 

@@ -36,6 +36,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::sandbox::{HostPort, NetworkPolicy};
+use crate::toml_lines::{self, key_line, line_of};
+
 /// A mebibyte: the unit of `memory_mb` and `max_file_size_mb`.
 const MIB: u64 = 1024 * 1024;
 
@@ -74,7 +77,8 @@ pub struct Permissions {
     pub read: Vec<PathBuf>,
     /// Writable paths, resolved the same way.
     pub write: Vec<PathBuf>,
-    pub network: Network,
+    /// The sandbox's own type: what the manifest says is what the sandbox enforces.
+    pub network: NetworkPolicy,
     /// Unix socket files it may connect to (none by default: `socket(AF_UNIX)` fails).
     pub unix_sockets: Vec<PathBuf>,
     pub memory_bytes: u64,
@@ -88,30 +92,13 @@ pub struct Permissions {
     pub max_file_bytes: u64,
 }
 
-/// The network a plugin may reach.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Network {
-    None,
-    Loopback,
-    /// Outgoing TCP connections to these ports. The kernel filters by port only, so any host
-    /// on a listed port is reachable, and UDP is not filtered (see the plugins README).
-    Connect(Vec<Endpoint>),
-}
-
-/// One `host:port` a plugin may connect to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-}
-
 impl Default for Permissions {
     /// The strictest settings: what a manifest without `[permissions]` gets.
     fn default() -> Self {
         Permissions {
             read: Vec::new(),
             write: Vec::new(),
-            network: Network::None,
+            network: NetworkPolicy::None,
             unix_sockets: Vec::new(),
             memory_bytes: 256 * MIB,
             cpu_seconds: 5,
@@ -203,7 +190,7 @@ struct PermissionsFile {
     read: Vec<String>,
     #[serde(default)]
     write: Vec<String>,
-    network: Option<Network>,
+    network: Option<NetworkSetting>,
     #[serde(default)]
     unix_sockets: Vec<String>,
     memory_mb: Option<i64>,
@@ -216,25 +203,28 @@ struct PermissionsFile {
     max_file_size_mb: Option<i64>,
 }
 
-impl<'de> Deserialize<'de> for Network {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Network, D::Error> {
+/// `network` as the file writes it: `"none"`, `"loopback"` or a list of `host:port`.
+struct NetworkSetting(NetworkPolicy);
+
+impl<'de> Deserialize<'de> for NetworkSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<NetworkSetting, D::Error> {
         struct NetworkVisitor;
         impl<'de> serde::de::Visitor<'de> for NetworkVisitor {
-            type Value = Network;
+            type Value = NetworkSetting;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("\"none\", \"loopback\" or a list of host:port")
             }
 
-            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Network, E> {
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<NetworkSetting, E> {
                 match value {
-                    "none" => Ok(Network::None),
-                    "loopback" => Ok(Network::Loopback),
+                    "none" => Ok(NetworkSetting(NetworkPolicy::None)),
+                    "loopback" => Ok(NetworkSetting(NetworkPolicy::Loopback)),
                     other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
                 }
             }
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Network, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<NetworkSetting, A::Error> {
                 let mut endpoints = Vec::new();
                 while let Some(item) = items.next_element::<String>()? {
                     let endpoint = parse_endpoint(&item).ok_or_else(|| {
@@ -242,7 +232,7 @@ impl<'de> Deserialize<'de> for Network {
                     })?;
                     endpoints.push(endpoint);
                 }
-                Ok(Network::Connect(endpoints))
+                Ok(NetworkSetting(NetworkPolicy::Connect(endpoints)))
             }
         }
         deserializer.deserialize_any(NetworkVisitor)
@@ -319,7 +309,7 @@ impl Manifest {
         let permissions = Permissions {
             read: paths("read", p.read)?,
             write: paths("write", p.write)?,
-            network: p.network.unwrap_or(defaults.network),
+            network: p.network.map_or(defaults.network, |network| network.0),
             unix_sockets: paths("unix_sockets", p.unix_sockets)?,
             memory_bytes: number("memory_mb", p.memory_mb, 1, 1 << 20)?.map_or(defaults.memory_bytes, |mb| mb * MIB),
             cpu_seconds: number("cpu_seconds", p.cpu_seconds, 1, 86_400)?.unwrap_or(defaults.cpu_seconds),
@@ -344,7 +334,7 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> ManifestError {
         file: file.to_path_buf(),
         line: Some(line),
         field: None,
-        message: format!("invalid TOML: {}", e.message().trim().replace('\n', " ")),
+        message: format!("invalid TOML: {}", toml_lines::message(e)),
     }
 }
 
@@ -363,37 +353,8 @@ fn in_toml_words(message: &str) -> String {
         .replace("expected i64", "expected a whole number")
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-/// The line that sets `field` (`permissions.read`: the `read` key inside `[permissions]`, or
-/// a dotted or inline form), for errors found after parsing.
-fn key_line(text: &str, field: &str) -> Option<usize> {
-    let (table, key) = field.split_once('.').map_or((None, field), |(table, key)| (Some(table), key));
-    let mut current: Option<String> = None;
-    for (index, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|rest| rest.strip_suffix(']')) {
-            current = Some(header.trim().to_owned());
-            continue;
-        }
-        let assigned = line.split_once('=').map(|(left, _)| left.trim().trim_matches('"'));
-        let here = match (table, current.as_deref()) {
-            (None, None) => assigned == Some(key),
-            (Some(table), Some(current)) if table == current => assigned == Some(key),
-            (Some(table), None) => assigned == Some(&format!("{table}.{key}")) || assigned == Some(table),
-            _ => false,
-        };
-        if here {
-            return Some(index + 1);
-        }
-    }
-    None
-}
-
 /// `host:port`, with IPv6 hosts in brackets (`[::1]:8123`).
-fn parse_endpoint(s: &str) -> Option<Endpoint> {
+fn parse_endpoint(s: &str) -> Option<HostPort> {
     let (host, port) = s.rsplit_once(':')?;
     let host = match host.strip_prefix('[') {
         Some(inner) => inner.strip_suffix(']')?,
@@ -403,7 +364,7 @@ fn parse_endpoint(s: &str) -> Option<Endpoint> {
     let port: u16 = port.parse().ok()?;
     let host_ok =
         !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
-    (host_ok && port != 0).then(|| Endpoint { host: host.to_string(), port })
+    (host_ok && port != 0).then(|| HostPort { host: host.to_string(), port })
 }
 
 /// Plugin names become the prefix of `plugin.tool`, so they may not hold a dot, and they show
@@ -496,7 +457,7 @@ mod tests {
         assert!(m.env.is_empty());
         assert_eq!(m.permissions, Permissions::default());
         let p = &m.permissions;
-        assert_eq!(p.network, Network::None);
+        assert_eq!(p.network, NetworkPolicy::None);
         assert_eq!(p.memory_bytes, 256 * MIB);
         assert_eq!(p.timeout, Duration::from_secs(10));
         assert_eq!(p.max_output_bytes, 65536);
@@ -539,10 +500,10 @@ mod tests {
         let p = &m.permissions;
         assert_eq!(p.read, [PathBuf::from("/usr/share/zoneinfo"), s.dir.path().join("data")]);
         assert_eq!(p.write, [PathBuf::from("/tmp/x")]);
-        let endpoint = |host: &str, port| Endpoint { host: host.into(), port };
+        let endpoint = |host: &str, port| HostPort { host: host.into(), port };
         assert_eq!(
             p.network,
-            Network::Connect(vec![endpoint("localhost", 8123), endpoint("::1", 443), endpoint("example.com", 80)])
+            NetworkPolicy::Connect(vec![endpoint("localhost", 8123), endpoint("::1", 443), endpoint("example.com", 80)])
         );
         assert_eq!(p.memory_bytes, 64 * MIB);
         assert_eq!(p.cpu_seconds, 2);
@@ -560,9 +521,9 @@ mod tests {
         let net = |v: &str| {
             s.parse(&format!("command = \"tool\"\n[permissions]\nnetwork = {v}")).unwrap().permissions.network
         };
-        assert_eq!(net("\"loopback\""), Network::Loopback);
-        assert_eq!(net("\"none\""), Network::None);
-        assert_eq!(net("[]"), Network::Connect(Vec::new()));
+        assert_eq!(net("\"loopback\""), NetworkPolicy::Loopback);
+        assert_eq!(net("\"none\""), NetworkPolicy::None);
+        assert_eq!(net("[]"), NetworkPolicy::Connect(Vec::new()));
     }
 
     #[test]

@@ -27,5 +27,5 @@ mod stderr;
 mod transport;
 mod watch;
 
-pub use manifest::{CommandSearch, Endpoint, Manifest, ManifestError, Network, Permissions, StartMode};
+pub use manifest::{CommandSearch, Manifest, ManifestError, Permissions, StartMode};
 pub use registry::{PluginRegistry, RegistryError, SkippedTool, ToolInfo, ToolListing, ToolOutcome};

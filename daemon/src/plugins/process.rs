@@ -25,7 +25,7 @@ use rmcp::{ClientHandler, RoleClient, ServiceError};
 use tokio::io::BufReader;
 use tokio::process::Command;
 
-use super::manifest::{Manifest, Network};
+use super::manifest::Manifest;
 use super::stderr::{self, StderrTail};
 use super::transport::{Fault, StdioTransport};
 use crate::sandbox;
@@ -387,13 +387,7 @@ fn policy(manifest: &Manifest, run_as: u32) -> sandbox::Policy {
     sandbox::Policy {
         read_paths: p.read.clone(),
         write_paths: p.write.clone(),
-        network: match &p.network {
-            Network::None => sandbox::NetworkPolicy::None,
-            Network::Loopback => sandbox::NetworkPolicy::Loopback,
-            Network::Connect(endpoints) => sandbox::NetworkPolicy::Connect(
-                endpoints.iter().map(|e| sandbox::HostPort { host: e.host.clone(), port: e.port }).collect(),
-            ),
-        },
+        network: p.network.clone(),
         unix_sockets: p.unix_sockets.clone(),
         memory_bytes: p.memory_bytes,
         cpu_seconds: p.cpu_seconds,

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The confinement of one plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,8 +55,10 @@ pub struct HostPort {
     pub port: u16,
 }
 
-/// What to do when the kernel cannot enforce the whole policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What to do when the kernel cannot enforce the whole policy: the config's `sandbox.require`
+/// (`strict` or `best-effort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Requirement {
     /// Refuse to run the plugin.
     Strict,

@@ -35,7 +35,7 @@ use crate::offload::Offload;
 use crate::plugins::PluginRegistry;
 use crate::tools::{ChatMessage, ToolFormat};
 use crate::tools::agent::AgentTurn;
-use crate::tools::conversation::{TemplateTurn, could_fit, plain, render, tokenize_prompt};
+use crate::tools::conversation::{TemplateTurn, could_fit, mark_untrusted, render, tokenize_prompt};
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChatEvent, Status>> + Send>>;
 
@@ -155,7 +155,7 @@ pub fn system_prefix_tokens(model: &LoadedModel, text: &str) -> Result<Vec<Llama
         return Ok(model.model.vocab().tokenize(text.as_bytes(), true, true));
     };
     let system =
-        llama_cpp_2::model::LlamaChatMessage::new("system".into(), plain(text)).map_err(|err| err.to_string())?;
+        llama_cpp_2::model::LlamaChatMessage::new("system".into(), mark_untrusted(text)).map_err(|err| err.to_string())?;
     let rendered = model
         .model
         .apply_chat_template(template, &[system], false)
@@ -202,7 +202,7 @@ fn prepare_chat(
     }
     let turns: Vec<TemplateTurn> = messages
         .iter()
-        .map(|message| TemplateTurn::new(message.role.template_name(), plain(&message.content)))
+        .map(|message| TemplateTurn::new(message.role.template_name(), mark_untrusted(&message.content)))
         .collect();
     let prompt = render(model, &turns).map_err(convert::prompt_status)?;
     let tokens = tokenize_prompt(model, &prompt).map_err(convert::prompt_status)?;

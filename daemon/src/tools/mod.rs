@@ -108,10 +108,10 @@ impl ToolFormat {
     /// Text added to the system message to offer the tools, the same for every step of a
     /// turn: the step's own instruction comes last ([`ToolFormat::step_text`]), so that
     /// successive steps share their prefix. What the plugins wrote in it is marked plain text
-    /// (`conversation::plain`); only Phi-4's tool tags are markup.
+    /// (`conversation::mark_untrusted`); only Phi-4's tool tags are markup.
     pub fn system_text(self, tools: &[OfferedTool]) -> String {
         match self {
-            ToolFormat::Generic => conversation::plain(&generic::system_instruction(tools)),
+            ToolFormat::Generic => conversation::mark_untrusted(&generic::system_instruction(tools)),
             ToolFormat::Phi4Native => phi4::system_addition(tools),
         }
     }
@@ -168,7 +168,7 @@ impl ToolFormat {
     /// text but for Phi-4's call tags.
     pub fn render_calls(self, calls: &[ParsedCall]) -> String {
         match self {
-            ToolFormat::Generic => conversation::plain(
+            ToolFormat::Generic => conversation::mark_untrusted(
                 &calls.iter().map(|call| generic::render_call(&call.name, &call.arguments)).collect::<Vec<_>>().join("\n"),
             ),
             ToolFormat::Phi4Native => phi4::render_calls(calls),

@@ -16,45 +16,38 @@
 //! idle caches are evicted and the batch retried, then the slot with the largest share of the
 //! batch fails alone: one failure never fails every slot.
 //!
-//! Tests can make the worker panic (`PHI3D_FAULT_INJECTION=worker-panic` and a request id of
-//! `fault:worker-panic`) to check that a dead worker stops the daemon, hang for good
-//! (`worker-wedge`, `fault:worker-wedge`) to check that the watchdog notices, or panic while
-//! sampling one request (`sample-panic`, `fault:sample-panic`) to check that only that request
-//! ends.
+//! The decisions (what goes into a batch, who is admitted, who is evicted) are
+//! [`super::schedule`]'s; the prompt cache's persistence is in [`persist`], the test hooks
+//! that make the worker fail on purpose in [`faults`].
 //!
 //! Every pass of the loop beats the [`Heartbeat`], and the blocking wait for a task marks the
 //! worker idle, so that the watchdog can tell waiting from wedged.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod faults;
+mod persist;
+
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use llama_cpp_2::DecodeError;
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::watch;
 
 use super::LoadState;
 use super::heartbeat::Heartbeat;
-use super::cache_store::{self, CacheKey, CacheStore, SaveItem};
+use super::cache_store::CacheStore;
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
 use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
 use super::backend::backend;
 use super::queue::TaskReceiver;
+use super::schedule::{self, CacheHolder};
 use super::slot::{Feed, Slot};
 use super::status::{EngineStatus, SlotPhase, SlotState};
 use super::task::{EngineError, StopReason, Task};
-
-/// The request id that panics the worker when fault injection is on.
-const FAULT_PANIC_REQUEST: &str = "fault:worker-panic";
-/// The request id that hangs the worker for good when fault injection is on.
-const FAULT_WEDGE_REQUEST: &str = "fault:worker-wedge";
-/// The request id whose sampling panics when fault injection is on.
-const FAULT_SAMPLE_PANIC_REQUEST: &str = "fault:sample-panic";
 
 pub struct Worker<'m> {
     model: &'m LoadedModel,
@@ -68,16 +61,13 @@ pub struct Worker<'m> {
     queue: TaskReceiver,
     /// Where the next batch starts looking, so that every slot gets its turn.
     cursor: usize,
-    active: Arc<AtomicUsize>,
     status: Arc<Mutex<EngineStatus>>,
     store: Option<CacheStore>,
     entries_on_disk: usize,
     started_at: Instant,
     heartbeat: Arc<Heartbeat>,
-    metrics: crate::metrics::Metrics,
-    fault_panic: bool,
-    fault_wedge: bool,
-    fault_sample_panic: bool,
+    observer: Arc<dyn super::observer::Observer>,
+    faults: faults::Faults,
 }
 
 /// A prefix decoded at start-up into a sequence of its own, never evicted.
@@ -92,7 +82,6 @@ pub fn run(
     config: EngineConfig,
     queue: TaskReceiver,
     state: watch::Sender<LoadState>,
-    active: Arc<AtomicUsize>,
     status: Arc<Mutex<EngineStatus>>,
     heartbeat: Arc<Heartbeat>,
 ) {
@@ -117,7 +106,7 @@ pub fn run(
             return;
         }
     };
-    let store = prompt_store(&config);
+    let store = persist::prompt_store(&config);
     // llama.cpp rounds the cells up (to a multiple of 256) and caps a batch at the context;
     // the worker keeps to what was configured and to what llama.cpp accepts.
     let n_ctx = (ctx.n_ctx() as usize).min(config.ctx_size as usize);
@@ -133,16 +122,13 @@ pub fn run(
         batch_size,
         queue,
         cursor: 0,
-        active,
         status,
         store,
         entries_on_disk: 0,
         started_at: Instant::now(),
         heartbeat,
-        metrics: config.metrics.clone(),
-        fault_panic: fault_injected("worker-panic"),
-        fault_wedge: fault_injected("worker-wedge"),
-        fault_sample_panic: fault_injected("sample-panic"),
+        observer: config.observer.clone(),
+        faults: faults::Faults::from_env(),
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
@@ -159,10 +145,6 @@ pub fn run(
     worker.serve();
     worker.save();
     tracing::debug!("worker stopped");
-}
-
-fn fault_injected(fault: &str) -> bool {
-    std::env::var("PHI3D_FAULT_INJECTION").is_ok_and(|faults| faults.split(',').any(|name| name == fault))
 }
 
 fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<LoadedModel>, LoadError> {
@@ -199,20 +181,6 @@ fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<L
         );
     }
     Ok(Arc::new(loaded))
-}
-
-fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
-    if config.prompt_cache_disk_bytes == 0 {
-        return None;
-    }
-    let kv_type = config.kv_type.name();
-    match CacheKey::new(&config.model_path, config.ctx_size, kv_type, config.slots) {
-        Ok(key) => Some(CacheStore::new(config.prompt_cache_dir.clone(), key, config.prompt_cache_disk_bytes)),
-        Err(err) => {
-            tracing::warn!("the prompt cache will not be saved: cannot identify the model file: {err}");
-            None
-        }
-    }
 }
 
 impl Worker<'_> {
@@ -276,21 +244,12 @@ impl Worker<'_> {
         let placement = prompt_cache::place(&task.prompt, &self.sequences());
         let Some(placement) = placement else { return Err(task) };
         self.prepare(placement);
-        let grows_to = (task.prompt.len() + task.params.max_tokens as usize).min(self.n_ctx);
-        let needed = grows_to - placement.reuse;
-        // Running alone, it gets what there is: generation ends when the context is full.
-        if !self.make_room(needed, Some(placement.slot)) && self.active_slots() > 0 {
+        let needed = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx) - placement.reuse;
+        let fits = self.make_room(needed, Some(placement.slot));
+        if !schedule::may_start(fits, self.active_slots()) {
             return Err(task);
         }
-        if self.fault_panic && task.request_id == FAULT_PANIC_REQUEST {
-            panic!("fault injection: request {FAULT_PANIC_REQUEST}");
-        }
-        if self.fault_wedge && task.request_id == FAULT_WEDGE_REQUEST {
-            tracing::warn!("fault injection: request {FAULT_WEDGE_REQUEST} hangs the inference thread");
-            loop {
-                std::thread::park();
-            }
-        }
+        self.faults.on_start(&task.request_id);
         tracing::debug!(
             request_id = %task.request_id,
             prompt_tokens = task.prompt.len(),
@@ -301,7 +260,9 @@ impl Worker<'_> {
         );
         let slot = &mut self.slots[placement.slot];
         slot.start(task, placement.reuse, self.n_ctx);
-        self.active.fetch_add(1, Ordering::SeqCst);
+        // The engine's count of active requests is read from the status: it shows the task
+        // before the task's first event goes out.
+        self.publish();
         Ok(())
     }
 
@@ -373,14 +334,16 @@ impl Worker<'_> {
             if self.free_cells() >= needed {
                 return true;
             }
-            let victim = self
+            let holders: Vec<CacheHolder> = self
                 .slots
                 .iter()
-                .enumerate()
-                .filter(|(index, slot)| Some(*index) != keep && !slot.is_busy() && self.cells.exclusive(slot.seq_id) > 0)
-                .min_by_key(|(_, slot)| slot.last_used)
-                .map(|(index, _)| index);
-            let Some(victim) = victim else { return false };
+                .map(|slot| CacheHolder {
+                    busy: slot.is_busy(),
+                    last_used: slot.last_used,
+                    exclusive_cells: self.cells.exclusive(slot.seq_id),
+                })
+                .collect();
+            let Some(victim) = schedule::victim(&holders, keep) else { return false };
             tracing::debug!(slot = victim, tokens = self.slots[victim].tokens.len(), "evicting a cached prefix");
             self.truncate(victim, 0);
         }
@@ -394,36 +357,17 @@ impl Worker<'_> {
         }
     }
 
-    /// This step's work: one token from every generating slot, then prompt chunks shared
-    /// round-robin among the slots still reading, within `batch_size`.
+    /// This step's work, as [`schedule::plan_batch`] shares it out.
     fn plan_batch(&mut self) -> Vec<(usize, Feed)> {
-        let count = self.slots.len();
-        let order: Vec<usize> = (0..count).map(|k| (self.cursor + k) % count).collect();
-        self.cursor = (self.cursor + 1) % count;
-        let mut budget = self.batch_size;
-        let mut feeds = Vec::new();
-        for &index in &order {
-            let slot = &self.slots[index];
-            if slot.is_busy() && !slot.is_reading() && budget > 0 {
-                if let Some(feed) = slot.next_feed(1) {
-                    budget -= feed.tokens.len();
-                    feeds.push((index, feed));
-                }
-            }
-        }
-        let mut readers = order.iter().filter(|&&index| self.slots[index].is_reading()).count();
-        for &index in &order {
-            if !self.slots[index].is_reading() || budget == 0 {
-                continue;
-            }
-            let share = budget.div_ceil(readers);
-            readers -= 1;
-            if let Some(feed) = self.slots[index].next_feed(share) {
-                budget -= feed.tokens.len();
-                feeds.push((index, feed));
-            }
-        }
-        feeds
+        let needs: Vec<_> = self.slots.iter().map(Slot::need).collect();
+        let plan = schedule::plan_batch(&needs, self.cursor, self.batch_size);
+        self.cursor = (self.cursor + 1) % self.slots.len();
+        plan.into_iter()
+            .map(|(index, tokens)| {
+                let feed = self.slots[index].next_feed(tokens).expect("a slot that needs tokens feeds");
+                (index, feed)
+            })
+            .collect()
     }
 
     /// One decode over every busy slot, then one sampled token for each slot that asked.
@@ -455,9 +399,8 @@ impl Worker<'_> {
                             continue;
                         }
                     }
-                    let largest = (0..feeds.len())
-                        .max_by_key(|&k| feeds[k].1.tokens.len())
-                        .expect("feeds is not empty");
+                    let sizes: Vec<usize> = feeds.iter().map(|(_, feed)| feed.tokens.len()).collect();
+                    let largest = schedule::largest(&sizes).expect("feeds is not empty");
                     let (index, feed) = feeds.remove(largest);
                     if !feed.from_prompt && matches!(err, DecodeError::NoKvCacheSlot) {
                         // A reply that has no room left ends as if it reached max_tokens.
@@ -479,10 +422,10 @@ impl Worker<'_> {
         for index in 0..self.slots.len() {
             // Sampling and streaming are one request's business: whatever goes wrong there,
             // a panic included, ends that request and no other.
-            let fault = self.fault_sample_panic && self.slots[index].request_id() == Some(FAULT_SAMPLE_PANIC_REQUEST);
+            let sample_panics = self.faults.sample_panics(self.slots[index].request_id());
             let sampled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                if fault {
-                    panic!("fault injection: request {FAULT_SAMPLE_PANIC_REQUEST}");
+                if sample_panics {
+                    faults::Faults::panic_sampling();
                 }
                 self.slots[index].sample(&self.ctx, &self.model.model, n_ctx)
             }));
@@ -506,7 +449,6 @@ impl Worker<'_> {
     /// known, is cleared.
     fn fail(&mut self, index: usize, error: EngineError) {
         let Some(ending) = self.slots[index].fail(error) else { return };
-        self.active.fetch_sub(1, Ordering::SeqCst);
         self.truncate(index, 0);
         self.publish();
         ending.send();
@@ -536,14 +478,13 @@ impl Worker<'_> {
         Ok(logits)
     }
 
-    /// The count drops and the status is published before the client hears `Done`, so that a
-    /// client never sees its own finished request as still active.
+    /// The status is published before the client hears `Done`, so that a client never sees
+    /// its own finished request as still active.
     fn finish(&mut self, index: usize, reason: StopReason) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
         if let Some(ending) = self.slots[index].finish(reason) {
             self.publish();
             if let Some(done) = ending.completion() {
-                self.metrics.generation(done);
+                self.observer.generation_ended(done);
             }
             ending.send();
         }
@@ -578,179 +519,5 @@ impl Worker<'_> {
             memory_plan: self.model.info.memory_plan,
         };
         *self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = status;
-    }
-
-    /// Pinned prefixes first (restored from disk when saved, decoded otherwise), then the
-    /// saved slot caches while they fit, most valuable first. A saved entry that cannot be
-    /// used is dropped, never fatal; a pinned prompt that cannot be decoded is.
-    fn warm_cache(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
-        let started = Instant::now();
-        let saved = self.store.as_ref().map(CacheStore::list).unwrap_or_default();
-        self.entries_on_disk = saved.len();
-        let (mut decoded_any, mut restored) = (false, 0);
-        for (k, path) in config.pinned_prompts.iter().enumerate() {
-            let text = std::fs::read_to_string(path).map_err(|err| {
-                LoadError::WarmUp(format!("pinned prompt {}: {err}; fix the path in pinned_prompts", path.display()))
-            })?;
-            let tokens = (config.render_prefix)(self.model, &text)
-                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
-            let pinned_so_far: usize = self.pinned.iter().map(|pinned| pinned.tokens.len()).sum();
-            if pinned_so_far + tokens.len() >= self.n_ctx {
-                return Err(LoadError::WarmUp(format!(
-                    "pinned prompt {} is {} tokens; with the other pinned prompts ({pinned_so_far} tokens) it does \
-                     not leave room in a context of {}; raise ctx_size or shorten it",
-                    path.display(),
-                    tokens.len(),
-                    self.n_ctx
-                )));
-            }
-            let seq_id = (self.slots.len() + k) as i32;
-            let from_disk = saved
-                .iter()
-                .filter(|entry| entry.pinned && entry.tokens == tokens.len())
-                .any(|entry| self.restore_entry(entry, seq_id, Some(&tokens)).is_some());
-            if from_disk {
-                restored += 1;
-            } else {
-                self.decode_pinned(config, path, seq_id, &tokens)?;
-                decoded_any = true;
-            }
-            self.pinned.push(Pinned { seq_id, tokens });
-        }
-        let mut next_slot = 0;
-        for entry in saved.iter().filter(|entry| !entry.pinned) {
-            if next_slot == self.slots.len() {
-                break;
-            }
-            if entry.tokens == 0 || self.free_cells() < entry.tokens {
-                continue;
-            }
-            let seq_id = self.slots[next_slot].seq_id;
-            if let Some(tokens) = self.restore_entry(entry, seq_id, None) {
-                let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
-                let slot = &mut self.slots[next_slot];
-                // After a reboot the monotonic clock cannot go back that far: oldest first, then.
-                slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
-                slot.tokens = tokens;
-                next_slot += 1;
-                restored += 1;
-            }
-        }
-        if !saved.is_empty() {
-            tracing::info!(found = saved.len(), restored, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
-        }
-        if decoded_any {
-            self.save();
-        }
-        Ok(())
-    }
-
-    /// Loads one saved entry into `seq_id`; its tokens when llama.cpp took it and it holds
-    /// exactly the positions the file says (and, for a pinned prefix, the expected tokens).
-    fn restore_entry(
-        &mut self,
-        saved: &cache_store::Saved,
-        seq_id: i32,
-        expected: Option<&[LlamaToken]>,
-    ) -> Option<Vec<LlamaToken>> {
-        let store = self.store.as_ref()?;
-        let entry = store.read(saved)?;
-        if expected.is_some_and(|expected| expected != entry.tokens.as_slice()) {
-            return None;
-        }
-        // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
-        // type and build (the cache key), and their sha256 checked out.
-        let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq_id, LlamaStateSeqFlags::empty()) };
-        let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
-        if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
-            store.reject(saved, "llama.cpp did not restore the positions its tokens say");
-            self.remove_positions(seq_id, 0);
-            return None;
-        }
-        self.cells.append(seq_id, entry.tokens.len() as u32);
-        Some(entry.tokens)
-    }
-
-    fn decode_pinned(
-        &mut self,
-        config: &EngineConfig,
-        path: &std::path::Path,
-        seq_id: i32,
-        tokens: &[LlamaToken],
-    ) -> Result<(), LoadError> {
-        let started = Instant::now();
-        tracing::info!(file = %path.display(), tokens = tokens.len(), "warming a pinned prefix");
-        for (chunk_index, chunk) in tokens.chunks(self.batch_size).enumerate() {
-            if config.cancel.is_cancelled() {
-                return Err(LoadError::Cancelled);
-            }
-            self.batch.clear();
-            let start = chunk_index * self.batch_size;
-            for (offset, token) in chunk.iter().enumerate() {
-                self.batch
-                    .add(*token, (start + offset) as i32, &[seq_id], false)
-                    .map_err(|err| LoadError::WarmUp(err.to_string()))?;
-            }
-            self.ctx
-                .decode(&mut self.batch)
-                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
-            self.cells.append(seq_id, chunk.len() as u32);
-        }
-        tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "pinned prefix warm");
-        Ok(())
-    }
-
-    /// Saves the pinned prefixes and the idle slots' cached sequences for the next start.
-    fn save(&mut self) {
-        let Some(store) = &self.store else { return };
-        let started = Instant::now();
-        let now = SystemTime::now();
-        let flags = LlamaStateSeqFlags::empty();
-        let mut items: Vec<SaveItem> = self
-            .pinned
-            .iter()
-            .map(|pinned| SaveItem {
-                seq_id: pinned.seq_id,
-                tokens: pinned.tokens.clone(),
-                pinned: true,
-                last_used: cache_store::unix_seconds(now),
-                state_bytes: self.ctx.state_seq_get_size_ext(pinned.seq_id, flags),
-            })
-            .collect();
-        let mut idle: Vec<&Slot> =
-            self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).collect();
-        idle.sort_by_key(|slot| std::cmp::Reverse(slot.last_used));
-        for slot in idle {
-            // A slot holding exactly a pinned prefix adds nothing.
-            if self.pinned.iter().any(|pinned| pinned.tokens == slot.tokens) {
-                continue;
-            }
-            let age = slot.last_used.elapsed();
-            items.push(SaveItem {
-                seq_id: slot.seq_id,
-                tokens: slot.tokens.clone(),
-                pinned: false,
-                last_used: cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now)),
-                state_bytes: self.ctx.state_seq_get_size_ext(slot.seq_id, flags),
-            });
-        }
-        match store.save(&items, |seq| self.sequence_state(seq)) {
-            Ok(saved) => {
-                self.entries_on_disk = saved;
-                tracing::info!(saved, ms = started.elapsed().as_millis() as u64, "prompt cache saved");
-            }
-            Err(err) => tracing::warn!("cannot save the prompt cache: {err}"),
-        }
-    }
-
-    /// llama.cpp's serialised state of one sequence (its KV cells).
-    fn sequence_state(&self, seq: i32) -> Vec<u8> {
-        let flags = LlamaStateSeqFlags::empty();
-        let size = self.ctx.state_seq_get_size_ext(seq, flags);
-        let mut bytes = vec![0u8; size];
-        // SAFETY: the buffer holds the `size` bytes llama.cpp just said it needs.
-        let written = unsafe { self.ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags) };
-        bytes.truncate(written);
-        bytes
     }
 }

@@ -1,0 +1,146 @@
+//! The worker's decisions, apart from llama.cpp so that they can be tested: how far a task may
+//! grow, whether it may start, which idle cache is evicted for it, and what goes into the next
+//! batch. The worker gathers the facts, asks here, and carries the answer out.
+
+use std::time::Instant;
+
+/// The KV cells a task may come to hold: its prompt and `max_tokens` of reply, at most the
+/// context. Admission reserves this much; the slot holds the task to it.
+pub fn reservation(prompt_tokens: usize, max_tokens: u32, n_ctx: usize) -> usize {
+    (prompt_tokens + max_tokens as usize).min(n_ctx)
+}
+
+/// Whether a task may start once the worker has evicted what it could for it: when its
+/// reservation fits, or when no other task runs (alone, it gets what there is, and its
+/// generation ends when the context is full).
+pub fn may_start(fits: bool, busy_slots: usize) -> bool {
+    fits || busy_slots == 0
+}
+
+/// A slot as eviction sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheHolder {
+    pub busy: bool,
+    pub last_used: Instant,
+    /// Cells no other sequence shares: what evicting it frees.
+    pub exclusive_cells: u32,
+}
+
+/// The idle slot whose cache goes first: least recently used among those whose eviction frees
+/// cells, never `keep` (the slot being prepared for a task). `None` when nothing can go.
+pub fn victim(slots: &[CacheHolder], keep: Option<usize>) -> Option<usize> {
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(index, slot)| Some(*index) != keep && !slot.busy && slot.exclusive_cells > 0)
+        .min_by_key(|(_, slot)| slot.last_used)
+        .map(|(index, _)| index)
+}
+
+/// What a slot wants decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Idle, or waiting to sample.
+    Nothing,
+    /// The token it sampled last.
+    Token,
+    /// This many prompt tokens still to read.
+    Prompt(usize),
+}
+
+/// The next batch, as (slot, tokens) in the order they are added: first one token from every
+/// generating slot, then the rest of `batch_size` shared among the slots still reading their
+/// prompt, each taking at most an even share of what is left. Both rounds start at `cursor`,
+/// which the worker moves on every step, so that every slot gets its turn at the front.
+pub fn plan_batch(needs: &[Need], cursor: usize, batch_size: usize) -> Vec<(usize, usize)> {
+    let count = needs.len();
+    let order: Vec<usize> = (0..count).map(|k| (cursor + k) % count).collect();
+    let mut budget = batch_size;
+    let mut plan = Vec::new();
+    for &index in &order {
+        if needs[index] == Need::Token && budget > 0 {
+            budget -= 1;
+            plan.push((index, 1));
+        }
+    }
+    let mut readers = order.iter().filter(|&&index| matches!(needs[index], Need::Prompt(_))).count();
+    for &index in &order {
+        let Need::Prompt(left) = needs[index] else { continue };
+        if budget == 0 {
+            break;
+        }
+        let share = budget.div_ceil(readers);
+        readers -= 1;
+        let take = share.min(left);
+        if take > 0 {
+            budget -= take;
+            plan.push((index, take));
+        }
+    }
+    plan
+}
+
+/// When a batch cannot be decoded even after eviction, the slot with the largest share of it
+/// fails alone (it is the likeliest cause, and the rest may then fit): its place in `sizes`.
+pub fn largest(sizes: &[usize]) -> Option<usize> {
+    (0..sizes.len()).max_by_key(|&k| sizes[k])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_reservation_is_the_prompt_and_reply_within_the_context() {
+        assert_eq!(reservation(100, 50, 4096), 150);
+        assert_eq!(reservation(4000, 512, 4096), 4096);
+    }
+
+    #[test]
+    fn a_task_that_does_not_fit_waits_unless_it_would_run_alone() {
+        assert!(may_start(true, 3));
+        assert!(!may_start(false, 1));
+        assert!(may_start(false, 0));
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_cache_that_frees_cells_goes_first() {
+        let now = Instant::now();
+        let slot = |busy, age_s, exclusive_cells| CacheHolder {
+            busy,
+            last_used: now - Duration::from_secs(age_s),
+            exclusive_cells,
+        };
+        let slots = [slot(false, 10, 5), slot(true, 90, 5), slot(false, 60, 0), slot(false, 30, 5)];
+        assert_eq!(victim(&slots, None), Some(3), "busy slots and shared-only caches stay");
+        assert_eq!(victim(&slots, Some(3)), Some(0), "the slot being prepared stays");
+        assert_eq!(victim(&[slot(true, 1, 5), slot(false, 1, 0)], None), None);
+    }
+
+    #[test]
+    fn generating_slots_come_first_then_readers_share_the_rest() {
+        let needs = [Need::Prompt(100), Need::Token, Need::Nothing, Need::Token, Need::Prompt(3)];
+        assert_eq!(plan_batch(&needs, 0, 10), [(1, 1), (3, 1), (0, 4), (4, 3)]);
+        // A short prompt leaves its share to the next reader.
+        assert_eq!(plan_batch(&needs, 4, 10), [(1, 1), (3, 1), (4, 3), (0, 5)]);
+    }
+
+    #[test]
+    fn the_batch_never_exceeds_its_size_and_the_cursor_rotates_the_front() {
+        let needs = [Need::Token, Need::Token, Need::Token];
+        assert_eq!(plan_batch(&needs, 1, 2), [(1, 1), (2, 1)]);
+        assert_eq!(plan_batch(&needs, 2, 2), [(2, 1), (0, 1)]);
+        let readers = [Need::Prompt(50), Need::Prompt(50)];
+        let plan = plan_batch(&readers, 0, 7);
+        assert_eq!(plan, [(0, 4), (1, 3)]);
+        assert!(plan_batch(&[Need::Nothing, Need::Nothing], 0, 8).is_empty());
+    }
+
+    #[test]
+    fn the_largest_share_fails_first() {
+        assert_eq!(largest(&[1, 7, 3]), Some(1));
+        assert_eq!(largest(&[]), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! The prompt cache across restarts, as the worker carries it out: at start-up the pinned
+//! prefixes are restored from disk or decoded, and the saved slot caches restored while they
+//! fit; on the way out (and once a pinned prefix was decoded) the cached sequences are saved.
+//! What a file holds and whether it may be loaded is [`crate::engine::cache_store`]'s; this is
+//! the part that needs the llama context.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
+use llama_cpp_2::token::LlamaToken;
+
+use super::{Pinned, Worker};
+use crate::engine::cache_store::{self, CacheKey, CacheStore, SaveItem};
+use crate::engine::loader::{EngineConfig, LoadError};
+use crate::engine::slot::Slot;
+
+/// The store the config asks for; `None` when the cache is not to be saved.
+pub(super) fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
+    if config.prompt_cache_disk_bytes == 0 {
+        return None;
+    }
+    let kv_type = config.kv_type.name();
+    match CacheKey::new(&config.model_path, config.ctx_size, kv_type, config.slots) {
+        Ok(key) => Some(CacheStore::new(config.prompt_cache_dir.clone(), key, config.prompt_cache_disk_bytes)),
+        Err(err) => {
+            tracing::warn!("the prompt cache will not be saved: cannot identify the model file: {err}");
+            None
+        }
+    }
+}
+
+impl Worker<'_> {
+    /// Pinned prefixes first (restored from disk when saved, decoded otherwise), then the
+    /// saved slot caches while they fit, most valuable first. A saved entry that cannot be
+    /// used is dropped, never fatal; a pinned prompt that cannot be decoded is.
+    pub(super) fn warm_cache(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
+        let started = Instant::now();
+        let saved = self.store.as_ref().map(CacheStore::list).unwrap_or_default();
+        self.entries_on_disk = saved.len();
+        let (mut decoded_any, mut restored) = (false, 0);
+        for (k, path) in config.pinned_prompts.iter().enumerate() {
+            let text = std::fs::read_to_string(path).map_err(|err| {
+                LoadError::WarmUp(format!("pinned prompt {}: {err}; fix the path in pinned_prompts", path.display()))
+            })?;
+            let tokens = (config.render_prefix)(self.model, &text)
+                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
+            let pinned_so_far: usize = self.pinned.iter().map(|pinned| pinned.tokens.len()).sum();
+            if pinned_so_far + tokens.len() >= self.n_ctx {
+                return Err(LoadError::WarmUp(format!(
+                    "pinned prompt {} is {} tokens; with the other pinned prompts ({pinned_so_far} tokens) it does \
+                     not leave room in a context of {}; raise ctx_size or shorten it",
+                    path.display(),
+                    tokens.len(),
+                    self.n_ctx
+                )));
+            }
+            let seq_id = (self.slots.len() + k) as i32;
+            let from_disk = saved
+                .iter()
+                .filter(|entry| entry.pinned && entry.tokens == tokens.len())
+                .any(|entry| self.restore_entry(entry, seq_id, Some(&tokens)).is_some());
+            if from_disk {
+                restored += 1;
+            } else {
+                self.decode_pinned(config, path, seq_id, &tokens)?;
+                decoded_any = true;
+            }
+            self.pinned.push(Pinned { seq_id, tokens });
+        }
+        let mut next_slot = 0;
+        for entry in saved.iter().filter(|entry| !entry.pinned) {
+            if next_slot == self.slots.len() {
+                break;
+            }
+            if entry.tokens == 0 || self.free_cells() < entry.tokens {
+                continue;
+            }
+            let seq_id = self.slots[next_slot].seq_id;
+            if let Some(tokens) = self.restore_entry(entry, seq_id, None) {
+                let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
+                let slot = &mut self.slots[next_slot];
+                // After a reboot the monotonic clock cannot go back that far: oldest first, then.
+                slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
+                slot.tokens = tokens;
+                next_slot += 1;
+                restored += 1;
+            }
+        }
+        if !saved.is_empty() {
+            tracing::info!(found = saved.len(), restored, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
+        }
+        if decoded_any {
+            self.save();
+        }
+        Ok(())
+    }
+
+    /// Loads one saved entry into `seq_id`; its tokens when llama.cpp took it and it holds
+    /// exactly the positions the file says (and, for a pinned prefix, the expected tokens).
+    fn restore_entry(
+        &mut self,
+        saved: &cache_store::Saved,
+        seq_id: i32,
+        expected: Option<&[LlamaToken]>,
+    ) -> Option<Vec<LlamaToken>> {
+        let store = self.store.as_ref()?;
+        let entry = store.read(saved)?;
+        if expected.is_some_and(|expected| expected != entry.tokens.as_slice()) {
+            return None;
+        }
+        // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
+        // type and build (the cache key), and their sha256 checked out.
+        let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq_id, LlamaStateSeqFlags::empty()) };
+        let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
+        if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
+            store.reject(saved, "llama.cpp did not restore the positions its tokens say");
+            self.remove_positions(seq_id, 0);
+            return None;
+        }
+        self.cells.append(seq_id, entry.tokens.len() as u32);
+        Some(entry.tokens)
+    }
+
+    fn decode_pinned(
+        &mut self,
+        config: &EngineConfig,
+        path: &std::path::Path,
+        seq_id: i32,
+        tokens: &[LlamaToken],
+    ) -> Result<(), LoadError> {
+        let started = Instant::now();
+        tracing::info!(file = %path.display(), tokens = tokens.len(), "warming a pinned prefix");
+        for (chunk_index, chunk) in tokens.chunks(self.batch_size).enumerate() {
+            if config.cancel.is_cancelled() {
+                return Err(LoadError::Cancelled);
+            }
+            self.batch.clear();
+            let start = chunk_index * self.batch_size;
+            for (offset, token) in chunk.iter().enumerate() {
+                self.batch
+                    .add(*token, (start + offset) as i32, &[seq_id], false)
+                    .map_err(|err| LoadError::WarmUp(err.to_string()))?;
+            }
+            self.ctx
+                .decode(&mut self.batch)
+                .map_err(|err| LoadError::WarmUp(format!("pinned prompt {}: {err}", path.display())))?;
+            self.cells.append(seq_id, chunk.len() as u32);
+        }
+        tracing::info!(file = %path.display(), ms = started.elapsed().as_millis() as u64, "pinned prefix warm");
+        Ok(())
+    }
+
+    /// Saves the pinned prefixes and the idle slots' cached sequences for the next start.
+    pub(super) fn save(&mut self) {
+        let Some(store) = &self.store else { return };
+        let started = Instant::now();
+        let now = SystemTime::now();
+        let flags = LlamaStateSeqFlags::empty();
+        let mut items: Vec<SaveItem> = self
+            .pinned
+            .iter()
+            .map(|pinned| SaveItem {
+                seq_id: pinned.seq_id,
+                tokens: pinned.tokens.clone(),
+                pinned: true,
+                last_used: cache_store::unix_seconds(now),
+                state_bytes: self.ctx.state_seq_get_size_ext(pinned.seq_id, flags),
+            })
+            .collect();
+        let mut idle: Vec<&Slot> =
+            self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).collect();
+        idle.sort_by_key(|slot| std::cmp::Reverse(slot.last_used));
+        for slot in idle {
+            // A slot holding exactly a pinned prefix adds nothing.
+            if self.pinned.iter().any(|pinned| pinned.tokens == slot.tokens) {
+                continue;
+            }
+            let age = slot.last_used.elapsed();
+            items.push(SaveItem {
+                seq_id: slot.seq_id,
+                tokens: slot.tokens.clone(),
+                pinned: false,
+                last_used: cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now)),
+                state_bytes: self.ctx.state_seq_get_size_ext(slot.seq_id, flags),
+            });
+        }
+        match store.save(&items, |seq| self.sequence_state(seq)) {
+            Ok(saved) => {
+                self.entries_on_disk = saved;
+                tracing::info!(saved, ms = started.elapsed().as_millis() as u64, "prompt cache saved");
+            }
+            Err(err) => tracing::warn!("cannot save the prompt cache: {err}"),
+        }
+    }
+
+    /// llama.cpp's serialised state of one sequence (its KV cells).
+    fn sequence_state(&self, seq: i32) -> Vec<u8> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: the buffer holds the `size` bytes llama.cpp just said it needs.
+        let written = unsafe { self.ctx.state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags) };
+        bytes.truncate(written);
+        bytes
+    }
+}
