@@ -549,13 +549,13 @@ impl Config {
                 return Err(ConfigError(format!("{key}: 0 is too small; it must be at least 1")));
             }
         }
-        if let Some(bad) = config.http_allowed_origins.iter().find(|origin| !crate::http::browsers::valid_origin_pattern(origin)) {
+        if let Some(bad) = config.http_allowed_origins.iter().find(|origin| !valid_origin_pattern(origin)) {
             return Err(ConfigError(format!(
                 "http_allowed_origins: `{bad}` is not an origin; write scheme://host[:port] as a browser sends it, \
                  e.g. https://ha.example:8123 (`*` matches anything, e.g. http://192.168.1.*)"
             )));
         }
-        if let Some(bad) = config.http_allowed_hosts.iter().find(|host| !crate::http::browsers::valid_host(host)) {
+        if let Some(bad) = config.http_allowed_hosts.iter().find(|host| !valid_host(host)) {
             return Err(ConfigError(format!(
                 "http_allowed_hosts: `{bad}` is not a host name; write it without scheme or port, e.g. phi3d.lan"
             )));
@@ -627,6 +627,30 @@ fn state_or_cache_dir(name: &str) -> PathBuf {
     PathBuf::from("/var/lib/phi3d").join(name)
 }
 
+// The syntax of the HTTP listener's browser rules, checked here so that a bad entry stops
+// start-up; `http::browsers` matches requests against entries that passed.
+/// Whether `pattern` can be an `http_allowed_origins` entry: `*`, `null`, or scheme://host[:port].
+fn valid_origin_pattern(pattern: &str) -> bool {
+    let pattern = pattern.trim();
+    if pattern == "*" || pattern == "null" {
+        return true;
+    }
+    match pattern.split_once("://") {
+        Some((scheme, authority)) => {
+            !scheme.is_empty()
+                && !authority.is_empty()
+                && !authority.trim_end_matches('/').contains('/')
+                && !pattern.chars().any(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// Whether `host` can be an `http_allowed_hosts` entry: a bare host name or address.
+fn valid_host(host: &str) -> bool {
+    !host.is_empty() && !host.contains("://") && !host.contains('/') && !host.chars().any(char::is_whitespace)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -646,6 +670,13 @@ mod tests {
         assert!(err.contains("u32"), "{err}");
         let err = Settings::parse("threads = 2\nctx_size = [\n").unwrap_err();
         assert!(err.starts_with("line 2:") || err.starts_with("line 3:"), "{err}");
+    }
+
+    #[test]
+    fn browser_rule_entries() {
+        assert!(valid_origin_pattern("https://ha.example:8123") && valid_origin_pattern("*"));
+        assert!(!valid_origin_pattern("ha.example") && !valid_origin_pattern("http://a/b"));
+        assert!(valid_host("phi3d.lan") && !valid_host("http://phi3d.lan"));
     }
 
     #[test]

@@ -25,8 +25,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use phi3d_proto::v1::inference_server::Inference;
-use phi3d_proto::v1::{ChatEvent, ChatRequest, Done, ToolCall, ToolChoice, ToolOptions, ToolResult, chat_event};
+use phi3d_proto::v1::{ChatEvent, ChatRequest, ClientTool, Done, ToolCall, ToolChoice, ToolOptions, ToolResult, chat_event};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -113,14 +112,9 @@ impl IntoResponse for ApiError {
 }
 
 impl HttpState {
-    /// Runs a chat through the shared service as `client`.
+    /// Runs a chat through the shared service as `client` (HTTP clients send no deadline).
     async fn chat(&self, api: Api, client: Client, request: ChatRequest) -> Result<EventStream, ApiError> {
-        let mut request = tonic::Request::new(request);
-        request.extensions_mut().insert(client);
-        match Inference::chat(&*self.inference, request).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(ApiError::from_status(api, &status)),
-        }
+        self.inference.run_chat(&client, request, None).await.map_err(|status| ApiError::from_status(api, &status))
     }
 
     /// The tools a bridge request offers: the client's own plus the plugin tools that
@@ -404,4 +398,26 @@ fn stop_strings(api: Api, key: &str, value: Option<&Value>) -> Result<Vec<String
 /// Seconds since the epoch, for the APIs' `created` fields.
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_secs())
+}
+
+/// A request's `tools` (OpenAI's function shape, which Ollama took over) as phi3d client
+/// tools, run by the caller.
+fn client_tools(api: Api, tools: &[Value]) -> Result<Vec<ClientTool>, ApiError> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(index, tool)| {
+            let function = tool.get("function").unwrap_or(tool);
+            let name = function.get("name").and_then(Value::as_str).unwrap_or_default();
+            if name.is_empty() {
+                return Err(ApiError::new(api, StatusCode::BAD_REQUEST, format!("tools[{index}].function.name is missing")));
+            }
+            let parameters = function.get("parameters").cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+            Ok(ClientTool {
+                name: name.to_owned(),
+                description: function.get("description").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                parameters_json: parameters.to_string(),
+            })
+        })
+        .collect()
 }

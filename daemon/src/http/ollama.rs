@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use phi3d_proto::v1::{
-    ChatEvent, ChatRequest, ClientTool, GenerationOptions, Message, Role, StopReason, ToolCall, ToolOptions,
+    ChatEvent, ChatRequest, GenerationOptions, Message, Role, StopReason, ToolCall, ToolOptions,
     chat_event,
 };
 use serde::Deserialize;
@@ -244,27 +244,6 @@ fn messages(body: &[OllamaMessage]) -> Result<Vec<Message>, ApiError> {
     Ok(out)
 }
 
-/// Ollama's `tools` (OpenAI's function shape) as phi3d client tools, run by the caller.
-pub(super) fn client_tools(api: Api, tools: &[Value]) -> Result<Vec<ClientTool>, ApiError> {
-    tools
-        .iter()
-        .enumerate()
-        .map(|(index, tool)| {
-            let function = tool.get("function").unwrap_or(tool);
-            let name = function.get("name").and_then(Value::as_str).unwrap_or_default();
-            if name.is_empty() {
-                return Err(ApiError::new(api, StatusCode::BAD_REQUEST, format!("tools[{index}].function.name is missing")));
-            }
-            let parameters = function.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"}));
-            Ok(ClientTool {
-                name: name.to_owned(),
-                description: function.get("description").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                parameters_json: parameters.to_string(),
-            })
-        })
-        .collect()
-}
-
 async fn chat(
     State(state): State<HttpState>,
     Extension(client): Extension<Client>,
@@ -279,7 +258,7 @@ async fn chat(
 
 /// What the client asked for in `/api/chat`, before the server adds its plugin tools.
 fn chat_request(body: &ChatBody) -> Result<ChatRequest, ApiError> {
-    let tools = client_tools(Api::Ollama, &body.tools)?;
+    let tools = super::client_tools(Api::Ollama, &body.tools)?;
     let mut options = generation_options(body.options.as_ref())?;
     options.json_schema = json_schema(body.format.as_ref())?;
     Ok(ChatRequest {

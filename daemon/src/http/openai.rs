@@ -222,7 +222,7 @@ fn messages(body: &[OpenAiMessage]) -> Result<Vec<Message>, ApiError> {
 /// The client's tools and `tool_choice`: "none", "auto", "required", or a named function to
 /// force.
 fn tool_options(body: &ChatBody) -> Result<ToolOptions, ApiError> {
-    let client_tools = super::ollama::client_tools(Api::OpenAi, &body.tools)?;
+    let client_tools = super::client_tools(Api::OpenAi, &body.tools)?;
     let mut options = ToolOptions { client_tools, ..ToolOptions::default() };
     match &body.tool_choice {
         None | Some(Value::Null) => {}

@@ -5,9 +5,15 @@
 //! A request is registered (its id, its client's stream count) before any work is done for
 //! it, and the CPU-heavy part of that work (schemas, grammars, the prompt's tokens) runs in
 //! [`Offload`], never on the runtime's worker.
+//!
+//! Chats and completions enter through [`InferenceService::run_chat`] and
+//! [`InferenceService::run_complete`], with the caller and its deadline as plain values: the
+//! gRPC methods read those from the tonic request, the HTTP bridges from their own, and
+//! neither dresses up as the other.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use llama_cpp_2::sampling::LlamaSampler;
@@ -22,7 +28,7 @@ use tracing::Instrument;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::generation::{RequestScope, ToolTurnRunner};
+use super::request_scope::{RequestScope, ToolTurnRunner};
 use super::live::{LiveReader, LiveSettings};
 use super::requests::{CancelOutcome, Requests};
 use super::tool_options::{self, ToolPlan};
@@ -62,6 +68,57 @@ impl InferenceService {
     /// The largest request body the HTTP bridges should read (`max_request_bytes`).
     pub fn max_request_bytes(&self) -> usize {
         self.requests.limits.max_request_bytes as usize
+    }
+
+    /// A chat from any transport, accounted to `client`, ended by `deadline` if it has one:
+    /// the gRPC service and the HTTP bridges both come here with the request they read, and
+    /// each maps only its own wire format.
+    pub async fn run_chat(&self, client: &Client, request: ChatRequest, deadline: Option<Duration>) -> Result<EventStream, Status> {
+        self.requests.limits.check_size(&request)?;
+        let model = ready_model(&self.engine)?;
+        let live = *self.live.borrow();
+        // Registered first, so that the work below counts against the client's streams.
+        let scope = RequestScope::begin(&self.requests, &request.request_id, client, deadline)?;
+        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), live.tool_choice);
+        // Listing tools starts lazy plugins, so a plain chat does not ask.
+        let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
+        let prepare_model = model.clone();
+        // The job holds the registration: a job left behind past its budget still counts
+        // against its client until it ends.
+        let offload = self.offload.for_client(client);
+        let (prepared, scope) =
+            offload.run_holding(scope, move || prepare_chat(&prepare_model, &request, live, &plugin_tools)).await?;
+        let prepared = prepared?;
+        let stream = match prepared {
+            PreparedChat::ToolTurn { messages, plan, params } => {
+                self.tool_turn(scope, offload, model, messages, plan, params, live.defaults).await?
+            }
+            PreparedChat::Plain { tokens, params, sampler } => self.generate(scope, &model, tokens, params, sampler)?,
+        };
+        Ok(stream)
+    }
+
+    /// A raw-prompt completion from any transport (see [`InferenceService::run_chat`]).
+    pub async fn run_complete(&self, client: &Client, request: CompleteRequest, deadline: Option<Duration>) -> Result<EventStream, Status> {
+        self.requests.limits.check_size(&request)?;
+        let model = ready_model(&self.engine)?;
+        validate::prompt(&request.prompt)?;
+        let defaults = self.live.borrow().defaults;
+        let scope = RequestScope::begin(&self.requests, &request.request_id, client, deadline)?;
+        let prepare_model = model.clone();
+        let (prepared, scope) = self
+            .offload
+            .for_client(client)
+            .run_holding(scope, move || -> Result<_, Status> {
+                let params = validate::generation_params(request.options.as_ref(), defaults)?;
+                could_fit(&prepare_model, request.prompt.len()).map_err(convert::prompt_status)?;
+                let tokens = prepare_model.model.vocab().tokenize(request.prompt.as_bytes(), true, true);
+                let sampler = sampler_for(&params, &prepare_model)?;
+                Ok((tokens, params, sampler))
+            })
+            .await?;
+        let (tokens, params, sampler) = prepared?;
+        self.generate(scope, &model, tokens, params, sampler)
     }
 
     /// A chat turn with tools: the agent loop runs in its own task and streams every step.
@@ -224,57 +281,14 @@ impl Inference for InferenceService {
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         let deadline = validate::grpc_timeout(request.metadata());
         let client = Client::of(&request);
-        let request = request.into_inner();
-        self.requests.limits.check_size(&request)?;
-        let model = ready_model(&self.engine)?;
-        let live = *self.live.borrow();
-        // Registered first, so that the work below counts against the client's streams.
-        let scope = RequestScope::begin(&self.requests, &request.request_id, &client, deadline)?;
-        let wants_tools = tool_options::wants_tools(request.tools.as_ref(), live.tool_choice);
-        // Listing tools starts lazy plugins, so a plain chat does not ask.
-        let plugin_tools = if wants_tools { self.plugins.tools().await } else { Vec::new() };
-        let prepare_model = model.clone();
-        // The job holds the registration: a job left behind past its budget still counts
-        // against its client until it ends.
-        let offload = self.offload.for_client(&client);
-        let (prepared, scope) =
-            offload.run_holding(scope, move || prepare_chat(&prepare_model, &request, live, &plugin_tools)).await?;
-        let prepared = prepared?;
-        let stream = match prepared {
-            PreparedChat::ToolTurn { messages, plan, params } => {
-                self.tool_turn(scope, offload, model, messages, plan, params, live.defaults).await?
-            }
-            PreparedChat::Plain { tokens, params, sampler } => self.generate(scope, &model, tokens, params, sampler)?,
-        };
-        Ok(Response::new(stream))
+        self.run_chat(&client, request.into_inner(), deadline).await.map(Response::new)
     }
 
     async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<Self::CompleteStream>, Status> {
         let deadline = validate::grpc_timeout(request.metadata());
         let client = Client::of(&request);
-        let request = request.into_inner();
-        self.requests.limits.check_size(&request)?;
-        let model = ready_model(&self.engine)?;
-        validate::prompt(&request.prompt)?;
-        let defaults = self.live.borrow().defaults;
-        let scope = RequestScope::begin(&self.requests, &request.request_id, &client, deadline)?;
-        let prepare_model = model.clone();
-        let (prepared, scope) = self
-            .offload
-            .for_client(&client)
-            .run_holding(scope, move || -> Result<_, Status> {
-                let params = validate::generation_params(request.options.as_ref(), defaults)?;
-                could_fit(&prepare_model, request.prompt.len()).map_err(convert::prompt_status)?;
-                let tokens = prepare_model.model.vocab().tokenize(request.prompt.as_bytes(), true, true);
-                let sampler = sampler_for(&params, &prepare_model)?;
-                Ok((tokens, params, sampler))
-            })
-            .await?;
-        let (tokens, params, sampler) = prepared?;
-        let stream = self.generate(scope, &model, tokens, params, sampler)?;
-        Ok(Response::new(stream))
+        self.run_complete(&client, request.into_inner(), deadline).await.map(Response::new)
     }
-
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let client = Client::of(&request);
         let request = request.into_inner();

@@ -3,7 +3,7 @@
 
 pub mod admin;
 pub mod convert;
-pub mod generation;
+pub mod request_scope;
 pub mod inference;
 pub mod limits;
 pub mod live;
