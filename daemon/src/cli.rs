@@ -98,6 +98,9 @@ fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
     let source = config_source(config_path, flags);
     let config = source.load()?;
     crate::logging::init(&config.log);
+    // A build that picks its CPU kernels at run time stops here, naming the folder, when
+    // their libraries are missing.
+    crate::engine::backend::load().map_err(anyhow::Error::msg)?;
     crate::sandbox::harden_daemon();
     // The daemon's own async work is small (a few messages per generated token); one worker
     // thread does it, so that fewer threads compete with llama.cpp's for the cores (whose

@@ -166,7 +166,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     if !status.cpu_features.is_empty() {
-        println!("cpu        {}", status.cpu_features);
+        let variant = if status.cpu_variant.is_empty() { String::new() } else { format!("variant {}: ", status.cpu_variant) };
+        println!("cpu        {variant}{}", status.cpu_features);
+    }
+    if !status.board.is_empty() {
+        println!("board      {}", status.board);
     }
     Ok(())
 }

@@ -98,14 +98,28 @@ fn sandbox(report: &mut Report, config: &Config) {
 }
 
 fn cpu(report: &mut Report, config: &Config) {
+    if let Some(board) = crate::engine::backend::board() {
+        report.line(Level::Note, "board", board);
+    }
+    if let Err(reason) = crate::engine::backend::load() {
+        return report.line(Level::Fail, "cpu", reason);
+    }
     let features = crate::engine::cpu_features();
     let has = |name: &str| features.split_whitespace().any(|feature| feature.eq_ignore_ascii_case(name));
-    let (level, hint) = match std::env::consts::ARCH {
-        "aarch64" if !has("DOTPROD") => (Level::Warn, "; no dotprod: build on the board (target-cpu=native)"),
-        "x86_64" if !has("AVX2") => (Level::Warn, "; no AVX2: build on this machine (target-cpu=native)"),
+    let variant = crate::engine::backend::cpu_variant();
+    // A build that picks its kernels at run time already has the best this CPU can run.
+    let (level, hint) = match (std::env::consts::ARCH, &variant) {
+        ("aarch64", Some(_)) if !has("DOTPROD") => (Level::Note, "; this CPU has no dotprod (a Pi 4's Cortex-A72)"),
+        ("aarch64", None) if !has("DOTPROD") => (Level::Warn, "; no dotprod: build on the board (target-cpu=native)"),
+        ("x86_64", Some(_)) if !has("AVX2") => (Level::Note, "; this CPU has no AVX2"),
+        ("x86_64", None) if !has("AVX2") => (Level::Warn, "; no AVX2: build on this machine (target-cpu=native)"),
         _ => (Level::Ok, ""),
     };
-    report.line(level, "cpu", format!("llama.cpp kernels use {features}{hint}; {} inference threads", config.threads));
+    let kernels = match &variant {
+        Some(variant) => format!("CPU variant {variant} (picked at run time)"),
+        None => "compiled in".to_owned(),
+    };
+    report.line(level, "cpu", format!("llama.cpp kernels {kernels} use {features}{hint}; {} inference threads", config.threads));
     let gpu_backend = if cfg!(feature = "cuda") {
         Some("CUDA")
     } else if cfg!(feature = "vulkan") {
@@ -174,7 +188,7 @@ fn memory(report: &mut Report, config: &Config) {
 /// The model's shape, read by llama.cpp without allocating (or reading) the weights; they are
 /// counted by the file's size, which is what mmap maps.
 fn read_shape(path: &Path) -> Result<ModelShape, String> {
-    let backend = crate::engine::backend::backend();
+    let backend = crate::engine::backend::load()?;
     let params = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
     let model = LlamaModel::load_from_file(backend, path, &params)
         .map_err(|err| format!("cannot read {}: {err} (is it a GGUF file llama.cpp supports?)", path.display()))?;

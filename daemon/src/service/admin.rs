@@ -84,6 +84,8 @@ impl Admin for AdminService {
             cache_entries_on_disk: status.cache_entries_on_disk,
             memory_plan,
             cpu_features: crate::engine::cpu_features(),
+            cpu_variant: crate::engine::backend::cpu_variant().unwrap_or_default(),
+            board: crate::engine::backend::board().unwrap_or_default(),
             model: Some(model),
             queue_depth: self.engine.queue_depth() as u32,
             active_requests: self.engine.active_requests() as u32,

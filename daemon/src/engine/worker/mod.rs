@@ -150,7 +150,12 @@ pub fn run(
 fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<LoadedModel>, LoadError> {
     let progress = state.clone();
     let mut last_logged = 0;
-    tracing::info!(cpu_features = %super::cpu_features(), "llama.cpp kernels");
+    tracing::info!(
+        cpu_features = %super::cpu_features(),
+        cpu_variant = super::backend::cpu_variant().as_deref().unwrap_or("compiled in"),
+        board = super::backend::board().as_deref().unwrap_or("unknown"),
+        "llama.cpp kernels"
+    );
     let loaded = loader::load_model(backend(), config, move |percent| {
         progress.send_replace(LoadState::Loading { percent });
         // A 2 GB model from an SD card takes a while: say how far it got, not every tick.
