@@ -65,7 +65,7 @@ for cpu in $cpus; do
         --prompt-cache-dir "$work/cache" --listen 127.0.0.1:0 2>&1 || true)"
     echo "$doctor" | grep -E '^(ok|note|warn|FAIL) +(cpu|board|sandbox)' || true
     echo "doctor: $(since "$start") s"
-    variant="$(echo "$doctor" | sed -n 's/.*CPU variant \([^ ]*\).*/\1/p' | head -1)"
+    variant="$(echo "$doctor" | sed -n 's/.*CPU variant \([^ ,]*\).*/\1/p' | head -1)"
     if [ -z "$variant" ]; then
         fail "doctor names no CPU variant"
         echo "$doctor" >&2

@@ -115,11 +115,8 @@ fn cpu(report: &mut Report, config: &Config) {
         ("x86_64", None) if !has("AVX2") => (Level::Warn, "; no AVX2: build on this machine (target-cpu=native)"),
         _ => (Level::Ok, ""),
     };
-    let kernels = match &variant {
-        Some(variant) => format!("CPU variant {variant} (picked at run time)"),
-        None => "compiled in".to_owned(),
-    };
-    report.line(level, "cpu", format!("llama.cpp kernels {kernels} use {features}{hint}; {} inference threads", config.threads));
+    let picked = variant.map(|variant| format!(" (CPU variant {variant}, picked at run time)")).unwrap_or_default();
+    report.line(level, "cpu", format!("llama.cpp kernels use {features}{picked}{hint}; {} inference threads", config.threads));
     let gpu_backend = if cfg!(feature = "cuda") {
         Some("CUDA")
     } else if cfg!(feature = "vulkan") {
