@@ -233,10 +233,9 @@ async fn every_token_budget_stays_within_max_tokens_limit() {
     assert_eq!(steps, 1.0, "one step, not retries:\n{metrics}");
 }
 
-#[tokio::test]
-async fn a_tool_reply_cut_by_max_tokens_ends_with_length_at_once() {
-    // Home Assistant's Ollama integration with a small num_predict: an AUTO tool step whose
-    // reply runs out of tokens ends with what was generated, `length`, and no retry.
+/// Home Assistant's Ollama integration asks for a tool turn with `options`; the turn must end
+/// after one generation step with `done_reason`, not be retried.
+async fn a_cut_tool_turn_ends_in_one_step(options: Value, done_reason: &str) {
     let address = http_address();
     let _daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
     let body = json!({
@@ -244,38 +243,28 @@ async fn a_tool_reply_cut_by_max_tokens_ends_with_length_at_once() {
         "messages": [{"role": "user", "content": "Turn on the kitchen light"}],
         "tools": [{"type": "function", "function": {"name": "HassTurnOn", "parameters":
             {"type": "object", "properties": {"name": {"type": "string"}, "area": {"type": "string"}}}}}],
-        "options": {"num_predict": 3, "temperature": 0}
+        "options": options
     });
     let response = http_client().post(format!("http://{address}/api/chat")).json(&body).send().await.unwrap();
     let status = response.status();
     let reply: Value = response.json().await.unwrap();
     assert_eq!(status, reqwest::StatusCode::OK, "{reply}");
-    assert_eq!(reply["done_reason"], "length", "{reply}");
+    assert_eq!(reply["done_reason"], done_reason, "{reply}");
     let metrics = metrics(&address).await;
-    let steps = generation_steps(&metrics);
-    assert_eq!(steps, 1.0, "one step, not three:\n{metrics}");
+    assert_eq!(generation_steps(&metrics), 1.0, "one step, not retries:\n{metrics}");
+}
+
+#[tokio::test]
+async fn a_tool_reply_cut_by_max_tokens_ends_with_length_at_once() {
+    // A small num_predict: the step runs out of tokens and ends with what was generated.
+    a_cut_tool_turn_ends_in_one_step(json!({"num_predict": 3, "temperature": 0}), "length").await;
 }
 
 #[tokio::test]
 async fn a_tool_reply_cut_by_a_stop_string_ends_at_once() {
     // A client's stop string that cuts the JSON of a tool step would cut every retry the same
-    // way: the turn ends with what was generated and `stop`, in one step.
-    let address = http_address();
-    let _daemon = tiny_daemon().arg("--http-listen").arg(&address).start().await;
-    let body = json!({
-        "model": "m", "stream": false,
-        "messages": [{"role": "user", "content": "Turn on the kitchen light"}],
-        "tools": [{"type": "function", "function": {"name": "HassTurnOn", "parameters":
-            {"type": "object", "properties": {"name": {"type": "string"}}}}}],
-        "options": {"num_predict": 32, "temperature": 0, "stop": ["\""]}
-    });
-    let response = http_client().post(format!("http://{address}/api/chat")).json(&body).send().await.unwrap();
-    let status = response.status();
-    let reply: Value = response.json().await.unwrap();
-    assert_eq!(status, reqwest::StatusCode::OK, "{reply}");
-    assert_eq!(reply["done_reason"], "stop", "{reply}");
-    let steps = generation_steps(&metrics(&address).await);
-    assert_eq!(steps, 1.0, "one step, not retries");
+    // way: the turn ends with what was generated and `stop`.
+    a_cut_tool_turn_ends_in_one_step(json!({"num_predict": 32, "temperature": 0, "stop": ["\""]}), "stop").await;
 }
 
 #[tokio::test]
