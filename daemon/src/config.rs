@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::memory_plan::KvType;
+use crate::engine::threads::ThreadPolicy;
 use crate::sandbox::Requirement;
 use crate::toml_lines::{self, key_line, line_of};
 use crate::tools::schema_guard::SchemaLimits;
@@ -67,7 +68,7 @@ settings! {
         /// Address to listen on, HOST:PORT
         #[arg(long, env = "PHI3D_LISTEN")]
         listen: String,
-        /// Inference threads (default: physical cores)
+        /// Inference threads, fixed (default: chosen per step, up to the physical cores)
         #[arg(long, env = "PHI3D_THREADS")]
         threads: u32,
         /// Context size in tokens: the longest prompt + reply
@@ -356,7 +357,7 @@ pub struct Config {
     pub model: String,
     pub model_dir: PathBuf,
     pub listen: SocketAddr,
-    pub threads: u32,
+    pub threads: ThreadPolicy,
     pub ctx_size: u32,
     pub batch_size: u32,
     pub queue_size: u32,
@@ -429,7 +430,7 @@ impl Config {
                 .unwrap_or_else(|| crate::model::catalogue::DEFAULT_MODEL.to_owned()),
             model_dir: settings.model_dir.unwrap_or_else(default_model_dir),
             listen,
-            threads: settings.threads.unwrap_or_else(|| num_cpus::get_physical() as u32),
+            threads: ThreadPolicy::from_setting(settings.threads),
             ctx_size,
             batch_size: settings.batch_size.unwrap_or(DEFAULT_BATCH_SIZE),
             queue_size: settings.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
@@ -529,7 +530,9 @@ impl Config {
         }
         at_least("tool_call_max_tokens", config.tool_call_max_tokens, 1)?;
         at_least("max_tool_steps", config.max_tool_steps, 1)?;
-        at_least("threads", config.threads, 1)?;
+        if let ThreadPolicy::Fixed(count) = config.threads {
+            at_least("threads", count, 1)?;
+        }
         at_least("ctx_size", config.ctx_size, 64)?;
         at_least("batch_size", config.batch_size, 1)?;
         at_least("queue_size", config.queue_size, 1)?;
@@ -734,7 +737,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.ctx_size, DEFAULT_CTX_SIZE);
-        assert!(config.threads >= 1);
+        assert!(config.threads.max() >= 1);
         assert_eq!(config.slots, 4, "4096 cells: four slots of 1024 on average");
         let small = Config::from_settings(Settings { ctx_size: Some(512), ..Settings::default() }).unwrap();
         assert_eq!(small.slots, 1);

@@ -41,6 +41,8 @@
 //! byte tokens the first delta can come a token late. The model file is read once before the
 //! runs, so every load comes from the page cache.
 
+#[path = "serving/neighbours.rs"]
+mod neighbours;
 #[path = "serving/scenarios.rs"]
 mod scenarios;
 
@@ -107,12 +109,28 @@ struct Options {
     /// llama.cpp's llama-server binary, to measure the same scenarios against it.
     #[arg(long, env = "LLAMA_SERVER")]
     llama_server: Option<PathBuf>,
+    /// Which parts to run: `single` (the baseline against phi3d, one stream), `shared`
+    /// (concurrent streams and the home-automation turn), `neighbours` (a process busy beside
+    /// each side).
+    #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
+    scenarios: Vec<String>,
+    /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores
+    /// but one on machines with more than two).
+    #[arg(long, env = "PHI3D_BENCH_NEIGHBOURS", value_delimiter = ',')]
+    neighbours: Vec<f64>,
+    /// The neighbour's niceness (e.g. 10: it yields to the sides measured).
+    #[arg(long, env = "PHI3D_BENCH_NEIGHBOUR_NICE", default_value_t = 0)]
+    neighbour_nice: i32,
+    /// Run as the neighbour itself (the bench starts itself this way).
+    #[arg(long = "neighbour-cores", hide = true)]
+    neighbour_cores: Option<f64>,
     /// Passed by `cargo bench` to every bench target; nothing to do with it.
     #[arg(long, hide = true)]
     bench: bool,
 }
 
 /// The settings both sides run with.
+#[derive(Clone)]
 struct Setup {
     model: PathBuf,
     threads: u32,
@@ -145,6 +163,16 @@ struct Measured {
 
 fn main() -> anyhow::Result<()> {
     let options = Options::parse();
+    if let Some(cores) = options.neighbour_cores {
+        neighbours::be_a_neighbour(cores);
+    }
+    let wanted = |scenario: &str| options.scenarios.iter().any(|name| name == scenario);
+    for name in &options.scenarios {
+        ensure!(
+            ["single", "shared", "neighbours"].contains(&name.as_str()),
+            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared and neighbours"
+        );
+    }
     ensure!(options.runs > 0, "--runs must be at least 1");
     ensure!(
         options.gen_tokens >= 2,
@@ -206,7 +234,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut baseline_runs = Vec::new();
     let mut phi3d_runs = Vec::new();
-    for run in 0..options.runs {
+    let single_runs = if wanted("single") { options.runs } else { 0 };
+    for run in 0..single_runs {
         // Alternating which side goes first keeps a machine that gets busier or quieter during
         // the bench from favouring either side.
         let (baseline, phi3d) = if run % 2 == 0 {
@@ -224,12 +253,20 @@ fn main() -> anyhow::Result<()> {
         baseline_runs.push(baseline.figures);
         phi3d_runs.push(phi3d.figures);
     }
-    println!("\nmedian of {} runs", options.runs);
-    print_table(&median(&baseline_runs), &median(&phi3d_runs));
+    if single_runs > 0 {
+        println!("\nmedian of {} runs", options.runs);
+        print_table(&median(&baseline_runs), &median(&phi3d_runs));
+    }
 
     let streams = options.streams.clone();
     let peer = options.llama_server.clone();
-    runtime.block_on(more_scenarios(&setup, options.slots, &streams, options.home_tokens, peer.as_deref()))?;
+    if wanted("shared") {
+        runtime.block_on(more_scenarios(&setup, options.slots, &streams, options.home_tokens, peer.as_deref()))?;
+    }
+    if wanted("neighbours") {
+        let loads = if options.neighbours.is_empty() { neighbours::default_loads() } else { options.neighbours.clone() };
+        runtime.block_on(neighbours::run(&backend, &setup, &loads, options.neighbour_nice, options.runs, peer.as_deref()))?;
+    }
     println!("\nload avg    {} (after)", load_average());
     Ok(())
 }
@@ -473,7 +510,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(setup: &Setup, addr: SocketAddr, extra: &[String]) -> anyhow::Result<Daemon> {
+    /// `threads`: fixed, or None for the daemon's default (chosen per step).
+    fn spawn(setup: &Setup, addr: SocketAddr, threads: Option<u32>, extra: &[String]) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir()?;
         // An empty config file, so that a machine's /etc/phi3d/phi3d.toml cannot change the
         // settings under test.
@@ -488,8 +526,7 @@ impl Daemon {
             .arg(&setup.model)
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--threads")
-            .arg(setup.threads.to_string())
+            .args(threads.iter().flat_map(|threads| ["--threads".to_owned(), threads.to_string()]))
             .arg("--ctx-size")
             .arg(setup.ctx_size.to_string())
             .arg("--batch-size")
@@ -545,7 +582,7 @@ async fn run_phi3d(setup: &Setup) -> anyhow::Result<Measured> {
     let started = Instant::now();
     // One slot, as the baseline has one sequence; nothing saved between runs.
     let extra = ["--slots".to_owned(), "1".to_owned(), "--prompt-cache-disk-mb".to_owned(), "0".to_owned()];
-    let mut daemon = Daemon::spawn(setup, addr, &extra)?;
+    let mut daemon = Daemon::spawn(setup, addr, Some(setup.threads), &extra)?;
     let channel = wait_serving(&mut daemon, addr).await?;
     let startup = started.elapsed();
 

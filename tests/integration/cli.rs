@@ -49,6 +49,8 @@ async fn status_describes_the_daemon() {
     assert!(output.status.success());
     let printed = String::from_utf8(output.stdout).unwrap();
     assert!(printed.contains("phi3-test-tiny") && printed.contains("0 active, 0 queued"), "{printed}");
+    // The harness fixes one thread.
+    assert!(printed.contains("threads    1 per token, 1 per batch (fixed)"), "{printed}");
 }
 
 #[test]

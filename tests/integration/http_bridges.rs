@@ -179,6 +179,9 @@ async fn metrics_count_what_every_api_did_and_need_a_token_when_tokens_are_on() 
     assert_eq!(sample(&before, "phi3d_queue_depth{}"), 0.0, "{before}");
     assert_eq!(sample(&before, r#"phi3d_slots{phase="generating"}"#), 0.0, "{before}");
     assert!(sample(&before, r#"phi3d_slots{phase="idle"}"#) >= 1.0, "{before}");
+    // The harness fixes one thread.
+    assert_eq!(sample(&before, r#"phi3d_inference_threads{step="single"}"#), 1.0, "{before}");
+    assert_eq!(sample(&before, "phi3d_inference_threads_max{}"), 1.0, "{before}");
 
     let mut inference = daemon.inference().await;
     let grpc = inference.chat(crate::common::chat_request("Hello", crate::common::exactly(4))).await.unwrap();
@@ -207,6 +210,7 @@ async fn metrics_count_what_every_api_did_and_need_a_token_when_tokens_are_on() 
         .sum();
     assert!(generations >= 5.0 + turns, "{generations} generations: {after}");
     assert!(rose("phi3d_generated_tokens_total{}") >= 4.0, "{after}");
+    assert!(sample(&after, "phi3d_recent_decode_tokens_per_second{}") > 0.0, "{after}");
     assert!(rose("phi3d_prompt_tokens_total{}") > rose("phi3d_cached_prompt_tokens_total{}"), "{after}");
     let lookups = rose(r#"phi3d_prompt_cache_lookups_total{result="hit"}"#) + rose(r#"phi3d_prompt_cache_lookups_total{result="miss"}"#);
     assert_eq!(lookups, generations, "{after}");

@@ -14,6 +14,7 @@ mod hostile_requests;
 mod http_bridges;
 mod hostile_connections;
 mod lifecycle;
+mod neighbours;
 mod tokenizer;
 mod plugins;
 mod prompt_cache;

@@ -48,6 +48,9 @@ pub struct DaemonBuilder {
     /// Whether the daemon gets an empty plugins folder (the default, so that a test sees only
     /// the plugins it installs) or none, to find its plugins as a new user's daemon would.
     empty_plugins_dir: bool,
+    /// `--threads` (1: the tiny model gains nothing from more); None leaves the daemon's
+    /// default, threads chosen per step.
+    threads: Option<u32>,
 }
 
 impl DaemonBuilder {
@@ -61,7 +64,14 @@ impl DaemonBuilder {
             activation: None,
             listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             empty_plugins_dir: true,
+            threads: Some(1),
         }
+    }
+
+    /// `--threads COUNT`, or None for the daemon's default (chosen per step).
+    pub fn threads(mut self, threads: Option<u32>) -> Self {
+        self.threads = threads;
+        self
     }
 
     /// Listens on `ip` (e.g. 0.0.0.0, reachable from the network) instead of loopback.
@@ -119,8 +129,7 @@ impl DaemonBuilder {
             .arg(&self.model)
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--threads")
-            .arg("1")
+            .args(self.threads.iter().flat_map(|threads| ["--threads".to_owned(), threads.to_string()]))
             .args(&self.args)
             .env("PHI3D_LOG", "info,phi3d=debug")
             // The prompt cache saved at exit stays with this daemon unless a test shares one.

@@ -152,6 +152,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             "prompt cache {} in memory, {} on disk",
             status.cache_entries_in_memory, status.cache_entries_on_disk
         );
+        if let Some(threads) = &status.threads {
+            let how = if threads.adaptive { format!("adaptive, at most {}", threads.max) } else { "fixed".to_owned() };
+            println!("threads    {} per token, {} per batch ({how})", threads.single, threads.batch);
+        }
+        if status.recent_decode_tokens_per_second > 0.0 {
+            println!("decode     {:.2} tokens/s lately", status.recent_decode_tokens_per_second);
+        }
     }
     if let Some(plan) = &status.memory_plan {
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;

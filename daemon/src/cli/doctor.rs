@@ -116,7 +116,7 @@ fn cpu(report: &mut Report, config: &Config) {
         _ => (Level::Ok, ""),
     };
     let picked = variant.map(|variant| format!(" (CPU variant {variant}, picked at run time)")).unwrap_or_default();
-    report.line(level, "cpu", format!("llama.cpp kernels use {features}{picked}{hint}; {} inference threads", config.threads));
+    report.line(level, "cpu", format!("llama.cpp kernels use {features}{picked}{hint}; inference threads {}", config.threads));
     let gpu_backend = if cfg!(feature = "cuda") {
         Some("CUDA")
     } else if cfg!(feature = "vulkan") {

@@ -24,7 +24,7 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     pub ctx_size: u32,
     pub batch_size: u32,
-    pub threads: u32,
+    pub threads: super::threads::ThreadPolicy,
     pub mlock: bool,
     /// Layers offloaded to the GPU; only a build with a GPU backend has one to offload to.
     pub gpu_layers: u32,
@@ -201,8 +201,8 @@ pub fn create_context<'m>(
         .with_n_batch(n_batch)
         .with_n_ubatch(n_batch)
         .with_n_seq_max(sequences)
-        .with_n_threads(config.threads as i32)
-        .with_n_threads_batch(config.threads as i32)
+        .with_n_threads(config.threads.max() as i32)
+        .with_n_threads_batch(config.threads.max() as i32)
         .with_type_k(config.kv_type.ggml())
         .with_type_v(config.kv_type.ggml())
         // Slots share one KV buffer so that prompt prefixes can be copied between them

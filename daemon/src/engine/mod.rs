@@ -7,10 +7,15 @@
 //! with the shared model. The [`schedule`] decides what the worker does next (admission,
 //! eviction, the batch), the [`prompt_cache`] places tasks where their prefix is cached,
 //! [`kv_cells`] counts the cells sequences hold, [`cache_store`] keeps the cache across
-//! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates.
+//! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates. The
+//! [`threads`] governor chooses how many threads each decode gets, from step times and the
+//! idle cores [`cpu_use`] reads, and [`context_threads`] applies its choice.
 
 pub mod backend;
 pub mod cache_store;
+pub mod context_threads;
+pub mod cpu_use;
+pub mod decode_rate;
 pub mod heartbeat;
 pub mod kv_cells;
 pub mod loader;
@@ -24,6 +29,7 @@ pub mod slot;
 pub mod status;
 pub mod stop;
 pub mod task;
+pub mod threads;
 pub mod utf8;
 pub mod worker;
 

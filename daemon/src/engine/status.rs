@@ -1,5 +1,6 @@
 //! What the worker publishes about itself for `GetStatus`: each slot's state, KV cells, cache
-//! entries and the memory plan. The worker replaces it after every step; readers clone it.
+//! entries, the memory plan, the inference threads and the recent decode speed. The worker
+//! replaces it after every step; readers clone it.
 
 use super::memory_plan::MemoryPlan;
 
@@ -12,6 +13,20 @@ pub struct EngineStatus {
     pub cache_entries_in_memory: u32,
     pub cache_entries_on_disk: u32,
     pub memory_plan: Option<MemoryPlan>,
+    pub threads: ThreadsInUse,
+    /// Tokens generated per second over the last decode steps (0 before any).
+    pub recent_decode_tokens_per_second: f64,
+}
+
+/// The thread counts decodes use now, and the most they may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadsInUse {
+    /// Steps of one token (`n_threads`).
+    pub single: u32,
+    /// Steps of several tokens (`n_threads_batch`).
+    pub batch: u32,
+    pub max: u32,
+    pub adaptive: bool,
 }
 
 impl EngineStatus {

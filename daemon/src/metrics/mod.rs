@@ -55,6 +55,11 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -80,6 +85,9 @@ struct Inner {
     slots: Family<PhaseLabels, Gauge>,
     kv_cells_used: Gauge,
     kv_cells_total: Gauge,
+    inference_threads: Family<StepLabels, Gauge>,
+    inference_threads_max: Gauge,
+    recent_decode_speed: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_state: Family<StateLabels, Gauge>,
     model_load_percent: Gauge,
     resident_memory: Gauge,
@@ -109,6 +117,9 @@ impl Default for Metrics {
             slots: Family::default(),
             kv_cells_used: Gauge::default(),
             kv_cells_total: Gauge::default(),
+            inference_threads: Family::default(),
+            inference_threads_max: Gauge::default(),
+            recent_decode_speed: Gauge::default(),
             model_state: Family::default(),
             model_load_percent: Gauge::default(),
             resident_memory: Gauge::default(),
@@ -131,6 +142,17 @@ impl Default for Metrics {
         registry.register("slots", "Slots by phase: idle, reading (the prompt) or generating", inner.slots.clone());
         registry.register("kv_cells_used", "KV cache cells holding tokens", inner.kv_cells_used.clone());
         registry.register("kv_cells_total", "KV cache cells in all", inner.kv_cells_total.clone());
+        registry.register(
+            "inference_threads",
+            "Threads decodes use now: steps of one token (single) and of several (batch)",
+            inner.inference_threads.clone(),
+        );
+        registry.register("inference_threads_max", "The most threads a decode may use", inner.inference_threads_max.clone());
+        registry.register(
+            "recent_decode_tokens_per_second",
+            "Tokens generated per second over the last decode steps; drops when other programs take the cores",
+            inner.recent_decode_speed.clone(),
+        );
         registry.register("model_state", "1 for the model's load state: loading, ready or failed", inner.model_state.clone());
         registry.register("model_load_percent", "How far loading the model got", inner.model_load_percent.clone());
         registry.register("process_resident_memory_bytes", "phi3d's resident memory", inner.resident_memory.clone());
@@ -185,6 +207,11 @@ impl Metrics {
         }
         inner.kv_cells_used.set(i64::from(status.kv_cells_used));
         inner.kv_cells_total.set(i64::from(status.kv_cells_total));
+        for (step, count) in [("single", status.threads.single), ("batch", status.threads.batch)] {
+            inner.inference_threads.get_or_create(&StepLabels { step }).set(i64::from(count));
+        }
+        inner.inference_threads_max.set(i64::from(status.threads.max));
+        inner.recent_decode_speed.set(status.recent_decode_tokens_per_second);
         let (current, percent) = match engine.state() {
             LoadState::Loading { percent } => ("loading", i64::from(percent)),
             LoadState::Ready(_) => ("ready", 100),

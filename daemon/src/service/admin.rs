@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use phi3d_proto::v1::admin_server::Admin;
 use phi3d_proto::v1::{
-    GetStatusRequest, GetStatusResponse, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo, SkippedTool,
+    GetStatusRequest, GetStatusResponse, InferenceThreads, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo,
+    SkippedTool,
     SlotStatus, ToolDescription, slot_status,
 };
 use tonic::{Request, Response, Status};
@@ -94,6 +95,13 @@ impl Admin for AdminService {
             load_progress_percent,
             kv_cache_bytes,
             slots: self.engine.slots(),
+            threads: Some(InferenceThreads {
+                single: status.threads.single,
+                batch: status.threads.batch,
+                max: status.threads.max,
+                adaptive: status.threads.adaptive,
+            }),
+            recent_decode_tokens_per_second: status.recent_decode_tokens_per_second,
         }))
     }
 

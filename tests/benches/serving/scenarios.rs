@@ -49,6 +49,11 @@ pub struct Phi3d {
 
 impl Phi3d {
     pub async fn start(setup: &Setup, slots: u32, cache_dir: &Path) -> anyhow::Result<Phi3d> {
+        Self::start_with(setup, slots, cache_dir, Some(setup.threads)).await
+    }
+
+    /// With `threads` fixed, or (None) in the daemon's default: chosen per step.
+    pub async fn start_with(setup: &Setup, slots: u32, cache_dir: &Path, threads: Option<u32>) -> anyhow::Result<Phi3d> {
         let addr = free_port()?;
         let extra = [
             "--slots".to_owned(),
@@ -56,9 +61,13 @@ impl Phi3d {
             "--prompt-cache-dir".to_owned(),
             cache_dir.display().to_string(),
         ];
-        let mut daemon = Daemon::spawn(setup, addr, &extra)?;
+        let mut daemon = Daemon::spawn(setup, addr, threads, &extra)?;
         let channel = wait_serving(&mut daemon, addr).await?;
         Ok(Phi3d { daemon, channel })
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     fn options(generate: usize) -> Option<GenerationOptions> {

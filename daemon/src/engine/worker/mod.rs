@@ -22,6 +22,9 @@
 //!
 //! Every pass of the loop beats the [`Heartbeat`], and the blocking wait for a task marks the
 //! worker idle, so that the watchdog can tell waiting from wedged.
+//!
+//! Every decode is timed for the [`ThreadGovernor`], whose thread counts are set before the
+//! next one, and every step that only generated counts towards the recent decode speed.
 
 mod faults;
 mod persist;
@@ -43,10 +46,14 @@ use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
 use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
 use super::backend::backend;
+use super::context_threads::ContextThreads;
+use super::cpu_use::IdleCores;
+use super::decode_rate::DecodeRate;
+use super::threads::{ThreadGovernor, ThreadPolicy};
 use super::queue::TaskReceiver;
 use super::schedule::{self, CacheHolder};
 use super::slot::{Feed, Slot};
-use super::status::{EngineStatus, SlotPhase, SlotState};
+use super::status::{EngineStatus, SlotPhase, SlotState, ThreadsInUse};
 use super::task::{EngineError, StopReason, Task};
 
 pub struct Worker<'m> {
@@ -68,6 +75,13 @@ pub struct Worker<'m> {
     heartbeat: Arc<Heartbeat>,
     observer: Arc<dyn super::observer::Observer>,
     faults: faults::Faults,
+    governor: ThreadGovernor,
+    /// Present when the governor may change the counts (adaptive, and the context found).
+    context_threads: Option<ContextThreads>,
+    /// The counts set on the context, (single, batch).
+    threads_set: (u32, u32),
+    idle_cores: IdleCores,
+    decode_rate: DecodeRate,
 }
 
 /// A prefix decoded at start-up into a sequence of its own, never evicted.
@@ -107,6 +121,7 @@ pub fn run(
         }
     };
     let store = persist::prompt_store(&config);
+    let (governor, context_threads) = thread_governor(config.threads, &ctx);
     // llama.cpp rounds the cells up (to a multiple of 256) and caps a batch at the context;
     // the worker keeps to what was configured and to what llama.cpp accepts.
     let n_ctx = (ctx.n_ctx() as usize).min(config.ctx_size as usize);
@@ -129,6 +144,11 @@ pub fn run(
         heartbeat,
         observer: config.observer.clone(),
         faults: faults::Faults::from_env(),
+        threads_set: (config.threads.max(), config.threads.max()),
+        governor,
+        context_threads,
+        idle_cores: IdleCores::default(),
+        decode_rate: DecodeRate::default(),
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
@@ -145,6 +165,28 @@ pub fn run(
     worker.serve();
     worker.save();
     tracing::debug!("worker stopped");
+}
+
+/// The governor for `policy`, and the handle it needs on the context; where the handle cannot
+/// be had, the configured maximum stays fixed, and the log says so.
+fn thread_governor(policy: ThreadPolicy, ctx: &LlamaContext<'_>) -> (ThreadGovernor, Option<ContextThreads>) {
+    if !policy.is_adaptive() {
+        return (ThreadGovernor::new(policy), None);
+    }
+    match ContextThreads::find(ctx, policy.max()) {
+        Some(handle) => {
+            tracing::info!("inference threads: {policy}, chosen from measured step times");
+            (ThreadGovernor::new(policy), Some(handle))
+        }
+        None => {
+            tracing::warn!(
+                "inference threads: {} fixed: this build cannot change a context's thread count, \
+                 so the count will not adapt to other programs on the cores",
+                policy.max()
+            );
+            (ThreadGovernor::new(ThreadPolicy::Fixed(policy.max())), None)
+        }
+    }
 }
 
 fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<LoadedModel>, LoadError> {
@@ -377,7 +419,10 @@ impl Worker<'_> {
 
     /// One decode over every busy slot, then one sampled token for each slot that asked.
     fn step(&mut self) {
+        let started = Instant::now();
         let mut feeds = self.plan_batch();
+        let generating_only = feeds.iter().all(|(_, feed)| !feed.from_prompt);
+        let generated = feeds.len();
         let mut evicted = false;
         while !feeds.is_empty() {
             match self.decode(&feeds) {
@@ -448,6 +493,9 @@ impl Worker<'_> {
                 }
             }
         }
+        if generating_only && generated > 0 {
+            self.decode_rate.record(generated, started.elapsed());
+        }
     }
 
     /// Ends the task in slot `index` with `error`; its sequence, whose contents are no longer
@@ -479,8 +527,24 @@ impl Worker<'_> {
             }
             logits.push(logits_index);
         }
+        let tokens = self.batch.n_tokens() as usize;
+        self.set_threads();
+        let started = Instant::now();
         self.ctx.decode(&mut self.batch)?;
+        let idle = self.idle_cores.recent();
+        self.governor.observe(tokens, started.elapsed(), idle);
         Ok(logits)
+    }
+
+    /// Gives the context the governor's counts, where they changed.
+    fn set_threads(&mut self) {
+        let Some(handle) = &self.context_threads else { return };
+        let counts = self.governor.counts();
+        if counts != self.threads_set {
+            tracing::debug!(single = counts.0, batch = counts.1, "inference threads changed");
+            handle.set(counts.0, counts.1);
+            self.threads_set = counts;
+        }
     }
 
     /// The status is published before the client hears `Done`, so that a client never sees
@@ -522,6 +586,13 @@ impl Worker<'_> {
             cache_entries_in_memory: (cached + self.pinned.len()) as u32,
             cache_entries_on_disk: self.entries_on_disk as u32,
             memory_plan: self.model.info.memory_plan,
+            threads: ThreadsInUse {
+                single: self.threads_set.0,
+                batch: self.threads_set.1,
+                max: self.governor.policy().max(),
+                adaptive: self.governor.policy().is_adaptive(),
+            },
+            recent_decode_tokens_per_second: self.decode_rate.tokens_per_second(),
         };
         *self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = status;
     }
