@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::sandbox::{HostPort, NetworkPolicy};
+use crate::sandbox::{Confinement, HostPort, NetworkPolicy};
 use crate::toml_lines::{self, key_line, line_of};
 
 /// A mebibyte: the unit of `memory_mb` and `max_file_size_mb`.
@@ -70,44 +70,39 @@ pub enum StartMode {
     Startup,
 }
 
-/// What the sandboxed plugin may do, and the limits phi3d enforces around it.
+/// What the sandboxed plugin may do, and the limits phi3d enforces around its calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Permissions {
-    /// Readable (and executable) paths; relative ones were resolved against the manifest's folder.
-    pub read: Vec<PathBuf>,
-    /// Writable paths, resolved the same way.
-    pub write: Vec<PathBuf>,
-    /// The sandbox's own type: what the manifest says is what the sandbox enforces.
-    pub network: NetworkPolicy,
-    /// Unix socket files it may connect to (none by default: `socket(AF_UNIX)` fails).
-    pub unix_sockets: Vec<PathBuf>,
-    pub memory_bytes: u64,
-    pub cpu_seconds: u64,
+    /// What the sandbox enforces, in the sandbox's own type, so that what the manifest says is
+    /// exactly what is enforced. Relative paths in the file were resolved against its folder.
+    pub confinement: Confinement,
     /// Wall-clock limit of one call (and of the start-up handshake).
     pub timeout: Duration,
+    /// The longest tool result the model reads, in bytes of text; a longer one is cut and
+    /// marked as an error.
     pub max_output_bytes: usize,
+    /// Calls to the plugin in flight at once; further calls wait for a slot until their deadline.
     pub max_concurrent_calls: usize,
-    pub max_processes: u64,
-    pub max_open_files: u64,
-    pub max_file_bytes: u64,
 }
 
 impl Default for Permissions {
     /// The strictest settings: what a manifest without `[permissions]` gets.
     fn default() -> Self {
         Permissions {
-            read: Vec::new(),
-            write: Vec::new(),
-            network: NetworkPolicy::None,
-            unix_sockets: Vec::new(),
-            memory_bytes: 256 * MIB,
-            cpu_seconds: 5,
+            confinement: Confinement {
+                read_paths: Vec::new(),
+                write_paths: Vec::new(),
+                network: NetworkPolicy::None,
+                unix_sockets: Vec::new(),
+                memory_bytes: 256 * MIB,
+                cpu_seconds: 5,
+                max_processes: 1,
+                max_open_files: 64,
+                max_file_bytes: 0,
+            },
             timeout: Duration::from_secs(10),
             max_output_bytes: 65536,
             max_concurrent_calls: 1,
-            max_processes: 1,
-            max_open_files: 64,
-            max_file_bytes: 0,
         }
     }
 }
@@ -306,23 +301,40 @@ impl Manifest {
                 Some(n) => Err(at(&format!("permissions.{key}"), format!("expected a whole number from {min} to {max}, got {n}"))),
             }
         };
-        let permissions = Permissions {
-            read: paths("read", p.read)?,
-            write: paths("write", p.write)?,
-            network: p.network.map_or(defaults.network, |network| network.0),
-            unix_sockets: paths("unix_sockets", p.unix_sockets)?,
-            memory_bytes: number("memory_mb", p.memory_mb, 1, 1 << 20)?.map_or(defaults.memory_bytes, |mb| mb * MIB),
-            cpu_seconds: number("cpu_seconds", p.cpu_seconds, 1, 86_400)?.unwrap_or(defaults.cpu_seconds),
-            timeout: number("timeout_seconds", p.timeout_seconds, 1, 86_400)?.map_or(defaults.timeout, Duration::from_secs),
-            max_output_bytes: number("max_output_bytes", p.max_output_bytes, 1, 1 << 30)?
-                .map_or(defaults.max_output_bytes, |n| n as usize),
-            max_concurrent_calls: number("max_concurrent_calls", p.max_concurrent_calls, 1, 1024)?
-                .map_or(defaults.max_concurrent_calls, |n| n as usize),
-            max_processes: number("max_processes", p.max_processes, 1, 1 << 16)?.unwrap_or(defaults.max_processes),
-            max_open_files: number("max_open_files", p.max_open_files, 1, 1 << 20)?.unwrap_or(defaults.max_open_files),
-            max_file_bytes: number("max_file_size_mb", p.max_file_size_mb, 0, 1 << 20)?
-                .map_or(defaults.max_file_bytes, |mb| mb * MIB),
+        // One key at a time, in the order `PermissionsFile` declares them: of several mistakes,
+        // the first is the one reported.
+        let sandbox_defaults = &defaults.confinement;
+        let read_paths = paths("read", p.read)?;
+        let write_paths = paths("write", p.write)?;
+        let network = p.network.map_or_else(|| sandbox_defaults.network.clone(), |network| network.0);
+        let unix_sockets = paths("unix_sockets", p.unix_sockets)?;
+        let memory_bytes =
+            number("memory_mb", p.memory_mb, 1, 1 << 20)?.map_or(sandbox_defaults.memory_bytes, |mb| mb * MIB);
+        let cpu_seconds = number("cpu_seconds", p.cpu_seconds, 1, 86_400)?.unwrap_or(sandbox_defaults.cpu_seconds);
+        let timeout =
+            number("timeout_seconds", p.timeout_seconds, 1, 86_400)?.map_or(defaults.timeout, Duration::from_secs);
+        let max_output_bytes = number("max_output_bytes", p.max_output_bytes, 1, 1 << 30)?
+            .map_or(defaults.max_output_bytes, |n| n as usize);
+        let max_concurrent_calls = number("max_concurrent_calls", p.max_concurrent_calls, 1, 1024)?
+            .map_or(defaults.max_concurrent_calls, |n| n as usize);
+        let max_processes =
+            number("max_processes", p.max_processes, 1, 1 << 16)?.unwrap_or(sandbox_defaults.max_processes);
+        let max_open_files =
+            number("max_open_files", p.max_open_files, 1, 1 << 20)?.unwrap_or(sandbox_defaults.max_open_files);
+        let max_file_bytes = number("max_file_size_mb", p.max_file_size_mb, 0, 1 << 20)?
+            .map_or(sandbox_defaults.max_file_bytes, |mb| mb * MIB);
+        let confinement = Confinement {
+            read_paths,
+            write_paths,
+            network,
+            unix_sockets,
+            memory_bytes,
+            cpu_seconds,
+            max_processes,
+            max_open_files,
+            max_file_bytes,
         };
+        let permissions = Permissions { confinement, timeout, max_output_bytes, max_concurrent_calls };
         Ok(Manifest { file: file.to_path_buf(), name, command, arg0, args: parsed.args, start, env: parsed.env, permissions })
     }
 }
@@ -457,12 +469,13 @@ mod tests {
         assert!(m.env.is_empty());
         assert_eq!(m.permissions, Permissions::default());
         let p = &m.permissions;
-        assert_eq!(p.network, NetworkPolicy::None);
-        assert_eq!(p.memory_bytes, 256 * MIB);
+        let c = &p.confinement;
+        assert_eq!(c.network, NetworkPolicy::None);
+        assert_eq!(c.memory_bytes, 256 * MIB);
         assert_eq!(p.timeout, Duration::from_secs(10));
         assert_eq!(p.max_output_bytes, 65536);
-        assert_eq!((p.max_concurrent_calls, p.max_processes, p.max_open_files), (1, 1, 64));
-        assert_eq!((p.cpu_seconds, p.max_file_bytes), (5, 0));
+        assert_eq!((p.max_concurrent_calls, c.max_processes, c.max_open_files), (1, 1, 64));
+        assert_eq!((c.cpu_seconds, c.max_file_bytes), (5, 0));
     }
 
     #[test]
@@ -498,28 +511,30 @@ mod tests {
         assert_eq!(m.start, StartMode::Startup);
         assert_eq!(m.env["TZ"], "Europe/Berlin");
         let p = &m.permissions;
-        assert_eq!(p.read, [PathBuf::from("/usr/share/zoneinfo"), s.dir.path().join("data")]);
-        assert_eq!(p.write, [PathBuf::from("/tmp/x")]);
+        let c = &p.confinement;
+        assert_eq!(c.read_paths, [PathBuf::from("/usr/share/zoneinfo"), s.dir.path().join("data")]);
+        assert_eq!(c.write_paths, [PathBuf::from("/tmp/x")]);
         let endpoint = |host: &str, port| HostPort { host: host.into(), port };
         assert_eq!(
-            p.network,
+            c.network,
             NetworkPolicy::Connect(vec![endpoint("localhost", 8123), endpoint("::1", 443), endpoint("example.com", 80)])
         );
-        assert_eq!(p.memory_bytes, 64 * MIB);
-        assert_eq!(p.cpu_seconds, 2);
+        assert_eq!(c.memory_bytes, 64 * MIB);
+        assert_eq!(c.cpu_seconds, 2);
         assert_eq!(p.timeout, Duration::from_secs(3));
         assert_eq!(p.max_output_bytes, 100);
         assert_eq!(p.max_concurrent_calls, 4);
-        assert_eq!(p.max_processes, 8);
-        assert_eq!(p.max_open_files, 16);
-        assert_eq!(p.max_file_bytes, MIB);
+        assert_eq!(c.max_processes, 8);
+        assert_eq!(c.max_open_files, 16);
+        assert_eq!(c.max_file_bytes, MIB);
     }
 
     #[test]
     fn network_loopback_and_none() {
         let s = setup();
         let net = |v: &str| {
-            s.parse(&format!("command = \"tool\"\n[permissions]\nnetwork = {v}")).unwrap().permissions.network
+            let manifest = s.parse(&format!("command = \"tool\"\n[permissions]\nnetwork = {v}")).unwrap();
+            manifest.permissions.confinement.network
         };
         assert_eq!(net("\"loopback\""), NetworkPolicy::Loopback);
         assert_eq!(net("\"none\""), NetworkPolicy::None);

@@ -381,19 +381,10 @@ fn lost_connection(error: &ServiceError) -> bool {
     matches!(error, ServiceError::TransportClosed | ServiceError::TransportSend(_))
 }
 
-/// The sandbox policy a manifest asks for.
+/// The sandbox policy a manifest asks for, run as `run_as`.
 fn policy(manifest: &Manifest, run_as: u32) -> sandbox::Policy {
-    let p = &manifest.permissions;
     sandbox::Policy {
-        read_paths: p.read.clone(),
-        write_paths: p.write.clone(),
-        network: p.network.clone(),
-        unix_sockets: p.unix_sockets.clone(),
-        memory_bytes: p.memory_bytes,
-        cpu_seconds: p.cpu_seconds,
-        max_processes: p.max_processes,
-        max_open_files: p.max_open_files,
-        max_file_bytes: p.max_file_bytes,
+        confinement: manifest.permissions.confinement.clone(),
         env: manifest.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         run_as,
     }

@@ -33,7 +33,7 @@ use landlock::{
 
 use super::SandboxError;
 use super::child::{StepError, check};
-use super::policy::{NetworkPolicy, Policy};
+use super::policy::{Confinement, NetworkPolicy};
 use super::protections::LandlockProtection;
 
 /// What any dynamically linked program needs to read to start, and the local time zone.
@@ -53,9 +53,9 @@ pub(super) struct Rules {
     ruleset: OwnedFd,
 }
 
-/// Builds the ruleset for `policy` on a kernel with Landlock ABI `abi`.
+/// Builds the ruleset for `confinement` on a kernel with Landlock ABI `abi`.
 pub(super) fn prepare(
-    policy: &Policy,
+    confinement: &Confinement,
     abi: i32,
     executable: &Path,
 ) -> Result<(Rules, LandlockProtection), SandboxError> {
@@ -65,7 +65,7 @@ pub(super) fn prepare(
     let write = all & !AccessFs::Execute;
 
     let mut ruleset = Ruleset::default().set_compatibility(CompatLevel::HardRequirement).handle_access(all)?;
-    let restrict_tcp = abi >= 4 && policy.network != NetworkPolicy::Loopback;
+    let restrict_tcp = abi >= 4 && confinement.network != NetworkPolicy::Loopback;
     if restrict_tcp {
         ruleset = ruleset.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?;
     }
@@ -77,11 +77,11 @@ pub(super) fn prepare(
 
     let mut read_paths: Vec<PathBuf> = vec![executable.to_owned()];
     read_paths.extend(SYSTEM_READ.iter().map(PathBuf::from).filter(|path| path.exists()));
-    if matches!(policy.network, NetworkPolicy::Connect(_)) {
+    if matches!(confinement.network, NetworkPolicy::Connect(_)) {
         read_paths.extend(NAME_RESOLUTION.iter().map(PathBuf::from).filter(|path| path.exists()));
     }
-    read_paths.extend(policy.read_paths.iter().cloned());
-    let mut write_paths: Vec<PathBuf> = policy.write_paths.clone();
+    read_paths.extend(confinement.read_paths.iter().cloned());
+    let mut write_paths: Vec<PathBuf> = confinement.write_paths.clone();
     write_paths.extend(DEVICES.iter().map(PathBuf::from).filter(|path| path.exists()));
     dedup_in_order(&mut read_paths);
     dedup_in_order(&mut write_paths);
@@ -93,7 +93,7 @@ pub(super) fn prepare(
     for path in &write_paths {
         created = add_path_rule(created, path, write, file)?;
     }
-    let tcp_connect_ports = restrict_tcp.then(|| policy.network.connect_ports());
+    let tcp_connect_ports = restrict_tcp.then(|| confinement.network.connect_ports());
     for port in tcp_connect_ports.iter().flatten() {
         created = created.add_rule(NetPort::new(*port, AccessNet::ConnectTcp))?;
     }
@@ -161,8 +161,8 @@ mod tests {
     use super::super::probe::{KernelSupport, in_child};
     use super::*;
 
-    fn policy(read: &Path, write: &Path, network: NetworkPolicy) -> Policy {
-        Policy {
+    fn confinement(read: &Path, write: &Path, network: NetworkPolicy) -> Confinement {
+        Confinement {
             read_paths: vec![read.to_owned()],
             write_paths: vec![write.to_owned()],
             network,
@@ -172,8 +172,6 @@ mod tests {
             max_processes: 16,
             max_open_files: 64,
             max_file_bytes: 1 << 20,
-            env: Vec::new(),
-            run_as: crate::sandbox::UNPRIVILEGED_UID,
         }
     }
 
@@ -199,7 +197,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let executable = Path::new("/bin/sh").canonicalize().unwrap();
         let connect = NetworkPolicy::Connect(vec![HostPort { host: "localhost".into(), port: 8123 }]);
-        let (_, report) = prepare(&policy(dir.path(), dir.path(), connect), abi, &executable).unwrap();
+        let (_, report) = prepare(&confinement(dir.path(), dir.path(), connect), abi, &executable).unwrap();
         assert_eq!(report.abi, abi);
         assert_eq!(report.read[0], executable);
         assert!(report.read.contains(&PathBuf::from("/usr")));
@@ -212,10 +210,11 @@ mod tests {
         let hosts = PathBuf::from("/etc/hosts");
         assert_eq!(report.read.contains(&hosts), hosts.exists());
 
-        let (_, report) = prepare(&policy(dir.path(), dir.path(), NetworkPolicy::Loopback), abi, &executable).unwrap();
+        let loopback = confinement(dir.path(), dir.path(), NetworkPolicy::Loopback);
+        let (_, report) = prepare(&loopback, abi, &executable).unwrap();
         assert_eq!(report.tcp_connect_ports, None);
         assert!(!report.read.contains(&hosts));
-        let (_, report) = prepare(&policy(dir.path(), dir.path(), NetworkPolicy::None), abi, &executable).unwrap();
+        let (_, report) = prepare(&confinement(dir.path(), dir.path(), NetworkPolicy::None), abi, &executable).unwrap();
         assert_eq!(report.tcp_connect_ports, (abi >= 4).then(Vec::new));
     }
 
@@ -227,7 +226,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no-such-dir");
-        let error = prepare(&policy(&missing, dir.path(), NetworkPolicy::None), abi, Path::new("/bin/sh"))
+        let error = prepare(&confinement(&missing, dir.path(), NetworkPolicy::None), abi, Path::new("/bin/sh"))
             .err()
             .expect("a missing read path must be refused");
         assert!(matches!(&error, SandboxError::Path { path, .. } if *path == missing), "{error}");
@@ -246,7 +245,7 @@ mod tests {
             std::fs::write(sub.join("file"), "x").unwrap();
             std::fs::set_permissions(sub, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
-        let (rules, _) = prepare(&policy(&read, &write, NetworkPolicy::None), abi, Path::new("/bin/sh")).unwrap();
+        let (rules, _) = prepare(&confinement(&read, &write, NetworkPolicy::None), abi, Path::new("/bin/sh")).unwrap();
         let c = |path: PathBuf| CString::new(path.into_os_string().into_vec()).unwrap();
         let (read_file, write_file, outside_file) =
             (c(read.join("file")), c(write.join("file")), c(outside.join("file")));

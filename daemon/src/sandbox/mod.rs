@@ -1,6 +1,6 @@
 //! Confinement of plugin processes: what the kernel offers ([`KernelSupport`]), what a plugin
-//! may do ([`Policy`]), and [`confine`], which sets up a `tokio::process::Command` so that the
-//! child is locked down before it execs the plugin.
+//! may do ([`Confinement`], spawned under a [`Policy`]), and [`confine`], which sets up a
+//! `tokio::process::Command` so that the child is locked down before it execs the plugin.
 //!
 //! The layers, each in its own module, and the order the child applies them in:
 //!
@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
 pub use identity::{UNPRIVILEGED_GID, UNPRIVILEGED_UID, UidAllocator};
-pub use policy::{HostPort, NetworkPolicy, Policy, Requirement};
+pub use policy::{Confinement, HostPort, NetworkPolicy, Policy, Requirement};
 pub use probe::KernelSupport;
 pub use reaper::{forget_group, watch_group};
 pub use protections::{
@@ -92,16 +92,18 @@ pub fn confine(
     let search_path = env.iter().find(|(name, _)| name == "PATH").map_or(DEFAULT_PATH, |(_, value)| value.as_str());
     let executable = resolve_executable(command.as_std(), search_path)?;
     let mut missing = Vec::new();
+    let confinement = &policy.confinement;
 
-    let limits = rlimits::Limits::prepare(policy);
+    let limits = rlimits::Limits::prepare(confinement);
     let identity = identity::Identity::prepare(support.running_as_root, policy.run_as);
 
-    let wants_namespace = matches!(policy.network, NetworkPolicy::None | NetworkPolicy::Loopback);
-    let namespace = (wants_namespace && support.network_namespaces)
-        .then(|| netns::NetNamespace::prepare(support.running_as_root, policy.network == NetworkPolicy::Loopback));
+    let wants_namespace = matches!(confinement.network, NetworkPolicy::None | NetworkPolicy::Loopback);
+    let namespace = (wants_namespace && support.network_namespaces).then(|| {
+        netns::NetNamespace::prepare(support.running_as_root, confinement.network == NetworkPolicy::Loopback)
+    });
 
     let landlock = match support.landlock_abi {
-        Some(abi) => Some(landlock_rules::prepare(policy, abi, &executable)?),
+        Some(abi) => Some(landlock_rules::prepare(confinement, abi, &executable)?),
         None => {
             let why = support.landlock_unavailable.as_deref().unwrap_or("unavailable");
             missing.push(format!("filesystem confinement (Landlock: {why})"));
@@ -111,8 +113,8 @@ pub fn confine(
 
     let scoped = landlock.as_ref().is_some_and(|(_, report)| report.scoped);
     let options = seccomp::Options {
-        network_sockets: policy.network != NetworkPolicy::None,
-        unix_sockets: !policy.unix_sockets.is_empty(),
+        network_sockets: confinement.network != NetworkPolicy::None,
+        unix_sockets: !confinement.unix_sockets.is_empty(),
         // With a uid of its own the kernel already keeps the plugin from signalling phi3d or
         // other plugins, and so does Landlock's signal scoping (ABI 6).
         own_signals_only: !support.running_as_root && !scoped,
@@ -139,7 +141,7 @@ pub fn confine(
             );
         }
     }
-    if !policy.unix_sockets.is_empty() {
+    if !confinement.unix_sockets.is_empty() {
         missing.push(
             "limiting Unix sockets to the listed paths (the kernel cannot filter connect() by path: \
              any Unix socket the plugin can name is reachable)"
@@ -148,7 +150,7 @@ pub fn confine(
     }
 
     let tcp_ports_filtered = landlock.as_ref().is_some_and(|(_, report)| report.tcp_connect_ports.is_some());
-    match &policy.network {
+    match &confinement.network {
         NetworkPolicy::None if namespace.is_none() && seccomp.is_none() => missing.push(
             "network isolation (no network namespace and no seccomp; Landlock alone would block only TCP)".to_owned(),
         ),

@@ -1,5 +1,5 @@
-//! What a plugin may do: the [`Policy`] its manifest asks for, and how hard to insist on it
-//! ([`Requirement`]) when the kernel cannot enforce all of it.
+//! What a plugin may do: the [`Confinement`] it declares, the [`Policy`] it is spawned under,
+//! and how hard to insist on it ([`Requirement`]) when the kernel cannot enforce all of it.
 //!
 //! A policy only grants. The filesystem outside the listed paths (and the few system files
 //! any program needs to start) is off limits, and every resource is bounded: there is no
@@ -9,29 +9,40 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The confinement of one plugin.
+/// What a plugin may touch and how much it may use, as the plugin declares it: the part of a
+/// [`Policy`] known before the plugin is spawned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Policy {
+pub struct Confinement {
     /// Files and directory trees the plugin may read and execute.
     pub read_paths: Vec<PathBuf>,
     /// Files and directory trees the plugin may read and change, but not execute from, so that
     /// it cannot write itself a program and run it.
     pub write_paths: Vec<PathBuf>,
+    /// The network the plugin may reach.
     pub network: NetworkPolicy,
+    /// Unix socket files the plugin may connect to. Empty: `socket(AF_UNIX)` fails (socketpair
+    /// still works). The kernel cannot filter `connect()` by path, so a non-empty list allows
+    /// every Unix socket, and is reported as missing protection.
+    pub unix_sockets: Vec<PathBuf>,
     /// Address space (RLIMIT_AS): virtual memory, which is more than the memory in use.
     pub memory_bytes: u64,
     /// CPU time over the plugin's whole life (RLIMIT_CPU), not per call.
     pub cpu_seconds: u64,
     /// Processes and threads (RLIMIT_NPROC). The kernel counts every one owned by the plugin's
-    /// uid, which is why each plugin gets a uid of its own when phi3d is root (`run_as`).
+    /// uid, which is why each plugin gets a uid of its own when phi3d is root
+    /// ([`Policy::run_as`]).
     pub max_processes: u64,
+    /// Open file descriptors (RLIMIT_NOFILE).
     pub max_open_files: u64,
     /// Largest file the plugin may write (RLIMIT_FSIZE).
     pub max_file_bytes: u64,
-    /// Unix socket files the plugin may connect to. Empty: `socket(AF_UNIX)` fails (socketpair
-    /// still works). The kernel cannot filter `connect()` by path, so a non-empty list allows
-    /// every Unix socket, and is reported as missing protection.
-    pub unix_sockets: Vec<PathBuf>,
+}
+
+/// The confinement of one plugin process: its [`Confinement`], and what is only known when it
+/// is spawned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub confinement: Confinement,
     /// The plugin's whole environment: phi3d's own is never passed on.
     pub env: Vec<(String, String)>,
     /// The uid and gid the plugin runs as when phi3d is root (see [`crate::sandbox::UidAllocator`]).

@@ -8,7 +8,7 @@
 //! report says what is really in effect.
 
 use super::child::{StepError, check};
-use super::policy::Policy;
+use super::policy::Confinement;
 use super::protections::Rlimit;
 
 /// The type of the resource argument of `setrlimit`, which glibc and musl spell differently.
@@ -33,13 +33,13 @@ pub(super) struct Limits {
 }
 
 impl Limits {
-    pub(super) fn prepare(policy: &Policy) -> Limits {
+    pub(super) fn prepare(confinement: &Confinement) -> Limits {
         let wanted = [
-            (policy.memory_bytes, policy.memory_bytes),
-            (policy.cpu_seconds, policy.cpu_seconds.saturating_add(1)),
-            (policy.max_processes, policy.max_processes),
-            (policy.max_open_files, policy.max_open_files),
-            (policy.max_file_bytes, policy.max_file_bytes),
+            (confinement.memory_bytes, confinement.memory_bytes),
+            (confinement.cpu_seconds, confinement.cpu_seconds.saturating_add(1)),
+            (confinement.max_processes, confinement.max_processes),
+            (confinement.max_open_files, confinement.max_open_files),
+            (confinement.max_file_bytes, confinement.max_file_bytes),
             (0, 0),
         ];
         let values = std::array::from_fn(|i| {
@@ -91,8 +91,8 @@ mod tests {
     use super::super::probe::in_child;
     use super::*;
 
-    fn policy() -> Policy {
-        Policy {
+    fn confinement() -> Confinement {
+        Confinement {
             read_paths: Vec::new(),
             write_paths: Vec::new(),
             network: NetworkPolicy::None,
@@ -102,14 +102,12 @@ mod tests {
             max_processes: 8,
             max_open_files: 32,
             max_file_bytes: 1 << 20,
-            env: Vec::new(),
-            run_as: crate::sandbox::UNPRIVILEGED_UID,
         }
     }
 
     #[test]
     fn limits_are_hard_except_cpu_which_leaves_room_for_sigxcpu() {
-        let limits = Limits::prepare(&policy());
+        let limits = Limits::prepare(&confinement());
         let by_name = |name: &str| limits.values[RESOURCES.iter().position(|(_, n)| *n == name).unwrap()];
         assert_eq!(by_name("CPU time").rlim_cur, 5);
         assert_eq!(by_name("CPU time").rlim_max, 6.min(current_hard_limit(libc::RLIMIT_CPU)));
@@ -130,15 +128,15 @@ mod tests {
 
     #[test]
     fn limits_never_exceed_phi3ds_own_hard_limits() {
-        let mut policy = policy();
-        policy.max_open_files = u64::MAX;
-        let limits = Limits::prepare(&policy);
+        let mut confinement = confinement();
+        confinement.max_open_files = u64::MAX;
+        let limits = Limits::prepare(&confinement);
         assert_eq!(limits.values[3].rlim_max, current_hard_limit(libc::RLIMIT_NOFILE));
     }
 
     #[test]
     fn apply_sets_them_in_the_child() {
-        let limits = Limits::prepare(&policy());
+        let limits = Limits::prepare(&confinement());
         // SAFETY (child): setrlimit and getrlimit only.
         assert!(in_child(|| {
             let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -34,8 +34,8 @@ fn support() -> &'static KernelSupport {
     })
 }
 
-fn default_policy() -> Policy {
-    Policy {
+fn default_confinement() -> Confinement {
+    Confinement {
         read_paths: Vec::new(),
         write_paths: Vec::new(),
         network: NetworkPolicy::None,
@@ -45,9 +45,16 @@ fn default_policy() -> Policy {
         max_processes: 32,
         max_open_files: 64,
         max_file_bytes: 16 << 20,
-        env: Vec::new(),
-        run_as: crate::sandbox::UNPRIVILEGED_UID,
     }
+}
+
+/// A plugin confined so, with no environment and the unprivileged uid.
+fn policy_with(confinement: Confinement) -> Policy {
+    Policy { confinement, env: Vec::new(), run_as: crate::sandbox::UNPRIVILEGED_UID }
+}
+
+fn default_policy() -> Policy {
+    policy_with(default_confinement())
 }
 
 /// A directory that the plugin's uid may read and write as far as file permissions go, so that
@@ -191,7 +198,7 @@ fn best_effort_reports_exactly_what_is_missing() {
     assert_eq!(protections.rlimits.len(), 6);
     assert!(protections.to_string().contains("MISSING: network isolation"));
 
-    let loopback = Policy { network: NetworkPolicy::Loopback, ..default_policy() };
+    let loopback = policy_with(Confinement { network: NetworkPolicy::Loopback, ..default_confinement() });
     let protections = confine(&mut command, &loopback, &bare_kernel(), Requirement::BestEffort).unwrap();
     assert!(protections.missing.iter().any(|m| m.starts_with("loopback-only network")), "{:?}", protections.missing);
 }
@@ -218,7 +225,7 @@ fn a_shared_uid_needs_seccomp_or_landlock_scoping_for_signal_isolation() {
 #[test]
 fn unix_socket_paths_cannot_be_enforced_so_strict_refuses_them() {
     let kernel = KernelSupport { seccomp: true, running_as_root: true, ..bare_kernel() };
-    let policy = Policy { unix_sockets: vec!["/run/some.sock".into()], ..default_policy() };
+    let policy = policy_with(Confinement { unix_sockets: vec!["/run/some.sock".into()], ..default_confinement() });
     let protections = confine(&mut Command::new("/bin/true"), &policy, &kernel, Requirement::BestEffort).unwrap();
     assert!(protections.seccomp.as_ref().unwrap().unix_sockets);
     assert!(protections.missing.iter().any(|m| m.contains("limiting Unix sockets")), "{:?}", protections.missing);
@@ -244,7 +251,7 @@ fn connect_without_landlock_network_rules_is_missing_port_filtering() {
     }
     let kernel = KernelSupport { landlock_abi: Some(3), landlock_unavailable: None, seccomp: true, ..bare_kernel() };
     let connect = NetworkPolicy::Connect(vec![HostPort { host: "example.org".into(), port: 443 }]);
-    let policy = Policy { network: connect, ..default_policy() };
+    let policy = policy_with(Confinement { network: connect, ..default_confinement() });
     let error = confine(&mut Command::new("/bin/true"), &policy, &kernel, Requirement::Strict).unwrap_err();
     assert_eq!(
         error.to_string(),
@@ -285,7 +292,7 @@ async fn files_outside_the_read_paths_cannot_be_read() {
     }
     let dir = temp_dir();
     let (inside, outside) = (open_dir(dir.path(), "inside"), open_dir(dir.path(), "outside"));
-    let policy = Policy { read_paths: vec![inside.clone()], ..default_policy() };
+    let policy = policy_with(Confinement { read_paths: vec![inside.clone()], ..default_confinement() });
     let script =
         r#"for f in "$@"; do if cat -- "$f" >/dev/null 2>&1; then echo "$f: ok"; else echo "$f: denied"; fi; done"#;
     let (inside_file, outside_file) = (inside.join("file"), outside.join("file"));
@@ -317,7 +324,7 @@ async fn only_the_write_paths_can_be_written_and_nothing_written_can_be_run() {
     }
     let dir = temp_dir();
     let (inside, outside) = (open_dir(dir.path(), "inside"), open_dir(dir.path(), "outside"));
-    let policy = Policy { write_paths: vec![inside.clone()], ..default_policy() };
+    let policy = policy_with(Confinement { write_paths: vec![inside.clone()], ..default_confinement() });
     let script = r#"for d in "$@"; do if echo new > "$d/new" 2>/dev/null; then echo "write: ok"; else echo "write: denied"; fi; done
         cp /bin/true "$1/true" && "$1/true" 2>/dev/null && echo "exec: ok" || echo "exec: denied""#;
     let args = ["-c", script, "sh", inside.to_str().unwrap(), outside.to_str().unwrap()];
@@ -350,7 +357,7 @@ async fn tcp_connects_only_to_the_allowed_port() {
         return;
     }
     let connect = NetworkPolicy::Connect(vec![HostPort { host: "127.0.0.1".into(), port: allowed_addr.port() }]);
-    let policy = Policy { network: connect, ..default_policy() };
+    let policy = policy_with(Confinement { network: connect, ..default_confinement() });
     let (finished, answers) = run_hostile("connect", &allowed_addr.to_string(), policy.clone()).await;
     assert_eq!(finished.protections.landlock.unwrap().tcp_connect_ports, Some(vec![allowed_addr.port()]));
     assert_eq!(answer(&answers, "connect"), "ok");
@@ -367,7 +374,7 @@ async fn loopback_reaches_only_the_plugins_own_loopback() {
     }
     let host_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_addr = host_listener.local_addr().unwrap().to_string();
-    let policy = Policy { network: NetworkPolicy::Loopback, ..default_policy() };
+    let policy = policy_with(Confinement { network: NetworkPolicy::Loopback, ..default_confinement() });
     let (finished, answers) = run_hostile("loopback", &host_addr, policy).await;
     assert_eq!(
         finished.protections.network_namespace,
@@ -462,7 +469,7 @@ async fn the_environment_is_only_what_the_policy_passes() {
 #[tokio::test]
 async fn a_memory_hog_is_stopped_by_the_address_space_limit() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let policy = Policy { memory_bytes: 64 << 20, ..default_policy() };
+    let policy = policy_with(Confinement { memory_bytes: 64 << 20, ..default_confinement() });
     let small = run("/bin/dd", &["if=/dev/zero", "of=/dev/null", "bs=1M", "count=1"], &policy).await;
     assert!(small.status.success(), "{}", small.stderr);
     let hog = run("/bin/dd", &["if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"], &policy).await;
@@ -473,7 +480,7 @@ async fn a_memory_hog_is_stopped_by_the_address_space_limit() {
 #[tokio::test]
 async fn an_endless_loop_is_stopped_by_the_cpu_limit() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let policy = Policy { cpu_seconds: 1, ..default_policy() };
+    let policy = policy_with(Confinement { cpu_seconds: 1, ..default_confinement() });
     let started = Instant::now();
     let finished = run("/bin/sh", &["-c", "while :; do :; done"], &policy).await;
     assert!(
@@ -496,7 +503,8 @@ async fn a_fork_bomb_is_stopped_by_the_process_limit() {
     const LIMIT: u64 = 8;
     // Bounded (at most 2^11 processes) so that even a broken limit cannot take the machine down.
     let bomb = r#"b() { if [ "$1" -lt 10 ]; then b $(($1 + 1)) & b $(($1 + 1)) & fi; sleep 3; }; b 0; wait"#;
-    let (mut command, _) = confined("/bin/sh", &["-c", bomb], &Policy { max_processes: LIMIT, ..default_policy() });
+    let policy = policy_with(Confinement { max_processes: LIMIT, ..default_confinement() });
+    let (mut command, _) = confined("/bin/sh", &["-c", bomb], &policy);
     let child = command.spawn().unwrap();
     let pgid = child.id().unwrap() as i32;
     let guard = GroupGuard(pgid);
