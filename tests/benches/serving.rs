@@ -682,18 +682,20 @@ fn per_second(tokens: usize, duration: Duration) -> f64 {
     tokens as f64 / duration.as_secs_f64()
 }
 
-/// The median of each metric over the runs (the mean of the middle two for an even count).
+/// The median of each metric over the runs.
 fn median(runs: &[Figures]) -> Figures {
-    std::array::from_fn(|metric| {
-        let mut values: Vec<f64> = runs.iter().map(|figures| figures[metric]).collect();
-        values.sort_by(f64::total_cmp);
-        let mid = values.len() / 2;
-        if values.len() % 2 == 1 {
-            values[mid]
-        } else {
-            (values[mid - 1] + values[mid]) / 2.0
-        }
-    })
+    std::array::from_fn(|metric| median_value(runs.iter().map(|figures| figures[metric]).collect()))
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median_value(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
 }
 
 fn print_table(baseline: &Figures, phi3d: &Figures) {

@@ -20,7 +20,7 @@ use phi3d_proto::v1::GetStatusRequest;
 use phi3d_proto::v1::admin_client::AdminClient;
 
 use super::scenarios::{LlamaServer, Phi3d, Server};
-use super::{Setup, run_baseline};
+use super::{Setup, median_value, run_baseline};
 
 /// A process that keeps `cores` cores busy (a fraction: bursts of 20 ms, then a pause);
 /// killed when dropped.
@@ -211,11 +211,7 @@ async fn peer(binary: &Path, setup: &Setup) -> anyhow::Result<Figures> {
 }
 
 fn median(runs: &[Figures]) -> Figures {
-    let pick = |value: fn(&Figures) -> f64| {
-        let mut values: Vec<f64> = runs.iter().map(value).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
+    let pick = |value: fn(&Figures) -> f64| median_value(runs.iter().map(value).collect());
     let mut threads: Vec<u32> = runs.iter().map(|figures| figures.threads).collect();
     threads.sort_unstable();
     Figures { decode: pick(|f| f.decode), prompt: pick(|f| f.prompt), threads: threads[threads.len() / 2] }

@@ -531,8 +531,11 @@ impl Worker<'_> {
         self.set_threads();
         let started = Instant::now();
         self.ctx.decode(&mut self.batch)?;
-        let idle = self.idle_cores.recent();
-        self.governor.observe(tokens, started.elapsed(), idle);
+        // Only a governor that may change the counts needs to know; a fixed count reads nothing.
+        if self.context_threads.is_some() {
+            let idle = self.idle_cores.recent();
+            self.governor.observe(tokens, started.elapsed(), idle);
+        }
         Ok(logits)
     }
 
