@@ -118,6 +118,14 @@ settings! {
         /// Disk space the saved prompt cache may take, in MB (0: never saved)
         #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
         prompt_cache_disk_mb: u64,
+        /// Cached prompts kept in the KV cache beside the slots, so that a burst of requests
+        /// does not push out a long prefix (default: one per 512 tokens of ctx_size, 2 to 16)
+        #[arg(long, env = "PHI3D_PROMPT_CACHE_ENTRIES")]
+        prompt_cache_entries: u32,
+        /// Shortest run of cached tokens reused past a changed span, such as the time at the
+        /// start of a system prompt (0: exact prefixes only)
+        #[arg(long, env = "PHI3D_PROMPT_CACHE_MIN_CHUNK")]
+        prompt_cache_min_chunk: u32,
         /// Tokens one tool-call step may generate, whatever the request's max_tokens
         #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
         tool_call_max_tokens: u32,
@@ -305,6 +313,10 @@ impl ConfigSource {
 pub const DEFAULT_MAX_SLOTS: u32 = 4;
 pub const MAX_SLOTS: u32 = 16;
 pub const DEFAULT_PROMPT_CACHE_DISK_MB: u64 = 2048;
+pub const DEFAULT_MAX_PROMPT_CACHE_ENTRIES: u32 = 16;
+pub const MAX_PROMPT_CACHE_ENTRIES: u32 = 64;
+/// See the README's "Prompts that change early" for how this was chosen.
+pub const DEFAULT_PROMPT_CACHE_MIN_CHUNK: u32 = 64;
 /// Tokens a tool-call step may generate unless configured.
 pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
 /// The largest `tools.max_steps` unless configured.
@@ -375,6 +387,8 @@ pub struct Config {
     pub pinned_prompts: Vec<PathBuf>,
     pub prompt_cache_dir: PathBuf,
     pub prompt_cache_disk_mb: u64,
+    pub prompt_cache_entries: u32,
+    pub prompt_cache_min_chunk: u32,
     pub tool_call_max_tokens: u32,
     pub max_tool_steps: u32,
     pub unix_socket: Option<PathBuf>,
@@ -462,6 +476,12 @@ impl Config {
             pinned_prompts: settings.pinned_prompts.unwrap_or_default(),
             prompt_cache_dir: settings.prompt_cache_dir.unwrap_or_else(default_prompt_cache_dir),
             prompt_cache_disk_mb: settings.prompt_cache_disk_mb.unwrap_or(DEFAULT_PROMPT_CACHE_DISK_MB),
+            // Entries cost no cells while they share them with a slot, and are evicted when
+            // cells run short; their number only bounds the sequences set aside for them.
+            prompt_cache_entries: settings
+                .prompt_cache_entries
+                .unwrap_or((ctx_size / 512).clamp(2, DEFAULT_MAX_PROMPT_CACHE_ENTRIES)),
+            prompt_cache_min_chunk: settings.prompt_cache_min_chunk.unwrap_or(DEFAULT_PROMPT_CACHE_MIN_CHUNK),
             // As for max_tokens: a limit below the default lowers the default with it.
             tool_call_max_tokens: settings
                 .tool_call_max_tokens
@@ -527,6 +547,12 @@ impl Config {
         };
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
+        }
+        if config.prompt_cache_entries > MAX_PROMPT_CACHE_ENTRIES {
+            return Err(ConfigError(format!(
+                "prompt_cache_entries: {} is out of range; it must be 0 to {MAX_PROMPT_CACHE_ENTRIES}",
+                config.prompt_cache_entries
+            )));
         }
         at_least("tool_call_max_tokens", config.tool_call_max_tokens, 1)?;
         at_least("max_tool_steps", config.max_tool_steps, 1)?;
@@ -688,7 +714,8 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\ntool_call_max_tokens = 16\nmax_tool_steps = 8\n\
+                    prompt_cache_disk_mb = 10\nprompt_cache_entries = 5\nprompt_cache_min_chunk = 48\n\
+                    tool_call_max_tokens = 16\nmax_tool_steps = 8\n\
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
@@ -707,6 +734,7 @@ mod tests {
         assert_eq!(config.sandbox_require, Requirement::Strict);
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
+        assert_eq!((config.prompt_cache_entries, config.prompt_cache_min_chunk), (5, 48));
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
         assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));

@@ -74,7 +74,7 @@ reload_keys! {
     }
     restart {
         model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
-        pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, gpu_layers, unix_socket, unix_socket_mode,
+        pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, prompt_cache_entries, prompt_cache_min_chunk, gpu_layers, unix_socket, unix_socket_mode,
         unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
         max_streams_per_client, http_listen, http_plugin_tools, compile_timeout,
         header_timeout_seconds, body_timeout_seconds, idle_timeout_seconds, max_connections_per_client, max_connections,
@@ -167,8 +167,12 @@ mod tests {
             listen: Some("127.0.0.1:1".into()),
             ..Settings::default()
         });
-        // slots, max_prompt_tokens and max_tokens_limit follow ctx_size unless set: they changed too.
-        assert_eq!(restart_keys_changed(&running, &wanted), ["listen", "ctx_size", "slots", "max_prompt_tokens"]);
+        // slots, prompt_cache_entries, max_prompt_tokens and max_tokens_limit follow ctx_size
+        // unless set: they changed too.
+        assert_eq!(
+            restart_keys_changed(&running, &wanted),
+            ["listen", "ctx_size", "slots", "prompt_cache_entries", "max_prompt_tokens"]
+        );
         assert_eq!(live_keys_changed(&running, &wanted), ["max_tokens", "max_tokens_limit"]);
         let effective = with_live_keys(&running, &wanted);
         assert_eq!((effective.max_tokens, effective.ctx_size), (7, running.ctx_size));

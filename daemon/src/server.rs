@@ -152,6 +152,8 @@ fn engine_config(config: &Config, model_path: &Path, stopping: &CancellationToke
         render_prefix: crate::service::inference::system_prefix_tokens,
         prompt_cache_dir: config.prompt_cache_dir.clone(),
         prompt_cache_disk_bytes: config.prompt_cache_disk_mb.saturating_mul(1_000_000),
+        prompt_cache_entries: config.prompt_cache_entries,
+        prompt_cache_min_chunk: config.prompt_cache_min_chunk as usize,
         cancel: stopping.clone(),
         observer: Arc::new(metrics.clone()),
     }

@@ -39,6 +39,10 @@ pub struct EngineConfig {
     /// (0: not saved).
     pub prompt_cache_dir: PathBuf,
     pub prompt_cache_disk_bytes: u64,
+    /// Sequences kept as prompt cache entries beside the slots.
+    pub prompt_cache_entries: u32,
+    /// Shortest run reused past a changed span (0: exact prefixes only).
+    pub prompt_cache_min_chunk: usize,
     /// Stops a load in progress (shutdown).
     pub cancel: CancellationToken,
     /// Told of each generation's tokens and timings as it ends.
@@ -192,7 +196,7 @@ pub fn create_context<'m>(
     loaded: &'m LoadedModel,
     config: &EngineConfig,
 ) -> Result<LlamaContext<'m>, LoadError> {
-    let sequences = config.slots + config.pinned_prompts.len() as u32;
+    let sequences = super::worker::SequenceLayout::new(config).count();
     // llama.cpp reserves one output per sequence and asserts that a batch can hold them all;
     // the worker still feeds at most batch_size tokens per step.
     let n_batch = config.batch_size.max(sequences);

@@ -1,22 +1,38 @@
 //! The prompt cache: where a new task's prompt is already in the KV cache.
 //!
-//! A slot keeps its tokens (prompt and reply) after its task ends. A new task goes to the
-//! free slot whose tokens share the longest prefix with its prompt, or, when a busy slot or a
-//! pinned prefix shares a longer one, that prefix is copied into a free slot (with the
-//! unified KV cache a copy shares cells and costs nothing). Only the rest of the prompt is
-//! decoded. At least the prompt's last token is always decoded, since its logits are needed.
+//! A slot keeps its tokens (prompt and reply) after its task ends. When a slot is given to
+//! another prompt, what it held is kept as a cache *entry*, a sequence of its own that only
+//! serves as a source (see the worker). A new task goes to the free slot whose tokens it can
+//! reuse most of, or, when an entry, a busy slot or a pinned prefix offers more, into a free
+//! slot that gets that reuse: a common prefix is copied (with the unified KV cache a copy
+//! shares cells and costs nothing); an entry that also offers chunks past a changed span
+//! ([`super::reuse`]) is taken whole, since moving its cells moves them for every holder.
+//! Only the rest of the prompt is decoded; at least its last token, whose logits are needed.
 
 use std::time::Instant;
 
 use llama_cpp_2::token::LlamaToken;
 
+use super::reuse::{self, ReusePlan};
+
 /// A sequence of the KV cache as placement sees it.
 pub struct CachedSequence<'a> {
     pub seq_id: i32,
     pub tokens: &'a [LlamaToken],
-    /// Free to take for a new task (an idle slot); busy slots and pinned prefixes can only be
-    /// copied from.
-    pub free_slot: Option<FreeSlot>,
+    pub role: Role,
+    /// The first position from which on its cells are its own: chunks past a changed span
+    /// are only reused from there on.
+    pub movable_from: usize,
+}
+
+#[derive(Clone, Copy)]
+pub enum Role {
+    /// An idle slot: a task can run in it.
+    FreeSlot(FreeSlot),
+    /// A cache entry: copied from, or taken whole.
+    Entry,
+    /// A busy slot or a pinned prefix: its prefix can be copied, nothing moved.
+    Fixed,
 }
 
 #[derive(Clone, Copy)]
@@ -25,56 +41,78 @@ pub struct FreeSlot {
     pub last_used: Instant,
 }
 
-/// Where a task runs and what of its prompt it finds cached.
+/// Where the reused tokens come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The slot holds them itself.
+    Own,
+    /// A prefix of this sequence is copied into the slot; the sequence keeps it.
+    Copy(i32),
+    /// This entry moves into the slot whole and is gone as an entry.
+    Take(i32),
+}
+
+/// Where a task runs and what of its prompt it finds cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// The slot the task runs in.
     pub slot: usize,
-    /// Prompt tokens already in the cache.
-    pub reuse: usize,
-    /// The sequence to copy the reused prefix from; `None` when the slot holds it itself.
-    pub copy_from: Option<i32>,
+    pub plan: ReusePlan,
+    pub source: Source,
 }
 
-/// Chooses a free slot for `prompt`; `None` when every slot is busy.
-pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>]) -> Option<Placement> {
-    let usable = prompt.len().saturating_sub(1);
-    let shared = |tokens: &[LlamaToken]| common_prefix(tokens, prompt).min(usable);
-    // A free slot whose cache is mostly this prompt's prefix is taken for it. Reusing a
-    // sliver of a long cached sequence would throw the rest away instead.
+/// Chooses a free slot for `prompt`; `None` when every slot is busy. `min_chunk` is the
+/// shortest run reused past a changed span (0: the common prefix only).
+pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>], min_chunk: usize) -> Option<Placement> {
+    let plan_for = |sequence: &CachedSequence<'_>| match sequence.role {
+        Role::Fixed => ReusePlan::prefix_only(reuse::plan(sequence.tokens, prompt, 0, 0).prefix),
+        Role::FreeSlot(_) | Role::Entry => reuse::plan(sequence.tokens, prompt, min_chunk, sequence.movable_from),
+    };
+    // A free slot whose cache is mostly this prompt is taken for it. Reusing a sliver of a
+    // long cached sequence would throw the rest away instead (it would become an entry, but
+    // crowd the others).
     let own = sequences
         .iter()
-        .filter_map(|sequence| sequence.free_slot.map(|free| (free, sequence.tokens, shared(sequence.tokens))))
-        .filter(|(_, tokens, reuse)| *reuse > 0 && reuse * 2 >= tokens.len())
-        .max_by_key(|(free, _, reuse)| (*reuse, free.last_used));
-    let best_copy = |except: usize| {
+        .filter_map(|sequence| match sequence.role {
+            Role::FreeSlot(free) => Some((free, sequence.tokens.len(), plan_for(sequence))),
+            _ => None,
+        })
+        .filter(|(_, held, plan)| plan.total() > 0 && plan.total() * 2 >= *held)
+        .max_by_key(|(free, _, plan)| (plan.total(), free.last_used));
+    // The best reuse another sequence offers a slot `except` does not hold itself.
+    let best_elsewhere = |except: usize| {
         sequences
             .iter()
-            .filter(|sequence| sequence.free_slot.is_none_or(|free| free.index != except))
-            .map(|sequence| (sequence.seq_id, shared(sequence.tokens)))
-            .max_by_key(|(_, reuse)| *reuse)
+            .filter(|sequence| !matches!(sequence.role, Role::FreeSlot(free) if free.index == except))
+            .map(|sequence| {
+                let plan = plan_for(sequence);
+                match sequence.role {
+                    Role::Entry if !plan.chunks.is_empty() => (Source::Take(sequence.seq_id), plan),
+                    // Another idle slot's cells stay its own: only its prefix is shared.
+                    _ => (Source::Copy(sequence.seq_id), ReusePlan::prefix_only(plan.prefix)),
+                }
+            })
+            .max_by_key(|(_, plan)| plan.total())
     };
-    if let Some((free, _, reuse)) = own
-        && best_copy(free.index).is_none_or(|(_, copied)| copied <= reuse)
+    if let Some((free, _, plan)) = own
+        && best_elsewhere(free.index).is_none_or(|(_, other)| other.total() <= plan.total())
     {
-        return Some(Placement { slot: free.index, reuse, copy_from: None });
+        return Some(Placement { slot: free.index, plan, source: Source::Own });
     }
     // Otherwise the slot whose cache is least likely to be wanted again (empty first, then
-    // least recently used), with the longest prefix found anywhere copied into it.
-    let (target, target_tokens) = sequences
+    // least recently used), with the best reuse found anywhere brought into it.
+    let (target, kept) = sequences
         .iter()
-        .filter_map(|sequence| sequence.free_slot.map(|free| (free, sequence.tokens)))
-        .min_by_key(|(free, tokens)| (!tokens.is_empty(), free.last_used))
-        .map(|(free, tokens)| (free.index, tokens))?;
-    let kept = shared(target_tokens);
-    Some(match best_copy(target) {
-        Some((seq_id, reuse)) if reuse > kept => Placement { slot: target, reuse, copy_from: Some(seq_id) },
-        _ => Placement { slot: target, reuse: kept, copy_from: None },
+        .filter_map(|sequence| match sequence.role {
+            Role::FreeSlot(free) => Some((free, sequence)),
+            _ => None,
+        })
+        .min_by_key(|(free, sequence)| (!sequence.tokens.is_empty(), free.last_used))
+        .map(|(free, sequence)| (free.index, plan_for(sequence)))?;
+    Some(match best_elsewhere(target) {
+        Some((source, plan)) if plan.total() > kept.total() => Placement { slot: target, plan, source },
+        _ => Placement { slot: target, plan: kept, source: Source::Own },
     })
-}
-
-pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 #[cfg(test)]
@@ -84,75 +122,104 @@ mod tests {
     use llama_cpp_2::token::LlamaToken;
 
     use super::*;
+    use crate::engine::reuse::Chunk;
 
-    fn tokens(ids: &[i32]) -> Vec<LlamaToken> {
-        ids.iter().copied().map(LlamaToken).collect()
+    fn tokens(ids: impl IntoIterator<Item = i32>) -> Vec<LlamaToken> {
+        ids.into_iter().map(LlamaToken).collect()
     }
 
-    fn free(index: usize, age_s: u64) -> Option<FreeSlot> {
+    fn free(index: usize, age_s: u64) -> Role {
         let now = Instant::now() + Duration::from_secs(100);
-        Some(FreeSlot { index, last_used: now - Duration::from_secs(age_s) })
+        Role::FreeSlot(FreeSlot { index, last_used: now - Duration::from_secs(age_s) })
+    }
+
+    fn sequence(seq_id: i32, tokens: &[LlamaToken], role: Role) -> CachedSequence<'_> {
+        CachedSequence { seq_id, tokens, role, movable_from: 0 }
+    }
+
+    fn prefix(slot: usize, reuse: usize, source: Source) -> Placement {
+        Placement { slot, plan: ReusePlan::prefix_only(reuse), source }
     }
 
     #[test]
     fn the_slot_holding_the_longest_prefix_wins() {
-        let (a, b) = (tokens(&[1, 2, 3, 4]), tokens(&[1, 2, 9]));
-        let sequences = [
-            CachedSequence { seq_id: 0, tokens: &b, free_slot: free(0, 1) },
-            CachedSequence { seq_id: 1, tokens: &a, free_slot: free(1, 50) },
-        ];
-        let placed = place(&tokens(&[1, 2, 3, 4, 5]), &sequences).unwrap();
-        assert_eq!(placed, Placement { slot: 1, reuse: 4, copy_from: None });
+        let (a, b) = (tokens([1, 2, 3, 4]), tokens([1, 2, 9]));
+        let sequences = [sequence(0, &b, free(0, 1)), sequence(1, &a, free(1, 50))];
+        let placed = place(&tokens([1, 2, 3, 4, 5]), &sequences, 0).unwrap();
+        assert_eq!(placed, prefix(1, 4, Source::Own));
     }
 
     #[test]
     fn the_last_prompt_token_is_always_decoded() {
-        let a = tokens(&[1, 2, 3]);
-        let sequences = [CachedSequence { seq_id: 0, tokens: &a, free_slot: free(0, 1) }];
-        assert_eq!(place(&a, &sequences).unwrap().reuse, 2);
+        let a = tokens([1, 2, 3]);
+        let sequences = [sequence(0, &a, free(0, 1))];
+        assert_eq!(place(&a, &sequences, 0).unwrap().plan.total(), 2);
     }
 
     #[test]
     fn a_longer_prefix_in_a_busy_slot_is_copied_into_the_least_recently_used_free_slot() {
-        let (busy, recent, old) = (tokens(&[7, 7, 7, 7]), tokens(&[7, 1]), tokens(&[3]));
-        let sequences = [
-            CachedSequence { seq_id: 0, tokens: &busy, free_slot: None },
-            CachedSequence { seq_id: 1, tokens: &recent, free_slot: free(1, 1) },
-            CachedSequence { seq_id: 2, tokens: &old, free_slot: free(2, 60) },
-        ];
-        let placed = place(&tokens(&[7, 7, 7, 7, 8]), &sequences).unwrap();
-        assert_eq!(placed, Placement { slot: 2, reuse: 4, copy_from: Some(0) });
+        let (busy, recent, old) = (tokens([7, 7, 7, 7]), tokens([7, 1]), tokens([3]));
+        let sequences =
+            [sequence(0, &busy, Role::Fixed), sequence(1, &recent, free(1, 1)), sequence(2, &old, free(2, 60))];
+        let placed = place(&tokens([7, 7, 7, 7, 8]), &sequences, 0).unwrap();
+        assert_eq!(placed, prefix(2, 4, Source::Copy(0)));
     }
 
     #[test]
     fn a_new_prompt_takes_an_empty_slot_before_evicting_a_cache() {
-        let (cached, empty) = (tokens(&[5, 6]), tokens(&[]));
-        let sequences = [
-            CachedSequence { seq_id: 0, tokens: &cached, free_slot: free(0, 90) },
-            CachedSequence { seq_id: 1, tokens: &empty, free_slot: free(1, 1) },
-        ];
-        let placed = place(&tokens(&[1, 2]), &sequences).unwrap();
-        assert_eq!(placed, Placement { slot: 1, reuse: 0, copy_from: None });
+        let (cached, empty) = (tokens([5, 6]), tokens([]));
+        let sequences = [sequence(0, &cached, free(0, 90)), sequence(1, &empty, free(1, 1))];
+        let placed = place(&tokens([1, 2]), &sequences, 0).unwrap();
+        assert_eq!(placed, prefix(1, 0, Source::Own));
     }
 
     #[test]
     fn a_sliver_of_a_long_cache_is_not_worth_its_loss() {
-        let (house, empty) = (tokens(&[1, 5, 5, 5, 5, 5]), tokens(&[]));
-        let sequences = [
-            CachedSequence { seq_id: 0, tokens: &house, free_slot: free(0, 1) },
-            CachedSequence { seq_id: 1, tokens: &empty, free_slot: free(1, 9) },
-        ];
-        let placed = place(&tokens(&[1, 9, 9]), &sequences).unwrap();
-        assert_eq!(placed, Placement { slot: 1, reuse: 1, copy_from: Some(0) }, "the house stays cached");
+        let (house, empty) = (tokens([1, 5, 5, 5, 5, 5]), tokens([]));
+        let sequences = [sequence(0, &house, free(0, 1)), sequence(1, &empty, free(1, 9))];
+        let placed = place(&tokens([1, 9, 9]), &sequences, 0).unwrap();
+        assert_eq!(placed, prefix(1, 1, Source::Copy(0)), "the house stays cached");
         // The prefix of a long idle cache is copied rather than the cache overwritten.
-        let placed = place(&tokens(&[1, 5, 9]), &sequences).unwrap();
-        assert_eq!(placed, Placement { slot: 1, reuse: 2, copy_from: Some(0) });
+        let placed = place(&tokens([1, 5, 9]), &sequences, 0).unwrap();
+        assert_eq!(placed, prefix(1, 2, Source::Copy(0)));
     }
 
     #[test]
     fn no_free_slot_means_wait() {
-        let busy = tokens(&[1]);
-        let sequences = [CachedSequence { seq_id: 0, tokens: &busy, free_slot: None }];
-        assert_eq!(place(&tokens(&[1, 2]), &sequences), None);
+        let busy = tokens([1]);
+        let sequences = [sequence(0, &busy, Role::Fixed)];
+        assert_eq!(place(&tokens([1, 2]), &sequences, 0), None);
+    }
+
+    #[test]
+    fn a_slot_holding_the_prompt_with_an_old_time_reuses_it_past_the_time() {
+        let old = tokens([1, 40, 2].into_iter().chain(100..200));
+        let sequences = [sequence(0, &old, free(0, 5))];
+        let placed = place(&tokens([1, 40, 3].into_iter().chain(100..200).chain([9])), &sequences, 32).unwrap();
+        assert_eq!(placed.source, Source::Own);
+        assert_eq!(placed.plan.chunks, [Chunk { from: 3, to: 3, len: 100 }]);
+        assert_eq!(placed.plan.total(), 102);
+    }
+
+    #[test]
+    fn an_entry_with_chunks_is_taken_and_one_with_a_prefix_is_copied() {
+        let (house, empty) = (tokens([1, 2].into_iter().chain(100..200)), tokens([]));
+        let sequences = [sequence(5, &house, Role::Entry), sequence(0, &empty, free(0, 1))];
+        let changed = place(&tokens([1, 3].into_iter().chain(100..200).chain([9])), &sequences, 32).unwrap();
+        assert_eq!(changed.source, Source::Take(5));
+        assert_eq!(changed.plan.shifted(), 100);
+        let extended = place(&tokens([1, 2].into_iter().chain(100..200).chain([9])), &sequences, 32).unwrap();
+        assert_eq!(extended, prefix(0, 102, Source::Copy(5)), "an exact prefix is shared and the entry stays");
+    }
+
+    #[test]
+    fn chunks_are_never_moved_out_of_a_busy_slot_or_another_idle_slot() {
+        let (house, empty) = (tokens([1, 2].into_iter().chain(100..200)), tokens([]));
+        let prompt = tokens([1, 3].into_iter().chain(100..200).chain([9]));
+        let busy = [sequence(0, &house, Role::Fixed), sequence(1, &empty, free(1, 1))];
+        assert_eq!(place(&prompt, &busy, 32).unwrap(), prefix(1, 1, Source::Copy(0)));
+        let shared = [CachedSequence { movable_from: 60, ..sequence(0, &house, Role::Entry) }, sequence(1, &empty, free(1, 1))];
+        let placed = place(&prompt, &shared, 32).unwrap();
+        assert_eq!(placed.plan.chunks, [Chunk { from: 60, to: 60, len: 42 }], "only cells nobody else holds move");
     }
 }

@@ -17,23 +17,39 @@ pub fn may_start(fits: bool, busy_slots: usize) -> bool {
     fits || busy_slots == 0
 }
 
-/// A slot as eviction sees it.
+/// A cached sequence (an idle slot's or a cache entry's) as eviction sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheHolder {
     pub busy: bool,
     pub last_used: Instant,
     /// Cells no other sequence shares: what evicting it frees.
     pub exclusive_cells: u32,
+    /// Tokens it holds: what a hit on it saves.
+    pub tokens: usize,
+    /// Times a task reused it.
+    pub hits: u32,
 }
 
-/// The idle slot whose cache goes first: least recently used among those whose eviction frees
-/// cells, never `keep` (the slot being prepared for a task). `None` when nothing can go.
-pub fn victim(slots: &[CacheHolder], keep: Option<usize>) -> Option<usize> {
-    slots
+impl CacheHolder {
+    /// What keeping it is worth: the tokens it saves, once per hit and once more for the hit
+    /// to come, fading with the minutes since it was last used (a prefix used every few
+    /// minutes outweighs a burst of short prompts; one unused for an hour does not).
+    pub fn worth(&self, now: Instant) -> f64 {
+        let idle_minutes = now.saturating_duration_since(self.last_used).as_secs_f64() / 60.0;
+        self.tokens as f64 * f64::from(1 + self.hits) / (1.0 + idle_minutes / 5.0)
+    }
+}
+
+/// The cache that goes first: the least worth keeping among those that are idle and whose
+/// eviction frees cells, never `keep` (the slot being prepared for a task). `None` when
+/// nothing can go.
+pub fn victim(holders: &[CacheHolder], keep: Option<usize>) -> Option<usize> {
+    let now = Instant::now();
+    holders
         .iter()
         .enumerate()
-        .filter(|(index, slot)| Some(*index) != keep && !slot.busy && slot.exclusive_cells > 0)
-        .min_by_key(|(_, slot)| slot.last_used)
+        .filter(|(index, holder)| Some(*index) != keep && !holder.busy && holder.exclusive_cells > 0)
+        .min_by(|(_, a), (_, b)| a.worth(now).total_cmp(&b.worth(now)))
         .map(|(index, _)| index)
 }
 
@@ -105,18 +121,32 @@ mod tests {
         assert!(may_start(false, 0));
     }
 
+    fn holder(busy: bool, age_s: u64, exclusive_cells: u32, tokens: usize, hits: u32) -> CacheHolder {
+        CacheHolder { busy, last_used: Instant::now() - Duration::from_secs(age_s), exclusive_cells, tokens, hits }
+    }
+
     #[test]
-    fn the_least_recently_used_idle_cache_that_frees_cells_goes_first() {
-        let now = Instant::now();
-        let slot = |busy, age_s, exclusive_cells| CacheHolder {
-            busy,
-            last_used: now - Duration::from_secs(age_s),
-            exclusive_cells,
-        };
-        let slots = [slot(false, 10, 5), slot(true, 90, 5), slot(false, 60, 0), slot(false, 30, 5)];
-        assert_eq!(victim(&slots, None), Some(3), "busy slots and shared-only caches stay");
-        assert_eq!(victim(&slots, Some(3)), Some(0), "the slot being prepared stays");
-        assert_eq!(victim(&[slot(true, 1, 5), slot(false, 1, 0)], None), None);
+    fn the_idle_cache_least_worth_keeping_that_frees_cells_goes_first() {
+        let holders = [
+            holder(false, 10, 5, 100, 0),
+            holder(true, 90, 5, 1, 0),
+            holder(false, 60, 0, 1, 0),
+            holder(false, 30, 5, 10, 0),
+        ];
+        assert_eq!(victim(&holders, None), Some(3), "busy slots and shared-only caches stay");
+        assert_eq!(victim(&holders, Some(3)), Some(0), "the slot being prepared stays");
+        assert_eq!(victim(&[holder(true, 1, 5, 9, 0), holder(false, 1, 0, 9, 0)], None), None);
+    }
+
+    #[test]
+    fn a_long_often_used_prefix_outlasts_a_burst_of_short_prompts() {
+        let house = holder(false, 120, 900, 909, 3);
+        let burst: Vec<CacheHolder> = (0..4).map(|_| holder(false, 1, 40, 40, 0)).collect();
+        let holders: Vec<CacheHolder> = std::iter::once(house).chain(burst).collect();
+        assert_ne!(victim(&holders, None), Some(0));
+        // An hour later and never used again, it goes before a fresh short prompt.
+        let stale = [holder(false, 3600 * 24, 900, 909, 0), holder(false, 1, 40, 40, 0)];
+        assert_eq!(victim(&stale, None), Some(0));
     }
 
     #[test]

@@ -6,11 +6,13 @@
 //! exactly once, through [`Slot::finish`] or [`Slot::fail`]; a slot that is dropped while
 //! still busy (a worker panic, shutdown) fails its task instead of leaving the client waiting.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::reuse::{Chunk, ReusePlan};
 use super::schedule::{self, Need};
 use super::stop::{StopMatcher, StopStep};
 use super::task::{Completion, EngineError, Event, StopReason, Task, Timings};
@@ -42,6 +44,10 @@ struct Busy {
     /// Prompt tokens already in the KV cache (reused from the cache or decoded).
     prompt_fed: usize,
     cached_prompt_tokens: usize,
+    shifted_prompt_tokens: usize,
+    /// Cached chunks past a changed span, parked at their new positions, that the worker
+    /// puts back into the sequence when the prompt has been fed up to them.
+    splices: VecDeque<Chunk>,
     /// The token sampled last, to be decoded in the next batch.
     pending: Option<LlamaToken>,
     /// Where this slot's logits are in the batch just decoded.
@@ -73,9 +79,11 @@ impl Slot {
         self.busy.as_ref().is_some_and(|busy| busy.prompt_fed < busy.task.prompt.len())
     }
 
-    /// Takes a task whose first `reuse` prompt tokens the caller has already put in this
-    /// sequence (and nothing after them). `n_ctx` bounds how far the sequence may grow.
-    pub fn start(&mut self, task: Task, reuse: usize, n_ctx: usize) {
+    /// Takes a task whose reused prefix the caller has already put in this sequence (and
+    /// nothing after it), and the plan's chunks parked at their new positions. `n_ctx`
+    /// bounds how far the sequence may grow.
+    pub fn start(&mut self, task: Task, plan: &ReusePlan, n_ctx: usize) {
+        let reuse = plan.prefix;
         debug_assert!(self.tokens.len() == reuse && self.tokens[..] == task.prompt[..reuse]);
         let stop = StopMatcher::new(task.params.stop.clone());
         let reserved_until = schedule::reservation(task.prompt.len(), task.params.max_tokens, n_ctx);
@@ -85,6 +93,8 @@ impl Slot {
             stop,
             prompt_fed: reuse,
             cached_prompt_tokens: reuse,
+            shifted_prompt_tokens: plan.shifted(),
+            splices: plan.chunks.iter().copied().collect(),
             pending: None,
             logits_index: None,
             reserved_until,
@@ -106,10 +116,29 @@ impl Slot {
         self.busy.as_ref().is_some_and(|busy| busy.task.is_abandoned())
     }
 
+    /// The parked chunk that goes back into the sequence now: the prompt is fed up to it.
+    pub fn due_splice(&self) -> Option<Chunk> {
+        let busy = self.busy.as_ref()?;
+        busy.splices.front().copied().filter(|chunk| chunk.to == busy.prompt_fed)
+    }
+
+    /// Records that the due chunk is back in the sequence.
+    pub fn commit_splice(&mut self) {
+        let Some(busy) = self.busy.as_mut() else { return };
+        let Some(chunk) = busy.splices.pop_front() else { return };
+        self.tokens.extend_from_slice(&busy.task.prompt[chunk.to..chunk.to + chunk.len]);
+        busy.prompt_fed += chunk.len;
+    }
+
+    /// The prompt tokens to feed before the next parked chunk (or the prompt's end).
+    fn feed_until(busy: &Busy) -> usize {
+        busy.splices.front().map_or(busy.task.prompt.len(), |chunk| chunk.to)
+    }
+
     /// What this slot needs decoded, for the batch plan.
     pub fn need(&self) -> Need {
         let Some(busy) = self.busy.as_ref() else { return Need::Nothing };
-        let left = busy.task.prompt.len() - busy.prompt_fed;
+        let left = Self::feed_until(busy) - busy.prompt_fed;
         match (left, busy.pending) {
             (0, Some(_)) => Need::Token,
             (0, None) => Need::Nothing,
@@ -126,7 +155,7 @@ impl Slot {
         }
         let prompt = &busy.task.prompt;
         if busy.prompt_fed < prompt.len() {
-            let end = prompt.len().min(busy.prompt_fed + budget);
+            let end = Self::feed_until(busy).min(busy.prompt_fed + budget);
             return Some(Feed {
                 tokens: prompt[busy.prompt_fed..end].to_vec(),
                 from_prompt: true,
@@ -289,6 +318,7 @@ impl Busy {
             text: std::mem::take(&mut self.text),
             prompt_tokens: self.task.prompt.len() as u32,
             cached_prompt_tokens: self.cached_prompt_tokens as u32,
+            shifted_prompt_tokens: self.shifted_prompt_tokens as u32,
             completion_tokens: self.completion_tokens,
             timings,
         }

@@ -41,6 +41,7 @@ impl Task {
             text: String::new(),
             prompt_tokens: self.prompt.len() as u32,
             cached_prompt_tokens: 0,
+            shifted_prompt_tokens: 0,
             completion_tokens: 0,
             timings: Timings { queued_ms, ..Timings::default() },
         }));
@@ -119,7 +120,10 @@ pub struct Completion {
     /// The concatenation of every `Delta` sent for this task.
     pub text: String,
     pub prompt_tokens: u32,
+    /// Prompt tokens found in the cache as an exact prefix.
     pub cached_prompt_tokens: u32,
+    /// Prompt tokens reused from the cache past a changed span, moved to new positions.
+    pub shifted_prompt_tokens: u32,
     pub completion_tokens: u32,
     pub timings: Timings,
 }

@@ -259,7 +259,8 @@ fn usage(done: &phi3d_proto::v1::Done) -> Value {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-        "prompt_tokens_details": { "cached_tokens": usage.cached_prompt_tokens },
+        // Every prompt token not decoded again, at its old place or moved past a changed span.
+        "prompt_tokens_details": { "cached_tokens": usage.cached_prompt_tokens + usage.shifted_prompt_tokens },
     })
 }
 

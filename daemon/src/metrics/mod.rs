@@ -76,6 +76,7 @@ struct Inner {
     generations: Family<StopLabels, Counter>,
     prompt_tokens: Counter,
     cached_prompt_tokens: Counter,
+    shifted_prompt_tokens: Counter,
     generated_tokens: Counter,
     prompt_cache_lookups: Family<ResultLabels, Counter>,
     time_to_first_token: Histogram,
@@ -107,6 +108,7 @@ impl Default for Metrics {
             generations: Family::default(),
             prompt_tokens: Counter::default(),
             cached_prompt_tokens: Counter::default(),
+            shifted_prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
             prompt_cache_lookups: Family::default(),
             // 50 ms to about 100 s: a cached turn on a desktop to a cold 4k prompt on a Pi.
@@ -128,9 +130,14 @@ impl Default for Metrics {
         registry.register("requests", "Requests by API, endpoint and status code", inner.requests.clone());
         registry.register("generations", "Generations (a tool turn has one per step) by stop reason", inner.generations.clone());
         registry.register("prompt_tokens", "Prompt tokens of every generation, cached ones included", inner.prompt_tokens.clone());
-        registry.register("cached_prompt_tokens", "Prompt tokens found in the prompt cache, not decoded again", inner.cached_prompt_tokens.clone());
+        registry.register("cached_prompt_tokens", "Prompt tokens found in the prompt cache as an exact prefix, not decoded again", inner.cached_prompt_tokens.clone());
+        registry.register(
+            "shifted_prompt_tokens",
+            "Prompt tokens reused from the prompt cache past a changed span (moved to new positions), not decoded again",
+            inner.shifted_prompt_tokens.clone(),
+        );
         registry.register("generated_tokens", "Tokens generated", inner.generated_tokens.clone());
-        registry.register("prompt_cache_lookups", "Generations whose prompt was partly cached (hit) or not (miss)", inner.prompt_cache_lookups.clone());
+        registry.register("prompt_cache_lookups", "Generations whose prompt was found as a cached prefix (hit), also reused past a changed span (shifted), or not at all (miss)", inner.prompt_cache_lookups.clone());
         registry.register(
             "time_to_first_token_seconds",
             "From a generation's arrival in the queue to its first token",
@@ -179,8 +186,13 @@ impl Metrics {
         inner.generations.get_or_create(&StopLabels { stop_reason }).inc();
         inner.prompt_tokens.inc_by(u64::from(done.prompt_tokens));
         inner.cached_prompt_tokens.inc_by(u64::from(done.cached_prompt_tokens));
+        inner.shifted_prompt_tokens.inc_by(u64::from(done.shifted_prompt_tokens));
         inner.generated_tokens.inc_by(u64::from(done.completion_tokens));
-        let result = if done.cached_prompt_tokens > 0 { "hit" } else { "miss" };
+        let result = match (done.cached_prompt_tokens, done.shifted_prompt_tokens) {
+            (0, 0) => "miss",
+            (_, 0) => "hit",
+            _ => "shifted",
+        };
         inner.prompt_cache_lookups.get_or_create(&ResultLabels { result }).inc();
         if done.completion_tokens > 0 {
             let timings = &done.timings;
@@ -260,6 +272,7 @@ mod tests {
             text: String::new(),
             prompt_tokens: 10,
             cached_prompt_tokens: cached,
+            shifted_prompt_tokens: 0,
             completion_tokens: generated,
             timings: Timings { queued_ms: 100.0, first_token_ms: 150.0, tokens_per_second: 12.0, ..Timings::default() },
         }

@@ -30,6 +30,7 @@ pub fn done(completion: Completion) -> pb::Done {
         usage: Some(pb::Usage {
             prompt_tokens: completion.prompt_tokens,
             cached_prompt_tokens: completion.cached_prompt_tokens,
+            shifted_prompt_tokens: completion.shifted_prompt_tokens,
             completion_tokens: completion.completion_tokens,
             generation_steps: 1,
         }),

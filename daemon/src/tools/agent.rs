@@ -144,6 +144,7 @@ struct Totals {
     text: String,
     prompt_tokens: u32,
     cached_prompt_tokens: u32,
+    shifted_prompt_tokens: u32,
     completion_tokens: u32,
     timings: Timings,
     steps: u32,
@@ -350,6 +351,7 @@ impl Totals {
         self.steps += 1;
         self.prompt_tokens += completion.prompt_tokens;
         self.cached_prompt_tokens += completion.cached_prompt_tokens;
+        self.shifted_prompt_tokens += completion.shifted_prompt_tokens;
         self.completion_tokens += completion.completion_tokens;
         self.timings.prompt_ms += timings.prompt_ms;
         self.timings.generation_ms += timings.generation_ms;
@@ -371,6 +373,7 @@ fn finish<E>(sink: &EventSink<E>, totals: Totals, stop_reason: StopReason, clien
         text: totals.text,
         prompt_tokens: totals.prompt_tokens,
         cached_prompt_tokens: totals.cached_prompt_tokens,
+        shifted_prompt_tokens: totals.shifted_prompt_tokens,
         completion_tokens: totals.completion_tokens,
         timings: totals.timings,
     };

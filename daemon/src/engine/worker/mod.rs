@@ -26,8 +26,10 @@
 //! Every decode is timed for the [`ThreadGovernor`], whose thread counts are set before the
 //! next one, and every step that only generated counts towards the recent decode speed.
 
+mod entries;
 mod faults;
 mod persist;
+mod placement;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -44,7 +46,7 @@ use super::cache_store::CacheStore;
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
-use super::prompt_cache::{self, CachedSequence, FreeSlot, Placement};
+use super::prompt_cache;
 use super::backend::backend;
 use super::context_threads::ContextThreads;
 use super::cpu_use::IdleCores;
@@ -61,6 +63,11 @@ pub struct Worker<'m> {
     ctx: LlamaContext<'m>,
     slots: Vec<Slot>,
     pinned: Vec<Pinned>,
+    entries: Vec<entries::Entry>,
+    layout: SequenceLayout,
+    /// Shortest run reused past a changed span; 0 when off or when the model's positions
+    /// cannot be shifted.
+    min_chunk: usize,
     cells: CellLedger,
     n_ctx: usize,
     batch: LlamaBatch<'static>,
@@ -121,6 +128,8 @@ pub fn run(
         }
     };
     let store = persist::prompt_store(&config);
+    let min_chunk = reusable_chunk(&config, &loaded);
+    let layout = SequenceLayout::new(&config);
     let (governor, context_threads) = thread_governor(config.threads, &ctx);
     // llama.cpp rounds the cells up (to a multiple of 256) and caps a batch at the context;
     // the worker keeps to what was configured and to what llama.cpp accepts.
@@ -131,9 +140,12 @@ pub fn run(
         ctx,
         slots: (0..config.slots as i32).map(Slot::new).collect(),
         pinned: Vec::new(),
+        entries: layout.entries().map(entries::Entry::new).collect(),
+        layout,
+        min_chunk,
         cells: CellLedger::default(),
         n_ctx,
-        batch: LlamaBatch::new(batch_size, (config.slots as usize + config.pinned_prompts.len()) as i32),
+        batch: LlamaBatch::new(batch_size, 1),
         batch_size,
         queue,
         cursor: 0,
@@ -165,6 +177,52 @@ pub fn run(
     worker.serve();
     worker.save();
     tracing::debug!("worker stopped");
+}
+
+/// The sequences of the one KV cache: the slots, one scratch sequence per slot (where chunks
+/// reused past a changed span wait, see [`placement`]), the pinned prefixes, the entries.
+pub struct SequenceLayout {
+    slots: u32,
+    pinned: u32,
+    entries: u32,
+}
+
+impl SequenceLayout {
+    pub fn new(config: &EngineConfig) -> SequenceLayout {
+        SequenceLayout {
+            slots: config.slots,
+            pinned: config.pinned_prompts.len() as u32,
+            entries: config.prompt_cache_entries,
+        }
+    }
+
+    /// Every sequence the context must allow.
+    pub fn count(&self) -> u32 {
+        2 * self.slots + self.pinned + self.entries
+    }
+
+    fn pinned(&self, k: usize) -> i32 {
+        (2 * self.slots as usize + k) as i32
+    }
+
+    fn entries(&self) -> impl Iterator<Item = i32> {
+        let first = 2 * self.slots + self.pinned;
+        (first..first + self.entries).map(|seq| seq as i32)
+    }
+}
+
+/// The configured minimum chunk for reuse past a changed span, or 0 where the model's
+/// positions cannot be shifted (llama.cpp aborts on a shift of multi-dimensional positions).
+fn reusable_chunk(config: &EngineConfig, loaded: &LoadedModel) -> usize {
+    use llama_cpp_2::model::RopeType;
+    let shiftable = !matches!(loaded.model.rope_type(), Some(RopeType::MRope | RopeType::IMRope | RopeType::Vision));
+    if config.prompt_cache_min_chunk > 0 && !shiftable {
+        tracing::warn!(
+            "prompt_cache_min_chunk: this model's positions cannot be shifted; only exact prefixes are reused"
+        );
+        return 0;
+    }
+    config.prompt_cache_min_chunk
 }
 
 /// The governor for `policy`, and the handle it needs on the context; where the handle cannot
@@ -288,84 +346,43 @@ impl Worker<'_> {
     /// Starts `task` in the slot where its prefix is cached, if it fits; gives it back
     /// otherwise.
     fn try_start(&mut self, task: Task) -> Result<(), Task> {
-        let placement = prompt_cache::place(&task.prompt, &self.sequences());
+        let placement = prompt_cache::place(&task.prompt, &self.sequences(), self.min_chunk);
         let Some(placement) = placement else { return Err(task) };
-        self.prepare(placement);
-        let needed = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx) - placement.reuse;
+        self.prepare(&placement);
+        let reused = placement.plan.total();
+        let needed = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx) - reused;
         let fits = self.make_room(needed, Some(placement.slot));
         if !schedule::may_start(fits, self.active_slots()) {
+            self.clear_parked(placement.slot);
             return Err(task);
         }
         self.faults.on_start(&task.request_id);
         tracing::debug!(
             request_id = %task.request_id,
             prompt_tokens = task.prompt.len(),
-            cached = placement.reuse,
-            copied_from = ?placement.copy_from,
+            cached = placement.plan.prefix,
+            shifted = placement.plan.shifted(),
+            chunks = placement.plan.chunks.len(),
+            source = ?placement.source,
             slot = placement.slot,
             "task started"
         );
-        let slot = &mut self.slots[placement.slot];
-        slot.start(task, placement.reuse, self.n_ctx);
+        self.slots[placement.slot].start(task, &placement.plan, self.n_ctx);
+        self.apply_due_splices(placement.slot);
         // The engine's count of active requests is read from the status: it shows the task
         // before the task's first event goes out.
         self.publish();
         Ok(())
     }
 
-    /// Every sequence of the cache as placement sees it.
-    fn sequences(&self) -> Vec<CachedSequence<'_>> {
-        let slots = self.slots.iter().enumerate().map(|(index, slot)| CachedSequence {
-            seq_id: slot.seq_id,
-            tokens: &slot.tokens,
-            free_slot: (!slot.is_busy()).then_some(FreeSlot { index, last_used: slot.last_used }),
-        });
-        let pinned = self.pinned.iter().map(|pinned| CachedSequence {
-            seq_id: pinned.seq_id,
-            tokens: &pinned.tokens,
-            free_slot: None,
-        });
-        slots.chain(pinned).collect()
-    }
-
-    /// Leaves exactly the reused prefix in the chosen slot's sequence.
-    fn prepare(&mut self, placement: Placement) {
-        let seq = self.slots[placement.slot].seq_id;
-        match placement.copy_from {
-            None => self.truncate(placement.slot, placement.reuse),
-            Some(source) => {
-                self.truncate(placement.slot, 0);
-                let tokens = self.tokens_of(source)[..placement.reuse].to_vec();
-                self.ctx
-                    .copy_kv_cache_seq(source, seq, Some(0), Some(placement.reuse as u32))
-                    .expect("positions within the context fit in i32");
-                self.cells.copy_prefix(source, seq, placement.reuse as u32);
-                self.slots[placement.slot].tokens = tokens;
-            }
-        }
-    }
-
-    fn tokens_of(&self, seq_id: i32) -> &[LlamaToken] {
-        let slot = self.slots.iter().find(|slot| slot.seq_id == seq_id).map(|slot| &slot.tokens);
-        let pinned = || self.pinned.iter().find(|pinned| pinned.seq_id == seq_id).map(|pinned| &pinned.tokens);
-        slot.or_else(pinned).expect("placement names known sequences")
-    }
-
     /// Keeps the first `keep` positions of a slot's sequence.
     fn truncate(&mut self, index: usize, keep: usize) {
         let (seq_id, held) = (self.slots[index].seq_id, self.slots[index].tokens.len());
         if held > keep {
-            self.remove_positions(seq_id, keep);
+            self.remove_range(seq_id, keep, None);
             self.slots[index].tokens.truncate(keep);
             self.cells.truncate(seq_id, keep as u32);
         }
-    }
-
-    /// Drops a sequence's cells from position `from` on, in llama.cpp only (the callers keep
-    /// their own records).
-    fn remove_positions(&mut self, seq_id: i32, from: usize) {
-        let seq = u32::try_from(seq_id).expect("sequence ids are small and positive");
-        let _ = self.ctx.clear_kv_cache_seq(Some(seq), Some(from as u32), None);
     }
 
     /// Cells neither in use nor reserved by a busy slot.
@@ -374,25 +391,34 @@ impl Worker<'_> {
         self.n_ctx.saturating_sub(self.cells.used() as usize + reserved)
     }
 
-    /// Evicts idle cached sequences, least recently used first, until `needed` cells are free.
-    /// `keep` is the slot being prepared, if any. Returns whether they are.
+    /// Evicts idle slots' caches and entries, the least worth keeping first, until `needed`
+    /// cells are free. `keep` is the slot being prepared, if any. Returns whether they are.
     fn make_room(&mut self, needed: usize, keep: Option<usize>) -> bool {
         loop {
             if self.free_cells() >= needed {
                 return true;
             }
-            let holders: Vec<CacheHolder> = self
-                .slots
-                .iter()
-                .map(|slot| CacheHolder {
-                    busy: slot.is_busy(),
-                    last_used: slot.last_used,
-                    exclusive_cells: self.cells.exclusive(slot.seq_id),
-                })
-                .collect();
+            let slots = self.slots.iter().map(|slot| CacheHolder {
+                busy: slot.is_busy(),
+                last_used: slot.last_used,
+                exclusive_cells: self.cells.exclusive(slot.seq_id),
+                tokens: slot.tokens.len(),
+                hits: 0,
+            });
+            let entries = self.entries.iter().map(|entry| CacheHolder {
+                busy: false,
+                last_used: entry.last_used,
+                exclusive_cells: self.cells.exclusive(entry.seq_id),
+                tokens: entry.tokens.len(),
+                hits: entry.hits,
+            });
+            let holders: Vec<CacheHolder> = slots.chain(entries).collect();
             let Some(victim) = schedule::victim(&holders, keep) else { return false };
-            tracing::debug!(slot = victim, tokens = self.slots[victim].tokens.len(), "evicting a cached prefix");
-            self.truncate(victim, 0);
+            tracing::debug!(tokens = holders[victim].tokens, "evicting a cached prompt");
+            match victim.checked_sub(self.slots.len()) {
+                None => self.truncate(victim, 0),
+                Some(k) => self.drop_entry(k),
+            }
         }
     }
 
@@ -431,6 +457,7 @@ impl Worker<'_> {
                         let seq = self.slots[*index].seq_id;
                         self.cells.append(seq, feed.tokens.len() as u32);
                         self.slots[*index].commit(feed, logits_index);
+                        self.apply_due_splices(*index);
                     }
                     break;
                 }
@@ -438,7 +465,7 @@ impl Worker<'_> {
                     // Undo whatever the failed decode wrote, so that positions stay consecutive.
                     for (index, _) in &feeds {
                         let (seq_id, held) = (self.slots[*index].seq_id, self.slots[*index].tokens.len());
-                        self.remove_positions(seq_id, held);
+                        self.remove_range(seq_id, held, None);
                     }
                     if !evicted && matches!(err, DecodeError::NoKvCacheSlot) {
                         evicted = true;
@@ -503,6 +530,7 @@ impl Worker<'_> {
     fn fail(&mut self, index: usize, error: EngineError) {
         let Some(ending) = self.slots[index].fail(error) else { return };
         self.truncate(index, 0);
+        self.clear_parked(index);
         self.publish();
         ending.send();
     }
@@ -554,6 +582,8 @@ impl Worker<'_> {
     /// its own finished request as still active.
     fn finish(&mut self, index: usize, reason: StopReason) {
         if let Some(ending) = self.slots[index].finish(reason) {
+            // A task cancelled while reading its prompt may not have reached every parked chunk.
+            self.clear_parked(index);
             self.publish();
             if let Some(done) = ending.completion() {
                 self.observer.generation_ended(done);
@@ -581,7 +611,8 @@ impl Worker<'_> {
                 request_id: slot.request_id().unwrap_or_default().to_owned(),
             })
             .collect();
-        let cached = self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).count();
+        let cached = self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).count()
+            + self.entries.iter().filter(|entry| !entry.tokens.is_empty()).count();
         let status = EngineStatus {
             slots,
             kv_cells_used: self.cells.used(),

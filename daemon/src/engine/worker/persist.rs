@@ -1,6 +1,8 @@
 //! The prompt cache across restarts, as the worker carries it out: at start-up the pinned
-//! prefixes are restored from disk or decoded, and the saved slot caches restored while they
-//! fit; on the way out (and once a pinned prefix was decoded) the cached sequences are saved.
+//! prefixes are restored from disk or decoded, and the saved entries restored while they fit
+//! (into the entries' sequences, then the slots'); on the way out (and once a pinned prefix
+//! was decoded) the cached sequences are saved: the pinned prefixes, the entries, the idle
+//! slots' caches.
 //! What a file holds and whether it may be loaded is [`crate::engine::cache_store`]'s; this is
 //! the part that needs the llama context.
 
@@ -12,7 +14,6 @@ use llama_cpp_2::token::LlamaToken;
 use super::{Pinned, Worker};
 use crate::engine::cache_store::{self, CacheKey, CacheStore, SaveItem};
 use crate::engine::loader::{EngineConfig, LoadError};
-use crate::engine::slot::Slot;
 
 /// The store the config asks for; `None` when the cache is not to be saved.
 pub(super) fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
@@ -29,9 +30,16 @@ pub(super) fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
     }
 }
 
+/// Where a saved cache is restored.
+#[derive(Clone, Copy)]
+enum Place {
+    Entry(usize),
+    Slot(usize),
+}
+
 impl Worker<'_> {
     /// Pinned prefixes first (restored from disk when saved, decoded otherwise), then the
-    /// saved slot caches while they fit, most valuable first. A saved entry that cannot be
+    /// saved caches while they fit, most valuable first. A saved entry that cannot be
     /// used is dropped, never fatal; a pinned prompt that cannot be decoded is.
     pub(super) fn warm_cache(&mut self, config: &EngineConfig) -> Result<(), LoadError> {
         let started = Instant::now();
@@ -54,7 +62,7 @@ impl Worker<'_> {
                     self.n_ctx
                 )));
             }
-            let seq_id = (self.slots.len() + k) as i32;
+            let seq_id = self.layout.pinned(k);
             let from_disk = saved
                 .iter()
                 .filter(|entry| entry.pinned && entry.tokens == tokens.len())
@@ -67,22 +75,33 @@ impl Worker<'_> {
             }
             self.pinned.push(Pinned { seq_id, tokens });
         }
-        let mut next_slot = 0;
+        // Into the entries first: they are what a new task copies from or takes.
+        let mut places = (0..self.entries.len()).map(Place::Entry).chain((0..self.slots.len()).map(Place::Slot));
+        let mut place = places.next();
         for entry in saved.iter().filter(|entry| !entry.pinned) {
-            if next_slot == self.slots.len() {
-                break;
-            }
+            let Some(target) = place else { break };
             if entry.tokens == 0 || self.free_cells() < entry.tokens {
                 continue;
             }
-            let seq_id = self.slots[next_slot].seq_id;
+            let seq_id = match target {
+                Place::Entry(k) => self.entries[k].seq_id,
+                Place::Slot(index) => self.slots[index].seq_id,
+            };
             if let Some(tokens) = self.restore_entry(entry, seq_id, None) {
                 let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(entry.last_used);
-                let slot = &mut self.slots[next_slot];
                 // After a reboot the monotonic clock cannot go back that far: oldest first, then.
-                slot.last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
-                slot.tokens = tokens;
-                next_slot += 1;
+                let last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
+                match target {
+                    Place::Entry(k) => {
+                        self.entries[k].tokens = tokens;
+                        self.entries[k].last_used = last_used;
+                    }
+                    Place::Slot(index) => {
+                        self.slots[index].tokens = tokens;
+                        self.slots[index].last_used = last_used;
+                    }
+                }
+                place = places.next();
                 restored += 1;
             }
         }
@@ -114,7 +133,7 @@ impl Worker<'_> {
         let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
         if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
             store.reject(saved, "llama.cpp did not restore the positions its tokens say");
-            self.remove_positions(seq_id, 0);
+            self.remove_range(seq_id, 0, None);
             return None;
         }
         self.cells.append(seq_id, entry.tokens.len() as u32);
@@ -150,7 +169,8 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Saves the pinned prefixes and the idle slots' cached sequences for the next start.
+    /// Saves the pinned prefixes, the entries and the idle slots' cached sequences for the
+    /// next start.
     pub(super) fn save(&mut self) {
         let Some(store) = &self.store else { return };
         let started = Instant::now();
@@ -167,21 +187,22 @@ impl Worker<'_> {
                 state_bytes: self.ctx.state_seq_get_size_ext(pinned.seq_id, flags),
             })
             .collect();
-        let mut idle: Vec<&Slot> =
-            self.slots.iter().filter(|slot| !slot.is_busy() && !slot.tokens.is_empty()).collect();
-        idle.sort_by_key(|slot| std::cmp::Reverse(slot.last_used));
-        for slot in idle {
-            // A slot holding exactly a pinned prefix adds nothing.
-            if self.pinned.iter().any(|pinned| pinned.tokens == slot.tokens) {
+        let idle_slots = self.slots.iter().filter(|slot| !slot.is_busy()).map(|slot| (slot.seq_id, &slot.tokens, slot.last_used));
+        let entries = self.entries.iter().map(|entry| (entry.seq_id, &entry.tokens, entry.last_used));
+        let mut cached: Vec<_> = idle_slots.chain(entries).filter(|(_, tokens, _)| !tokens.is_empty()).collect();
+        cached.sort_by_key(|(_, _, last_used)| std::cmp::Reverse(*last_used));
+        for (seq_id, tokens, last_used) in cached {
+            // A sequence holding exactly what another one saved adds nothing.
+            if items.iter().any(|item| item.tokens == *tokens) {
                 continue;
             }
-            let age = slot.last_used.elapsed();
+            let age = last_used.elapsed();
             items.push(SaveItem {
-                seq_id: slot.seq_id,
-                tokens: slot.tokens.clone(),
+                seq_id,
+                tokens: tokens.clone(),
                 pinned: false,
                 last_used: cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now)),
-                state_bytes: self.ctx.state_seq_get_size_ext(slot.seq_id, flags),
+                state_bytes: self.ctx.state_seq_get_size_ext(seq_id, flags),
             });
         }
         match store.save(&items, |seq| self.sequence_state(seq)) {
