@@ -18,6 +18,7 @@ mod neighbours;
 mod tokenizer;
 mod plugins;
 mod prompt_cache;
+mod prompt_reuse;
 mod security;
 mod reload;
 mod shutdown;

@@ -1,0 +1,153 @@
+//! Reuse beyond an exact prefix, as real homes need it: a system prompt that starts with the
+//! time, a state that changes in the middle, a burst of short requests between two home
+//! turns, and a restart after it.
+
+use std::time::Duration;
+
+use phi3d_proto::v1::{GetStatusRequest, Usage};
+
+use crate::common::{collect, complete_request, exactly, in_background, tiny_daemon};
+use phi3d_tests::harness::{Daemon, DaemonBuilder};
+
+/// About 900 tokens of devices, like a home's system prompt.
+fn house() -> String {
+    let rooms = ["kitchen", "hall", "bedroom", "office", "garden", "garage"];
+    let mut text = String::from("You control a house. Devices:\n");
+    for index in 0..70 {
+        text.push_str(&format!("- light.{}_{index}: on\n", rooms[index % rooms.len()]));
+    }
+    text
+}
+
+/// The house prompt as Home Assistant before 2025.10 sends it: the time to the second first.
+fn house_at(time: &str) -> String {
+    format!("Current time is {time}. Today's date is Friday, December 4, 2026.\n{}", house())
+}
+
+async fn usage(daemon: &Daemon, prompt: &str) -> Usage {
+    let mut client = daemon.inference().await;
+    let stream = client.complete(complete_request(prompt, exactly(4))).await.unwrap().into_inner();
+    let reply = collect(stream).await.unwrap();
+    let usage = reply.done.usage.unwrap();
+    assert_eq!(usage.completion_tokens, 4, "the reply is generated: {usage:?}\n{}", daemon.stderr());
+    usage
+}
+
+fn with_cache_dir(builder: DaemonBuilder, dir: &std::path::Path) -> DaemonBuilder {
+    builder.arg("--prompt-cache-dir").arg(dir.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn a_new_time_at_the_start_is_decoded_and_the_house_after_it_reused() {
+    let daemon = tiny_daemon().arg("--slots").arg("1").start().await;
+    let first = usage(&daemon, &format!("{}User: lights off", house_at("12:00:01"))).await;
+    assert_eq!(first.shifted_prompt_tokens, 0, "{first:?}");
+    let second = usage(&daemon, &format!("{}User: is the door locked?", house_at("12:00:02"))).await;
+    assert!(second.cached_prompt_tokens < 20, "the exact prefix ends at the time: {second:?}");
+    assert!(second.shifted_prompt_tokens > 800, "the house is reused past it: {second:?}");
+    assert!(second.cached_prompt_tokens + second.shifted_prompt_tokens < second.prompt_tokens);
+    // The new text (the time, the question) was decoded: the next turn finds it at its place.
+    let third = usage(&daemon, &format!("{}User: is the door locked? Yes", house_at("12:00:02"))).await;
+    assert!(third.cached_prompt_tokens > 850, "{third:?}");
+
+    // With reuse past a changed span off, the same turn re-reads the house.
+    let exact_only = tiny_daemon().arg("--slots").arg("1").arg("--prompt-cache-min-chunk").arg("0").start().await;
+    usage(&exact_only, &format!("{}User: lights off", house_at("12:00:01"))).await;
+    let again = usage(&exact_only, &format!("{}User: is the door locked?", house_at("12:00:02"))).await;
+    assert_eq!(again.shifted_prompt_tokens, 0, "{again:?}");
+    assert!(again.cached_prompt_tokens < 20, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_longer_state_in_the_middle_shifts_the_rest_to_new_positions() {
+    let daemon = tiny_daemon().arg("--slots").arg("1").start().await;
+    let text = house();
+    let middle = text.match_indices('\n').nth(35).unwrap().0 + 1;
+    let (head, tail) = text.split_at(middle);
+    let before = format!("{head}State: the front door is locked.\n{tail}User: lights off");
+    let after = format!(
+        "{head}State: the front door is open, and the window of the hall has been open for an hour.\n{tail}User: close it"
+    );
+    usage(&daemon, &before).await;
+    let changed = usage(&daemon, &after).await;
+    assert!(changed.cached_prompt_tokens > 300, "the head is an exact prefix: {changed:?}");
+    assert!(changed.shifted_prompt_tokens > 300, "the tail moved later and was reused: {changed:?}");
+    // Shorter again: the tail moves back earlier.
+    let shorter = usage(&daemon, &format!("{head}State: closed.\n{tail}User: thanks")).await;
+    assert!(shorter.shifted_prompt_tokens > 300, "{shorter:?}");
+}
+
+#[tokio::test]
+async fn a_burst_of_short_requests_does_not_evict_the_house_nor_lose_it_at_restart() {
+    let cache = tempfile::tempdir().unwrap();
+    let slots = 2;
+    let builder = || with_cache_dir(tiny_daemon().arg("--slots").arg(slots.to_string()), cache.path());
+    let mut daemon = builder().start().await;
+    let house = house();
+    usage(&daemon, &format!("{house}User: lights off")).await;
+    // As many short requests as there are slots, at once: every slot is taken.
+    let mut client = daemon.inference().await;
+    let mut burst = Vec::new();
+    for k in 0..slots {
+        let prompt = format!("Timer {k}: how long until the pasta is done?");
+        burst.push(in_background(client.complete(complete_request(&prompt, exactly(24))).await.unwrap().into_inner()));
+    }
+    for request in burst {
+        request.await.unwrap().unwrap();
+    }
+    let status = daemon.admin().await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.kv_cells_used < status.kv_cells_total / 2, "cells were free all along: {status:?}");
+    let after_burst = usage(&daemon, &format!("{house}User: lights on")).await;
+    assert!(after_burst.cached_prompt_tokens > 800, "the house was kept as an entry: {after_burst:?}");
+
+    // Another burst, then a restart: the house is what was saved, and it is used.
+    let mut burst = Vec::new();
+    for k in 0..slots {
+        let prompt = format!("Alarm {k}: wake me at seven");
+        burst.push(in_background(client.complete(complete_request(&prompt, exactly(8))).await.unwrap().into_inner()));
+    }
+    for request in burst {
+        request.await.unwrap().unwrap();
+    }
+    assert!(daemon.terminate(Duration::from_secs(20)).await.success(), "{}", daemon.stderr());
+    let restarted = builder().start().await;
+    let after_restart = usage(&restarted, &format!("{house}User: lights on")).await;
+    assert!(after_restart.cached_prompt_tokens > 800, "{after_restart:?}\n{}", restarted.stderr());
+
+    // Without entries, the burst takes the house's slot and the house is read again.
+    let without = tiny_daemon().arg("--slots").arg(slots.to_string()).arg("--prompt-cache-entries").arg("0").start().await;
+    usage(&without, &format!("{house}User: lights off")).await;
+    let mut client = without.inference().await;
+    let mut burst = Vec::new();
+    for k in 0..slots {
+        let prompt = format!("Timer {k}: how long until the pasta is done?");
+        burst.push(in_background(client.complete(complete_request(&prompt, exactly(24))).await.unwrap().into_inner()));
+    }
+    for request in burst {
+        request.await.unwrap().unwrap();
+    }
+    let lost = usage(&without, &format!("{house}User: lights on")).await;
+    assert!(lost.cached_prompt_tokens < 20, "{lost:?}");
+}
+
+#[tokio::test]
+async fn a_restored_entry_is_reused_past_a_changed_span_but_never_under_another_configuration() {
+    let (cache, copy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut first = with_cache_dir(tiny_daemon(), cache.path()).start().await;
+    usage(&first, &format!("{}User: lights off", house_at("07:59:59"))).await;
+    assert!(first.terminate(Duration::from_secs(20)).await.success(), "{}", first.stderr());
+    for file in std::fs::read_dir(cache.path()).unwrap() {
+        let path = file.unwrap().path();
+        std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
+    }
+
+    // Another context size: the saved cells are not loaded, so nothing is shifted either.
+    let other = with_cache_dir(tiny_daemon().arg("--ctx-size").arg("2048"), cache.path()).start().await;
+    let elsewhere = usage(&other, &format!("{}User: lights on", house_at("08:00:00"))).await;
+    assert_eq!((elsewhere.cached_prompt_tokens, elsewhere.shifted_prompt_tokens), (0, 0), "{elsewhere:?}");
+
+    // The same configuration: restored, and reused past the new time.
+    let restored = with_cache_dir(tiny_daemon(), copy.path()).start().await;
+    let reused = usage(&restored, &format!("{}User: lights on", house_at("08:00:00"))).await;
+    assert!(reused.shifted_prompt_tokens > 800, "{reused:?}\n{}", restored.stderr());
+}
