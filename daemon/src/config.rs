@@ -118,6 +118,10 @@ settings! {
         /// Disk space the saved prompt cache may take, in MB (0: never saved)
         #[arg(long, env = "PHI3D_PROMPT_CACHE_DISK_MB")]
         prompt_cache_disk_mb: u64,
+        /// RAM for cached prompts evicted from the KV cache, in MB (default: a quarter of the
+        /// memory the model and its context leave free, at most 2048; 0: none)
+        #[arg(long, env = "PHI3D_PROMPT_CACHE_RAM_MB")]
+        prompt_cache_ram_mb: u64,
         /// Cached prompts kept in the KV cache beside the slots, so that a burst of requests
         /// does not push out a long prefix (default: one per 512 tokens of ctx_size, 2 to 16)
         #[arg(long, env = "PHI3D_PROMPT_CACHE_ENTRIES")]
@@ -387,6 +391,8 @@ pub struct Config {
     pub pinned_prompts: Vec<PathBuf>,
     pub prompt_cache_dir: PathBuf,
     pub prompt_cache_disk_mb: u64,
+    /// `None`: chosen from the memory plan once the model is loaded.
+    pub prompt_cache_ram_mb: Option<u64>,
     pub prompt_cache_entries: u32,
     pub prompt_cache_min_chunk: u32,
     pub tool_call_max_tokens: u32,
@@ -482,6 +488,7 @@ impl Config {
                 .prompt_cache_entries
                 .unwrap_or((ctx_size / 512).clamp(2, DEFAULT_MAX_PROMPT_CACHE_ENTRIES)),
             prompt_cache_min_chunk: settings.prompt_cache_min_chunk.unwrap_or(DEFAULT_PROMPT_CACHE_MIN_CHUNK),
+            prompt_cache_ram_mb: settings.prompt_cache_ram_mb,
             // As for max_tokens: a limit below the default lowers the default with it.
             tool_call_max_tokens: settings
                 .tool_call_max_tokens
@@ -714,7 +721,7 @@ mod tests {
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
-                    prompt_cache_disk_mb = 10\nprompt_cache_entries = 5\nprompt_cache_min_chunk = 48\n\
+                    prompt_cache_disk_mb = 10\nprompt_cache_entries = 5\nprompt_cache_min_chunk = 48\nprompt_cache_ram_mb = 64\n\
                     tool_call_max_tokens = 16\nmax_tool_steps = 8\n\
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\

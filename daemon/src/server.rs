@@ -153,6 +153,7 @@ fn engine_config(config: &Config, model_path: &Path, stopping: &CancellationToke
         prompt_cache_dir: config.prompt_cache_dir.clone(),
         prompt_cache_disk_bytes: config.prompt_cache_disk_mb.saturating_mul(1_000_000),
         prompt_cache_entries: config.prompt_cache_entries,
+        prompt_cache_ram_bytes: config.prompt_cache_ram_mb.map(|mb| mb.saturating_mul(1_000_000)),
         prompt_cache_min_chunk: config.prompt_cache_min_chunk as usize,
         cancel: stopping.clone(),
         observer: Arc::new(metrics.clone()),

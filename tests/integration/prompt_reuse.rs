@@ -151,3 +151,52 @@ async fn a_restored_entry_is_reused_past_a_changed_span_but_never_under_another_
     let reused = usage(&restored, &format!("{}User: lights on", house_at("08:00:00"))).await;
     assert!(reused.shifted_prompt_tokens > 800, "{reused:?}\n{}", restored.stderr());
 }
+
+/// A home's prompt of about 880 tokens whose devices are all of one `kind`: prompts of
+/// different kinds share their first words and no long run of tokens.
+fn house_of(kind: &str) -> String {
+    let rooms = ["kitchen", "hall", "bedroom", "office", "garden", "garage"];
+    let mut text = format!("You control a house. Its {kind} devices:\n");
+    for index in 0..60 {
+        text.push_str(&format!("- {kind}.{}_{index}: on\n", rooms[index % rooms.len()]));
+    }
+    text
+}
+
+#[tokio::test]
+async fn a_prompt_evicted_to_ram_and_then_to_disk_is_restored_and_used() {
+    let cache = tempfile::tempdir().unwrap();
+    // Room in the cells for two houses: a third evicts the least worth keeping.
+    let builder = || {
+        with_cache_dir(tiny_daemon(), cache.path())
+            .arg("--ctx-size")
+            .arg("2048")
+            .arg("--slots")
+            .arg("1")
+            .arg("--prompt-cache-entries")
+            .arg("2")
+    };
+    let mut daemon = builder().start().await;
+    for kind in ["light", "switch", "fan"] {
+        let cold = usage(&daemon, &format!("{}User: all off", house_of(kind))).await;
+        assert!(cold.cached_prompt_tokens < 20, "{kind}: {cold:?}");
+    }
+    let status = daemon.admin().await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.cache_entries_in_ram, 1, "the light house went to RAM: {status:?}");
+    assert!(status.cache_ram_bytes > 0 && status.cache_ram_bytes <= status.cache_ram_budget_bytes, "{status:?}");
+    let restored = usage(&daemon, &format!("{}User: all on", house_of("light"))).await;
+    assert!(restored.cached_prompt_tokens > 700, "restored from RAM, not read again: {restored:?}");
+
+    // The switch house is in RAM now; at shutdown it is saved with the rest, and after the
+    // restart, with the cells taken by the others, it waits in RAM until asked for.
+    let status = daemon.admin().await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.cache_entries_in_ram, 1, "{status:?}");
+    assert!(daemon.terminate(Duration::from_secs(20)).await.success(), "{}", daemon.stderr());
+    let restarted = builder().start().await;
+    let status = restarted.admin().await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
+    assert!(status.cache_entries_on_disk >= 3 && status.cache_entries_in_ram >= 1, "{status:?}\n{}", restarted.stderr());
+    for kind in ["switch", "fan", "light"] {
+        let warm = usage(&restarted, &format!("{}User: all on", house_of(kind))).await;
+        assert!(warm.cached_prompt_tokens > 700, "{kind}: {warm:?}\n{}", restarted.stderr());
+    }
+}

@@ -10,6 +10,7 @@ use phi3d_proto::v1::{
 };
 
 use super::connect::{Connection, ServerArgs};
+use crate::engine::memory_plan::human_bytes;
 
 #[derive(clap::Args)]
 pub struct ChatArgs {
@@ -149,8 +150,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             println!("  slot {}   {state}, {} tokens{request}", slot.index, slot.tokens);
         }
         println!(
-            "prompt cache {} in memory, {} on disk",
-            status.cache_entries_in_memory, status.cache_entries_on_disk
+            "prompt cache {} in the KV cache, {} in RAM ({} of {}), {} on disk",
+            status.cache_entries_in_memory,
+            status.cache_entries_in_ram,
+            human_bytes(status.cache_ram_bytes),
+            human_bytes(status.cache_ram_budget_bytes),
+            status.cache_entries_on_disk
         );
         if let Some(threads) = &status.threads {
             let how = if threads.adaptive { format!("adaptive, at most {}", threads.max) } else { "fixed".to_owned() };

@@ -99,7 +99,7 @@ impl CacheStore {
     /// Saves the sequences in `items` (most valuable first) within the disk budget, one at a
     /// time (`state` serialises one sequence; only what fits is ever serialised), and removes
     /// this key's older files. Returns how many were saved.
-    pub fn save(&self, items: &[SaveItem], mut state: impl FnMut(i32) -> Vec<u8>) -> std::io::Result<usize> {
+    pub fn save<S>(&self, items: &[SaveItem<S>], mut state: impl FnMut(&S) -> Vec<u8>) -> std::io::Result<usize> {
         use std::os::unix::fs::DirBuilderExt;
         // Prompts are the users' words: readable by phi3d alone.
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
@@ -115,7 +115,7 @@ impl CacheStore {
                 );
                 continue;
             }
-            let entry = Entry { tokens: item.tokens.clone(), state: state(item.seq_id), pinned: item.pinned, last_used: item.last_used };
+            let entry = Entry { tokens: item.tokens.clone(), state: state(&item.source), pinned: item.pinned, last_used: item.last_used };
             let name = format!("{prefix}-{}.{EXTENSION}", saved.len());
             self.write(&self.dir.join(&name), &entry)?;
             used += size;
@@ -258,15 +258,16 @@ pub struct Saved {
     path: PathBuf,
     body_offset: u64,
     pub tokens: usize,
-    state_bytes: usize,
+    pub state_bytes: usize,
     sha256: String,
     pub pinned: bool,
     pub last_used: u64,
 }
 
 /// A sequence to save.
-pub struct SaveItem {
-    pub seq_id: i32,
+pub struct SaveItem<S> {
+    /// Where its state is: what `save`'s `state` serialises.
+    pub source: S,
     pub tokens: Vec<LlamaToken>,
     pub pinned: bool,
     pub last_used: u64,
@@ -295,12 +296,12 @@ mod tests {
         }
     }
 
-    fn item(seq_id: i32, tokens: &[i32], pinned: bool, last_used: u64) -> SaveItem {
-        SaveItem { seq_id, tokens: tokens.iter().copied().map(LlamaToken).collect(), pinned, last_used, state_bytes: 100 }
+    fn item(seq_id: i32, tokens: &[i32], pinned: bool, last_used: u64) -> SaveItem<i32> {
+        SaveItem { source: seq_id, tokens: tokens.iter().copied().map(LlamaToken).collect(), pinned, last_used, state_bytes: 100 }
     }
 
-    fn state(seq_id: i32) -> Vec<u8> {
-        vec![seq_id as u8; 100]
+    fn state(seq_id: &i32) -> Vec<u8> {
+        vec![*seq_id as u8; 100]
     }
 
     fn load(store: &CacheStore) -> Vec<Entry> {
@@ -331,7 +332,7 @@ mod tests {
         let mut serialised = Vec::new();
         let items = [item(0, &[1], true, 1), item(1, &[2], false, 2), item(2, &[3], false, 3)];
         let saved = store.save(&items, |seq| {
-            serialised.push(seq);
+            serialised.push(*seq);
             state(seq)
         });
         assert_eq!(saved.unwrap(), 2);

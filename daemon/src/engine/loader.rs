@@ -39,6 +39,8 @@ pub struct EngineConfig {
     /// (0: not saved).
     pub prompt_cache_dir: PathBuf,
     pub prompt_cache_disk_bytes: u64,
+    /// RAM for cached prompts evicted from the KV cache; `None`: from the memory plan.
+    pub prompt_cache_ram_bytes: Option<u64>,
     /// Sequences kept as prompt cache entries beside the slots.
     pub prompt_cache_entries: u32,
     /// Shortest run reused past a changed span (0: exact prefixes only).

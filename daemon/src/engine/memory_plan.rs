@@ -128,6 +128,17 @@ impl MemoryPlan {
         self.budget_bytes.is_none_or(|budget| self.total_bytes() <= budget)
     }
 
+    /// RAM for cached prompts evicted from the KV cache when `prompt_cache_ram_mb` is unset: a
+    /// quarter of what the model and its context leave of the budget (the board's neighbours
+    /// need the rest), at most 2 GB; 256 MB where the budget is unknown.
+    pub fn default_prompt_cache_ram_bytes(&self) -> u64 {
+        const MAX: u64 = 2_048_000_000;
+        match self.budget_bytes {
+            Some(budget) => (budget.saturating_sub(self.total_bytes()) / 4).min(MAX),
+            None => 256_000_000,
+        }
+    }
+
     /// The largest context (and, failing that, the smallest KV type) that would fit, for the
     /// error message: `None` when even the weights do not fit.
     pub fn suggestion(&self, shape: &ModelShape, batch_size: u32) -> Option<(u32, KvType)> {
@@ -229,6 +240,18 @@ mod tests {
         assert_eq!((ctx_size, kv_type), (4096, KvType::Q8_0), "the context is kept when a smaller KV type fits");
         let hopeless = MemoryPlan::new(&PHI3_MINI, 4096, 512, KvType::F16, Some(1_000_000_000));
         assert_eq!(hopeless.suggestion(&PHI3_MINI, 512), None);
+    }
+
+    #[test]
+    fn the_ram_tier_takes_a_quarter_of_what_is_left() {
+        let plan = MemoryPlan::new(&PHI3_MINI, 4096, 512, KvType::F16, None);
+        assert_eq!(plan.default_prompt_cache_ram_bytes(), 256_000_000, "budget unknown");
+        let roomy = MemoryPlan::new(&PHI3_MINI, 4096, 512, KvType::F16, Some(plan.total_bytes() + 4_000_000_000));
+        assert_eq!(roomy.default_prompt_cache_ram_bytes(), 1_000_000_000);
+        let tight = MemoryPlan::new(&PHI3_MINI, 4096, 512, KvType::F16, Some(plan.total_bytes() - 1));
+        assert_eq!(tight.default_prompt_cache_ram_bytes(), 0);
+        let huge = MemoryPlan::new(&PHI3_MINI, 4096, 512, KvType::F16, Some(64_000_000_000));
+        assert_eq!(huge.default_prompt_cache_ram_bytes(), 2_048_000_000);
     }
 
     #[test]

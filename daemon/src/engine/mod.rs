@@ -23,6 +23,7 @@ pub mod memory_plan;
 pub mod observer;
 pub mod prompt_cache;
 pub mod queue;
+pub mod ram_tier;
 pub mod reuse;
 pub mod schedule;
 pub mod sampling;

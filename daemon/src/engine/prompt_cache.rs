@@ -6,7 +6,8 @@
 //! reuse most of, or, when an entry, a busy slot or a pinned prefix offers more, into a free
 //! slot that gets that reuse: a common prefix is copied (with the unified KV cache a copy
 //! shares cells and costs nothing); an entry that also offers chunks past a changed span
-//! ([`super::reuse`]) is taken whole, since moving its cells moves them for every holder.
+//! ([`super::reuse`]) is taken whole, since moving its cells moves them for every holder. A
+//! prompt evicted to RAM ([`super::ram_tier`]) is restored into the slot when it serves best.
 //! Only the rest of the prompt is decoded; at least its last token, whose logits are needed.
 
 use std::time::Instant;
@@ -17,6 +18,7 @@ use super::reuse::{self, ReusePlan};
 
 /// A sequence of the KV cache as placement sees it.
 pub struct CachedSequence<'a> {
+    /// Its sequence in the KV cache (-1 for a prompt in RAM, which has none).
     pub seq_id: i32,
     pub tokens: &'a [LlamaToken],
     pub role: Role,
@@ -33,6 +35,8 @@ pub enum Role {
     Entry,
     /// A busy slot or a pinned prefix: its prefix can be copied, nothing moved.
     Fixed,
+    /// The RAM tier's entry at this index: restored into the slot, its cells then the slot's.
+    InRam(usize),
 }
 
 #[derive(Clone, Copy)]
@@ -50,6 +54,8 @@ pub enum Source {
     Copy(i32),
     /// This entry moves into the slot whole and is gone as an entry.
     Take(i32),
+    /// The RAM tier's entry at this index is restored into the slot and leaves the tier.
+    Restore(usize),
 }
 
 /// Where a task runs and what of its prompt it finds cached.
@@ -66,7 +72,9 @@ pub struct Placement {
 pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>], min_chunk: usize) -> Option<Placement> {
     let plan_for = |sequence: &CachedSequence<'_>| match sequence.role {
         Role::Fixed => ReusePlan::prefix_only(reuse::plan(sequence.tokens, prompt, 0, 0).prefix),
-        Role::FreeSlot(_) | Role::Entry => reuse::plan(sequence.tokens, prompt, min_chunk, sequence.movable_from),
+        Role::FreeSlot(_) | Role::Entry | Role::InRam(_) => {
+            reuse::plan(sequence.tokens, prompt, min_chunk, sequence.movable_from)
+        }
     };
     // A free slot whose cache is mostly this prompt is taken for it. Reusing a sliver of a
     // long cached sequence would throw the rest away instead (it would become an entry, but
@@ -88,11 +96,13 @@ pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>], min_chunk:
                 let plan = plan_for(sequence);
                 match sequence.role {
                     Role::Entry if !plan.chunks.is_empty() => (Source::Take(sequence.seq_id), plan),
+                    Role::InRam(k) => (Source::Restore(k), plan),
                     // Another idle slot's cells stay its own: only its prefix is shared.
                     _ => (Source::Copy(sequence.seq_id), ReusePlan::prefix_only(plan.prefix)),
                 }
             })
-            .max_by_key(|(_, plan)| plan.total())
+            // At equal reuse, what is already in the KV cache: restoring costs a copy.
+            .max_by_key(|(source, plan)| (plan.total(), !matches!(source, Source::Restore(_))))
     };
     if let Some((free, _, plan)) = own
         && best_elsewhere(free.index).is_none_or(|(_, other)| other.total() <= plan.total())
@@ -210,6 +220,21 @@ mod tests {
         assert_eq!(changed.plan.shifted(), 100);
         let extended = place(&tokens([1, 2].into_iter().chain(100..200).chain([9])), &sequences, 32).unwrap();
         assert_eq!(extended, prefix(0, 102, Source::Copy(5)), "an exact prefix is shared and the entry stays");
+    }
+
+    #[test]
+    fn a_prompt_in_ram_is_restored_when_it_serves_best_and_not_at_a_tie() {
+        let (house, empty) = (tokens([1, 2].into_iter().chain(100..200)), tokens([]));
+        let in_ram = [CachedSequence { seq_id: -1, ..sequence(0, &house, Role::InRam(3)) }, sequence(0, &empty, free(0, 1))];
+        let placed = place(&tokens([1, 3].into_iter().chain(100..200).chain([9])), &in_ram, 32).unwrap();
+        assert_eq!((placed.slot, placed.source, placed.plan.total()), (0, Source::Restore(3), 101));
+        let both = [
+            sequence(7, &house, Role::Entry),
+            CachedSequence { seq_id: -1, ..sequence(0, &house, Role::InRam(0)) },
+            sequence(0, &empty, free(0, 1)),
+        ];
+        let placed = place(&tokens([1, 2].into_iter().chain(100..200).chain([9])), &both, 32).unwrap();
+        assert_eq!(placed.source, Source::Copy(7));
     }
 
     #[test]

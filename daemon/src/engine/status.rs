@@ -9,9 +9,13 @@ pub struct EngineStatus {
     pub slots: Vec<SlotState>,
     pub kv_cells_used: u32,
     pub kv_cells_total: u32,
-    /// Cached prefixes in the KV cache: idle slots holding tokens, and pinned prefixes.
+    /// Cached prompts in the KV cache: idle slots holding tokens, entries, pinned prefixes.
     pub cache_entries_in_memory: u32,
     pub cache_entries_on_disk: u32,
+    /// Cached prompts in the RAM tier, the bytes they take and may take.
+    pub cache_entries_in_ram: u32,
+    pub cache_ram_bytes: u64,
+    pub cache_ram_budget_bytes: u64,
     pub memory_plan: Option<MemoryPlan>,
     pub threads: ThreadsInUse,
     /// Tokens generated per second over the last decode steps (0 before any).

@@ -86,6 +86,8 @@ struct Inner {
     slots: Family<PhaseLabels, Gauge>,
     kv_cells_used: Gauge,
     kv_cells_total: Gauge,
+    prompt_cache_ram_entries: Gauge,
+    prompt_cache_ram_bytes: Gauge,
     inference_threads: Family<StepLabels, Gauge>,
     inference_threads_max: Gauge,
     recent_decode_speed: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -119,6 +121,8 @@ impl Default for Metrics {
             slots: Family::default(),
             kv_cells_used: Gauge::default(),
             kv_cells_total: Gauge::default(),
+            prompt_cache_ram_entries: Gauge::default(),
+            prompt_cache_ram_bytes: Gauge::default(),
             inference_threads: Family::default(),
             inference_threads_max: Gauge::default(),
             recent_decode_speed: Gauge::default(),
@@ -149,6 +153,12 @@ impl Default for Metrics {
         registry.register("slots", "Slots by phase: idle, reading (the prompt) or generating", inner.slots.clone());
         registry.register("kv_cells_used", "KV cache cells holding tokens", inner.kv_cells_used.clone());
         registry.register("kv_cells_total", "KV cache cells in all", inner.kv_cells_total.clone());
+        registry.register(
+            "prompt_cache_ram_entries",
+            "Cached prompts evicted from the KV cache and kept in RAM",
+            inner.prompt_cache_ram_entries.clone(),
+        );
+        registry.register("prompt_cache_ram_bytes", "Bytes the prompts kept in RAM take", inner.prompt_cache_ram_bytes.clone());
         registry.register(
             "inference_threads",
             "Threads decodes use now: steps of one token (single) and of several (batch)",
@@ -219,6 +229,8 @@ impl Metrics {
         }
         inner.kv_cells_used.set(i64::from(status.kv_cells_used));
         inner.kv_cells_total.set(i64::from(status.kv_cells_total));
+        inner.prompt_cache_ram_entries.set(i64::from(status.cache_entries_in_ram));
+        inner.prompt_cache_ram_bytes.set(i64::try_from(status.cache_ram_bytes).unwrap_or(i64::MAX));
         for (step, count) in [("single", status.threads.single), ("batch", status.threads.batch)] {
             inner.inference_threads.get_or_create(&StepLabels { step }).set(i64::from(count));
         }

@@ -13,9 +13,11 @@ use std::time::Instant;
 use llama_cpp_2::token::LlamaToken;
 
 use super::Worker;
+use crate::engine::ram_tier::RamEntry;
 use crate::engine::schedule::CacheHolder;
 
-/// Discarding fewer tokens than this does not make an entry: re-reading them is quick.
+/// Fewer tokens than this do not make an entry, nor are they kept in RAM: re-reading them is
+/// quick.
 const MIN_ENTRY_TOKENS: usize = 32;
 
 /// One entry's sequence and what it holds (nothing when free).
@@ -91,6 +93,23 @@ impl Worker<'_> {
         (0..self.entries.len())
             .filter(|&k| Some(self.entries[k].seq_id) != spare)
             .min_by(|&a, &b| self.entry_worth(a).total_cmp(&self.entry_worth(b)))
+    }
+
+    /// Keeps a cached sequence that is being evicted in the RAM tier, when it is long enough
+    /// and its state fits there.
+    pub(super) fn keep_evicted(&mut self, seq_id: i32, tokens: Vec<LlamaToken>, last_used: Instant, hits: u32) {
+        if tokens.len() < MIN_ENTRY_TOKENS {
+            return;
+        }
+        let flags = llama_cpp_2::context::session::LlamaStateSeqFlags::empty();
+        if self.ctx.state_seq_get_size_ext(seq_id, flags) > self.ram.budget_bytes() {
+            return;
+        }
+        let state = self.sequence_state(seq_id);
+        let len = tokens.len();
+        if self.ram.insert(RamEntry { tokens, state, last_used, hits }) {
+            tracing::debug!(tokens = len, "evicted prompt kept in RAM");
+        }
     }
 
     /// Records that a task reused entry `k`.

@@ -53,6 +53,7 @@ use super::cpu_use::IdleCores;
 use super::decode_rate::DecodeRate;
 use super::threads::{ThreadGovernor, ThreadPolicy};
 use super::queue::TaskReceiver;
+use super::ram_tier::RamTier;
 use super::schedule::{self, CacheHolder};
 use super::slot::{Feed, Slot};
 use super::status::{EngineStatus, SlotPhase, SlotState, ThreadsInUse};
@@ -64,6 +65,7 @@ pub struct Worker<'m> {
     slots: Vec<Slot>,
     pinned: Vec<Pinned>,
     entries: Vec<entries::Entry>,
+    ram: RamTier,
     layout: SequenceLayout,
     /// Shortest run reused past a changed span; 0 when off or when the model's positions
     /// cannot be shifted.
@@ -141,6 +143,7 @@ pub fn run(
         slots: (0..config.slots as i32).map(Slot::new).collect(),
         pinned: Vec::new(),
         entries: layout.entries().map(entries::Entry::new).collect(),
+        ram: RamTier::new(ram_budget(&config, &loaded)),
         layout,
         min_chunk,
         cells: CellLedger::default(),
@@ -209,6 +212,14 @@ impl SequenceLayout {
         let first = 2 * self.slots + self.pinned;
         (first..first + self.entries).map(|seq| seq as i32)
     }
+}
+
+/// RAM for cached prompts evicted from the KV cache: as configured, or from the memory plan.
+fn ram_budget(config: &EngineConfig, loaded: &LoadedModel) -> usize {
+    let plan = loaded.info.memory_plan.expect("a loaded model has a memory plan");
+    let bytes = config.prompt_cache_ram_bytes.unwrap_or_else(|| plan.default_prompt_cache_ram_bytes());
+    tracing::info!(ram = %human_bytes(bytes), "prompts evicted from the KV cache are kept in RAM up to this size");
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 /// The configured minimum chunk for reuse past a changed span, or 0 where the model's
@@ -348,8 +359,8 @@ impl Worker<'_> {
     fn try_start(&mut self, task: Task) -> Result<(), Task> {
         let placement = prompt_cache::place(&task.prompt, &self.sequences(), self.min_chunk);
         let Some(placement) = placement else { return Err(task) };
-        self.prepare(&placement);
-        let reused = placement.plan.total();
+        let plan = self.prepare(&placement);
+        let reused = plan.total();
         let needed = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx) - reused;
         let fits = self.make_room(needed, Some(placement.slot));
         if !schedule::may_start(fits, self.active_slots()) {
@@ -360,14 +371,14 @@ impl Worker<'_> {
         tracing::debug!(
             request_id = %task.request_id,
             prompt_tokens = task.prompt.len(),
-            cached = placement.plan.prefix,
-            shifted = placement.plan.shifted(),
-            chunks = placement.plan.chunks.len(),
+            cached = plan.prefix,
+            shifted = plan.shifted(),
+            chunks = plan.chunks.len(),
             source = ?placement.source,
             slot = placement.slot,
             "task started"
         );
-        self.slots[placement.slot].start(task, &placement.plan, self.n_ctx);
+        self.slots[placement.slot].start(task, &plan, self.n_ctx);
         self.apply_due_splices(placement.slot);
         // The engine's count of active requests is read from the status: it shows the task
         // before the task's first event goes out.
@@ -416,8 +427,16 @@ impl Worker<'_> {
             let Some(victim) = schedule::victim(&holders, keep) else { return false };
             tracing::debug!(tokens = holders[victim].tokens, "evicting a cached prompt");
             match victim.checked_sub(self.slots.len()) {
-                None => self.truncate(victim, 0),
-                Some(k) => self.drop_entry(k),
+                None => {
+                    let slot = &self.slots[victim];
+                    self.keep_evicted(slot.seq_id, slot.tokens.clone(), slot.last_used, 0);
+                    self.truncate(victim, 0);
+                }
+                Some(k) => {
+                    let entry = &self.entries[k];
+                    self.keep_evicted(entry.seq_id, entry.tokens.clone(), entry.last_used, entry.hits);
+                    self.drop_entry(k);
+                }
             }
         }
     }
@@ -619,6 +638,9 @@ impl Worker<'_> {
             kv_cells_total: self.n_ctx as u32,
             cache_entries_in_memory: (cached + self.pinned.len()) as u32,
             cache_entries_on_disk: self.entries_on_disk as u32,
+            cache_entries_in_ram: self.ram.entries().len() as u32,
+            cache_ram_bytes: self.ram.bytes() as u64,
+            cache_ram_budget_bytes: self.ram.budget_bytes() as u64,
             memory_plan: self.model.info.memory_plan,
             threads: ThreadsInUse {
                 single: self.threads_set.0,

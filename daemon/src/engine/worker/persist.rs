@@ -14,6 +14,7 @@ use llama_cpp_2::token::LlamaToken;
 use super::{Pinned, Worker};
 use crate::engine::cache_store::{self, CacheKey, CacheStore, SaveItem};
 use crate::engine::loader::{EngineConfig, LoadError};
+use crate::engine::ram_tier::RamEntry;
 
 /// The store the config asks for; `None` when the cache is not to be saved.
 pub(super) fn prompt_store(config: &EngineConfig) -> Option<CacheStore> {
@@ -78,11 +79,13 @@ impl Worker<'_> {
         // Into the entries first: they are what a new task copies from or takes.
         let mut places = (0..self.entries.len()).map(Place::Entry).chain((0..self.slots.len()).map(Place::Slot));
         let mut place = places.next();
-        for entry in saved.iter().filter(|entry| !entry.pinned) {
-            let Some(target) = place else { break };
-            if entry.tokens == 0 || self.free_cells() < entry.tokens {
+        let mut kept_in_ram = 0;
+        for entry in saved.iter().filter(|entry| !entry.pinned && entry.tokens > 0) {
+            let Some(target) = place.filter(|_| self.free_cells() >= entry.tokens) else {
+                // No sequence or no cells left for it: the RAM tier, while it has room.
+                kept_in_ram += usize::from(self.keep_in_ram(entry));
                 continue;
-            }
+            };
             let seq_id = match target {
                 Place::Entry(k) => self.entries[k].seq_id,
                 Place::Slot(index) => self.slots[index].seq_id,
@@ -106,7 +109,13 @@ impl Worker<'_> {
             }
         }
         if !saved.is_empty() {
-            tracing::info!(found = saved.len(), restored, ms = started.elapsed().as_millis() as u64, "prompt cache restored");
+            tracing::info!(
+                found = saved.len(),
+                restored,
+                kept_in_ram,
+                ms = started.elapsed().as_millis() as u64,
+                "prompt cache restored"
+            );
         }
         if decoded_any {
             self.save();
@@ -122,22 +131,31 @@ impl Worker<'_> {
         seq_id: i32,
         expected: Option<&[LlamaToken]>,
     ) -> Option<Vec<LlamaToken>> {
-        let store = self.store.as_ref()?;
-        let entry = store.read(saved)?;
+        let entry = self.store.as_ref()?.read(saved)?;
         if expected.is_some_and(|expected| expected != entry.tokens.as_slice()) {
             return None;
         }
         // SAFETY: the bytes are what llama.cpp wrote for a context of this model, size, KV
         // type and build (the cache key), and their sha256 checked out.
-        let loaded = unsafe { self.ctx.state_seq_set_data_ext(&entry.state, seq_id, LlamaStateSeqFlags::empty()) };
-        let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
-        if !loaded || positions != (0, entry.tokens.len() as i32 - 1) {
-            store.reject(saved, "llama.cpp did not restore the positions its tokens say");
-            self.remove_range(seq_id, 0, None);
+        if !unsafe { self.load_state(seq_id, &entry.state, entry.tokens.len()) } {
+            if let Some(store) = &self.store {
+                store.reject(saved, "llama.cpp did not restore the positions its tokens say");
+            }
             return None;
         }
         self.cells.append(seq_id, entry.tokens.len() as u32);
         Some(entry.tokens)
+    }
+
+    /// Reads one saved entry into the RAM tier, if it fits there; whether it was kept.
+    fn keep_in_ram(&mut self, saved: &cache_store::Saved) -> bool {
+        if self.ram.bytes() + saved.state_bytes + saved.tokens * 4 > self.ram.budget_bytes() {
+            return false;
+        }
+        let Some(entry) = self.store.as_ref().and_then(|store| store.read(saved)) else { return false };
+        let age = cache_store::unix_seconds(SystemTime::now()).saturating_sub(saved.last_used);
+        let last_used = Instant::now().checked_sub(Duration::from_secs(age)).unwrap_or(self.started_at);
+        self.ram.insert(RamEntry { tokens: entry.tokens, state: entry.state, last_used, hits: 0 })
     }
 
     fn decode_pinned(
@@ -169,43 +187,57 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Saves the pinned prefixes, the entries and the idle slots' cached sequences for the
-    /// next start.
+    /// Saves the pinned prefixes, the entries, the idle slots' cached sequences and the RAM
+    /// tier for the next start.
     pub(super) fn save(&mut self) {
         let Some(store) = &self.store else { return };
         let started = Instant::now();
         let now = SystemTime::now();
         let flags = LlamaStateSeqFlags::empty();
-        let mut items: Vec<SaveItem> = self
+        let mut items: Vec<SaveItem<Held>> = self
             .pinned
             .iter()
             .map(|pinned| SaveItem {
-                seq_id: pinned.seq_id,
+                source: Held::Sequence(pinned.seq_id),
                 tokens: pinned.tokens.clone(),
                 pinned: true,
                 last_used: cache_store::unix_seconds(now),
                 state_bytes: self.ctx.state_seq_get_size_ext(pinned.seq_id, flags),
             })
             .collect();
-        let idle_slots = self.slots.iter().filter(|slot| !slot.is_busy()).map(|slot| (slot.seq_id, &slot.tokens, slot.last_used));
-        let entries = self.entries.iter().map(|entry| (entry.seq_id, &entry.tokens, entry.last_used));
-        let mut cached: Vec<_> = idle_slots.chain(entries).filter(|(_, tokens, _)| !tokens.is_empty()).collect();
+        let idle_slots = self
+            .slots
+            .iter()
+            .filter(|slot| !slot.is_busy())
+            .map(|slot| (Held::Sequence(slot.seq_id), &slot.tokens, slot.last_used));
+        let entries = self.entries.iter().map(|entry| (Held::Sequence(entry.seq_id), &entry.tokens, entry.last_used));
+        let in_ram = self.ram.entries().iter().enumerate().map(|(k, entry)| (Held::Ram(k), &entry.tokens, entry.last_used));
+        let mut cached: Vec<_> =
+            idle_slots.chain(entries).chain(in_ram).filter(|(_, tokens, _)| !tokens.is_empty()).collect();
         cached.sort_by_key(|(_, _, last_used)| std::cmp::Reverse(*last_used));
-        for (seq_id, tokens, last_used) in cached {
+        for (source, tokens, last_used) in cached {
             // A sequence holding exactly what another one saved adds nothing.
             if items.iter().any(|item| item.tokens == *tokens) {
                 continue;
             }
             let age = last_used.elapsed();
+            let state_bytes = match source {
+                Held::Sequence(seq_id) => self.ctx.state_seq_get_size_ext(seq_id, flags),
+                Held::Ram(k) => self.ram.entries()[k].state.len(),
+            };
             items.push(SaveItem {
-                seq_id,
+                source,
                 tokens: tokens.clone(),
                 pinned: false,
                 last_used: cache_store::unix_seconds(now.checked_sub(age).unwrap_or(now)),
-                state_bytes: self.ctx.state_seq_get_size_ext(seq_id, flags),
+                state_bytes,
             });
         }
-        match store.save(&items, |seq| self.sequence_state(seq)) {
+        let saved = store.save(&items, |source| match *source {
+            Held::Sequence(seq_id) => self.sequence_state(seq_id),
+            Held::Ram(k) => self.ram.entries()[k].state.clone(),
+        });
+        match saved {
             Ok(saved) => {
                 self.entries_on_disk = saved;
                 tracing::info!(saved, ms = started.elapsed().as_millis() as u64, "prompt cache saved");
@@ -215,7 +247,7 @@ impl Worker<'_> {
     }
 
     /// llama.cpp's serialised state of one sequence (its KV cells).
-    fn sequence_state(&self, seq: i32) -> Vec<u8> {
+    pub(super) fn sequence_state(&self, seq: i32) -> Vec<u8> {
         let flags = LlamaStateSeqFlags::empty();
         let size = self.ctx.state_seq_get_size_ext(seq, flags);
         let mut bytes = vec![0u8; size];
@@ -224,4 +256,29 @@ impl Worker<'_> {
         bytes.truncate(written);
         bytes
     }
+
+    /// Loads `state` into the empty sequence `seq_id`; true when llama.cpp took it and the
+    /// sequence then holds exactly positions `0..tokens`. Otherwise the sequence is emptied.
+    ///
+    /// # Safety
+    /// `state` must be what `state_seq_get_data` wrote for a context of this model, size, KV
+    /// type and llama.cpp build.
+    pub(super) unsafe fn load_state(&mut self, seq_id: i32, state: &[u8], tokens: usize) -> bool {
+        // SAFETY: the caller vouches for the bytes.
+        let loaded = unsafe { self.ctx.state_seq_set_data_ext(state, seq_id, LlamaStateSeqFlags::empty()) };
+        let positions = (self.ctx.kv_cache_seq_pos_min(seq_id), self.ctx.kv_cache_seq_pos_max(seq_id));
+        if loaded && positions == (0, tokens as i32 - 1) {
+            return true;
+        }
+        self.remove_range(seq_id, 0, None);
+        false
+    }
+}
+
+/// Where a cached prompt to be saved is held.
+#[derive(Clone, Copy)]
+enum Held {
+    Sequence(i32),
+    /// The RAM tier's entry at this index.
+    Ram(usize),
 }

@@ -38,12 +38,20 @@ impl Worker<'_> {
             role: Role::Fixed,
             movable_from: usize::MAX,
         });
-        slots.chain(entries).chain(pinned).collect()
+        // Restored cells are the slot's own: every chunk can move.
+        let in_ram = self.ram.entries().iter().enumerate().map(|(k, entry)| CachedSequence {
+            seq_id: -1,
+            tokens: &entry.tokens,
+            role: Role::InRam(k),
+            movable_from: 0,
+        });
+        slots.chain(entries).chain(pinned).chain(in_ram).collect()
     }
 
     /// Leaves exactly the reused prefix in the chosen slot's sequence and parks the plan's
-    /// chunks; what the slot held before is kept as an entry when it is worth it.
-    pub(super) fn prepare(&mut self, placement: &Placement) {
+    /// chunks; what the slot held before is kept as an entry when it is worth it. Returns
+    /// what is reused: the plan, or nothing where a prompt in RAM could not be restored.
+    pub(super) fn prepare(&mut self, placement: &Placement) -> ReusePlan {
         let index = placement.slot;
         let plan = &placement.plan;
         let seq = self.slots[index].seq_id;
@@ -77,10 +85,41 @@ impl Worker<'_> {
                 self.slots[index].tokens = self.entries[k].tokens.clone();
                 self.drop_entry(k);
             }
+            Source::Restore(k) => {
+                self.preserve_as_entry(index, 0, None);
+                self.truncate(index, 0);
+                if !self.restore_from_ram(index, k) {
+                    return ReusePlan::default();
+                }
+                if plan.chunks.is_empty() {
+                    self.truncate(index, plan.prefix);
+                }
+            }
         }
         if !plan.chunks.is_empty() {
             self.park_chunks(index, plan);
         }
+        plan.clone()
+    }
+
+    /// Restores the RAM tier's entry `k` into slot `index`'s empty sequence, evicting what
+    /// it must for the cells; false (the entry dropped) where llama.cpp would not take it.
+    fn restore_from_ram(&mut self, index: usize, k: usize) -> bool {
+        let seq = self.slots[index].seq_id;
+        let len = self.ram.entries()[k].tokens.len();
+        self.make_room(len, Some(index));
+        let entry = self.ram.take(k);
+        let started = std::time::Instant::now();
+        // SAFETY: the state was serialised from this context, or read from a file of this
+        // model, configuration and build whose sha256 checked out.
+        if !unsafe { self.load_state(seq, &entry.state, len) } {
+            tracing::warn!(tokens = len, "a prompt kept in RAM could not be restored; it is read again");
+            return false;
+        }
+        self.cells.append(seq, len as u32);
+        self.slots[index].tokens = entry.tokens;
+        tracing::debug!(tokens = len, ms = started.elapsed().as_secs_f64() * 1000.0, "prompt restored from RAM");
+        true
     }
 
     fn tokens_of(&self, seq_id: i32) -> &[llama_cpp_2::token::LlamaToken] {
