@@ -43,6 +43,8 @@
 
 #[path = "serving/neighbours.rs"]
 mod neighbours;
+#[path = "serving/prompt_cache.rs"]
+mod prompt_cache;
 #[path = "serving/scenarios.rs"]
 mod scenarios;
 
@@ -96,7 +98,7 @@ struct Options {
     /// How many times to measure both sides; the last table is the median.
     #[arg(long, env = "PHI3D_BENCH_RUNS", default_value_t = 3)]
     runs: usize,
-    /// Slots for the concurrent-stream and home-automation scenarios (llama-server's
+    /// Slots for the concurrent-stream, home-automation and cache-burst scenarios (llama-server's
     /// --parallel).
     #[arg(long, env = "PHI3D_BENCH_SLOTS", default_value_t = 4)]
     slots: u32,
@@ -111,7 +113,8 @@ struct Options {
     llama_server: Option<PathBuf>,
     /// Which parts to run: `single` (the baseline against phi3d, one stream), `shared`
     /// (concurrent streams and the home-automation turn), `neighbours` (a process busy beside
-    /// each side).
+    /// each side), `cache-burst` (the home turn's cache after a burst that takes every slot and
+    /// after a restart), `cache-time` (the home turn with the time at the start of its prompt).
     #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
     scenarios: Vec<String>,
     /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores
@@ -169,8 +172,8 @@ fn main() -> anyhow::Result<()> {
     let wanted = |scenario: &str| options.scenarios.iter().any(|name| name == scenario);
     for name in &options.scenarios {
         ensure!(
-            ["single", "shared", "neighbours"].contains(&name.as_str()),
-            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared and neighbours"
+            ["single", "shared", "neighbours", "cache-burst", "cache-time"].contains(&name.as_str()),
+            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst and cache-time"
         );
     }
     ensure!(options.runs > 0, "--runs must be at least 1");
@@ -266,6 +269,12 @@ fn main() -> anyhow::Result<()> {
     if wanted("neighbours") {
         let loads = if options.neighbours.is_empty() { neighbours::default_loads() } else { options.neighbours.clone() };
         runtime.block_on(neighbours::run(&backend, &setup, &loads, options.neighbour_nice, options.runs, peer.as_deref()))?;
+    }
+    if wanted("cache-burst") {
+        runtime.block_on(prompt_cache::burst(&setup, options.slots, options.home_tokens, peer.as_deref()))?;
+    }
+    if wanted("cache-time") {
+        runtime.block_on(prompt_cache::time(&setup, options.home_tokens, peer.as_deref()))?;
     }
     println!("\nload avg    {} (after)", load_average());
     Ok(())

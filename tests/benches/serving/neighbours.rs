@@ -187,7 +187,7 @@ fn raw(backend: &LlamaBackend, setup: &Setup, threads: u32) -> anyhow::Result<Fi
 /// A warm daemon: one request, then the measured one.
 async fn daemon(setup: &Setup, threads: Option<u32>) -> anyhow::Result<Figures> {
     let cache = tempfile::tempdir()?;
-    let phi3d = Phi3d::start_with(setup, 1, cache.path(), threads).await?;
+    let phi3d = Phi3d::start_with(setup, 1, cache.path(), threads, &[]).await?;
     // Distinct prompts, so that the measured one finds nothing cached.
     phi3d.complete(&format!("Warm up: {}", setup.prompt), setup.gen_tokens).await?;
     let figures = phi3d.complete(&format!("Measure: {}", setup.prompt), setup.gen_tokens).await?;

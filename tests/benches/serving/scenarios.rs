@@ -20,16 +20,19 @@ pub struct StreamFigures {
     pub decode_tok_s: f64,
     pub prompt_tokens: u32,
     pub cached_tokens: u32,
+    /// Prompt tokens reused after a changed span by moving their cells (phi3d only).
+    pub shifted_tokens: u32,
 }
 
 impl StreamFigures {
     /// From when the request was sent, its first text arrived and it ended.
-    fn new(sent: Instant, first: Instant, done_at: Instant, generate: usize, prompt_tokens: u32, cached: u32) -> Self {
+    fn new(sent: Instant, first: Instant, done_at: Instant, generate: usize, prompt_tokens: u32, cached: u32, shifted: u32) -> Self {
         StreamFigures {
             first_token_ms: ms(first - sent),
             decode_tok_s: (generate - 1) as f64 / (done_at - first).as_secs_f64(),
             prompt_tokens,
             cached_tokens: cached,
+            shifted_tokens: shifted,
         }
     }
 }
@@ -49,18 +52,20 @@ pub struct Phi3d {
 
 impl Phi3d {
     pub async fn start(setup: &Setup, slots: u32, cache_dir: &Path) -> anyhow::Result<Phi3d> {
-        Self::start_with(setup, slots, cache_dir, Some(setup.threads)).await
+        Self::start_with(setup, slots, cache_dir, Some(setup.threads), &[]).await
     }
 
-    /// With `threads` fixed, or (None) in the daemon's default: chosen per step.
-    pub async fn start_with(setup: &Setup, slots: u32, cache_dir: &Path, threads: Option<u32>) -> anyhow::Result<Phi3d> {
+    /// With `threads` fixed, or (None) in the daemon's default: chosen per step; `flags`: more
+    /// `serve` flags.
+    pub async fn start_with(setup: &Setup, slots: u32, cache_dir: &Path, threads: Option<u32>, flags: &[&str]) -> anyhow::Result<Phi3d> {
         let addr = free_port()?;
-        let extra = [
+        let mut extra = vec![
             "--slots".to_owned(),
             slots.to_string(),
             "--prompt-cache-dir".to_owned(),
             cache_dir.display().to_string(),
         ];
+        extra.extend(flags.iter().map(|&flag| flag.to_owned()));
         let mut daemon = Daemon::spawn(setup, addr, threads, &extra)?;
         let channel = wait_serving(&mut daemon, addr).await?;
         Ok(Phi3d { daemon, channel })
@@ -88,7 +93,7 @@ impl Phi3d {
     ) -> anyhow::Result<StreamFigures> {
         let mut stream = stream;
         let mut first = None;
-        let (mut cached, mut prompt_tokens) = (0, 0);
+        let (mut cached, mut shifted, mut prompt_tokens) = (0, 0, 0);
         let mut done_at = None;
         while let Some(event) = stream.message().await? {
             match event.event {
@@ -97,14 +102,14 @@ impl Phi3d {
                 }
                 Some(chat_event::Event::Done(done)) => {
                     let usage = done.usage.unwrap_or_default();
-                    (cached, prompt_tokens) = (usage.cached_prompt_tokens, usage.prompt_tokens);
+                    (cached, shifted, prompt_tokens) = (usage.cached_prompt_tokens, usage.shifted_prompt_tokens, usage.prompt_tokens);
                     done_at = Some(Instant::now());
                 }
                 _ => {}
             }
         }
         let (first, done_at) = (first.context("no text")?, done_at.context("no Done")?);
-        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached))
+        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached, shifted))
     }
 }
 
@@ -140,6 +145,11 @@ pub struct LlamaServer {
 
 impl LlamaServer {
     pub async fn start(binary: &Path, setup: &Setup, slots: u32) -> anyhow::Result<LlamaServer> {
+        Self::start_with(binary, setup, slots, &[]).await
+    }
+
+    /// With more llama-server flags (its prompt reuse: `--cache-reuse`, `--cache-ram`).
+    pub async fn start_with(binary: &Path, setup: &Setup, slots: u32, flags: &[&str]) -> anyhow::Result<LlamaServer> {
         // reqwest is built without a default TLS provider (phi3d picks ring); plain HTTP here,
         // but the client still wants one installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -152,6 +162,7 @@ impl LlamaServer {
             .args(["-c", &setup.ctx_size.to_string()])
             .args(["-b", &setup.batch_size.to_string(), "-ub", &setup.batch_size.to_string()])
             .args(["--parallel", &slots.to_string(), "--kv-unified", "--cache-prompt", "--no-webui"])
+            .args(flags)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -206,7 +217,9 @@ impl LlamaServer {
         }
         let done_at = Instant::now();
         let first = first.context("llama-server streamed no text")?;
-        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached))
+        // Its cache_n is where prompt processing started: tokens it reused after a changed span
+        // (--cache-reuse) are counted there too, so none show as shifted.
+        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached, 0))
     }
 }
 
