@@ -20,6 +20,11 @@ use std::collections::HashMap;
 
 use llama_cpp_2::token::LlamaToken;
 
+/// Where a run of the prompt appears many times in the cache (a repeated line, a hostile
+/// prompt of one token over and over), only this many of its places are tried, the first
+/// after the last chunk: planning stays linear in the prompt's length.
+const MAX_CANDIDATES: usize = 8;
+
 /// Cached tokens `from..from + len` reused at prompt positions `to..to + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunk {
@@ -84,11 +89,12 @@ pub fn plan(cached: &[LlamaToken], prompt: &[LlamaToken], min_chunk: usize, mova
     let (mut at, mut cached_from) = (prefix, search_from);
     while at + min_chunk <= usable {
         let matches = starts.get(&prompt[at..at + min_chunk]).map_or(&[][..], Vec::as_slice);
+        let after_last_chunk = &matches[matches.partition_point(|&from| from < cached_from)..];
         // Of the places this run appears in the cache after the last chunk, the one that
         // matches longest (the earliest of those), so that a common phrase does not skip text.
-        let best = matches
+        let best = after_last_chunk
             .iter()
-            .filter(|&&from| from >= cached_from)
+            .take(MAX_CANDIDATES)
             .map(|&from| (from, matching_run(&cached[from..], &prompt[at..usable])))
             .max_by_key(|&(from, len)| (len, std::cmp::Reverse(from)));
         match best {
@@ -206,6 +212,19 @@ mod tests {
         let prompt = tokens([1].into_iter().chain(10..40).chain([5]));
         let plan = plan(&cached, &prompt, 4, 0);
         assert_eq!(plan.chunks, [Chunk { from: 6, to: 1, len: 30 }]);
+    }
+
+    #[test]
+    fn a_long_repetitive_prompt_is_planned_quickly() {
+        // 100k tokens of one repeated short line against a cache of the same with one change
+        // every 70 tokens: every run has thousands of places in the cache.
+        let line = [5, 6, 7, 8, 9, 10, 11];
+        let cached = tokens((0..100_000).map(|k| line[k % line.len()]));
+        let prompt = tokens((0..100_000).map(|k| if k % 70 == 3 { 99 } else { line[k % line.len()] }));
+        let started = std::time::Instant::now();
+        let plan = plan(&cached, &prompt, 16, 0);
+        assert!(plan.shifted() > 80_000, "{}", plan.shifted());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
     }
 
     #[test]

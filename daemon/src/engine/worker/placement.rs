@@ -106,9 +106,10 @@ impl Worker<'_> {
     /// it must for the cells; false (the entry dropped) where llama.cpp would not take it.
     fn restore_from_ram(&mut self, index: usize, k: usize) -> bool {
         let seq = self.slots[index].seq_id;
-        let len = self.ram.entries()[k].tokens.len();
-        self.make_room(len, Some(index));
+        // Out of the tier first: making room may evict other prompts into it.
         let entry = self.ram.take(k);
+        let len = entry.tokens.len();
+        self.make_room(len, Some(index));
         let started = std::time::Instant::now();
         // SAFETY: the state was serialised from this context, or read from a file of this
         // model, configuration and build whose sha256 checked out.
