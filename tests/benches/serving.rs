@@ -114,7 +114,9 @@ struct Options {
     /// Which parts to run: `single` (the baseline against phi3d, one stream), `shared`
     /// (concurrent streams and the home-automation turn), `neighbours` (a process busy beside
     /// each side), `cache-burst` (the home turn's cache after a burst that takes every slot and
-    /// after a restart), `cache-time` (the home turn with the time at the start of its prompt).
+    /// after a restart), `cache-time` (the home turn with the time at the start of its prompt),
+    /// `cache-chunk` (what each --prompt-cache-min-chunk saves on a follow-up with a changed
+    /// time, changed device states or a dropped turn, and whether its reply stays exact).
     #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
     scenarios: Vec<String>,
     /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores
@@ -172,8 +174,8 @@ fn main() -> anyhow::Result<()> {
     let wanted = |scenario: &str| options.scenarios.iter().any(|name| name == scenario);
     for name in &options.scenarios {
         ensure!(
-            ["single", "shared", "neighbours", "cache-burst", "cache-time"].contains(&name.as_str()),
-            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst and cache-time"
+            ["single", "shared", "neighbours", "cache-burst", "cache-time", "cache-chunk"].contains(&name.as_str()),
+            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst, cache-time and cache-chunk"
         );
     }
     ensure!(options.runs > 0, "--runs must be at least 1");
@@ -275,6 +277,10 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("cache-time") {
         runtime.block_on(prompt_cache::time(&setup, options.home_tokens, peer.as_deref()))?;
+    }
+    if wanted("cache-chunk") {
+        // phi3d only: llama-server's --cache-reuse has no minimum chunk of the same meaning.
+        runtime.block_on(prompt_cache::chunk(&setup, options.home_tokens))?;
     }
     println!("\nload avg    {} (after)", load_average());
     Ok(())

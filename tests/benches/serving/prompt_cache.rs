@@ -10,19 +10,30 @@
 //!   default `--prompt-cache-min-chunk` and with 0 (no reuse past a changed span), to show
 //!   what that reuse is worth in one run.
 //!
-//! Each row is one request: its time to first token as the client sees it, and the server's
-//! own count of the prompt tokens it read, found cached as an exact prefix, and reused after a
-//! changed span by moving their cells (phi3d's `shifted_prompt_tokens`; llama-server counts
-//! those as cached, so its shifted column is 0), and the time against the side's first row.
-//! Both sides run with the bench's model, fixed threads, context and batch.
+//! In these two, each row is one request: its time to first token as the client sees it, and
+//! the server's own count of the prompt tokens it read, found cached as an exact prefix, and
+//! reused after a changed span by moving their cells (phi3d's `shifted_prompt_tokens`;
+//! llama-server counts those as cached, so its shifted column is 0), and the time against the
+//! side's first row. Both sides run with the bench's model, fixed threads, context and batch.
+//!
+//! `cache-chunk` (phi3d only): what `--prompt-cache-min-chunk` trades. Reuse past a changed
+//! span is an approximation: the reused cells once attended to the old text. For each
+//! minimum chunk (0, 16, 32, 64, 128, 256 tokens) and each of three changes, a fresh daemon
+//! with one slot reads a first turn, then a follow-up that differs from it as real prompts
+//! do: the time at the start changed, a few device states changed through the list, or the
+//! oldest exchange of a conversation dropped. Each row is a minimum chunk; for each change,
+//! the follow-up's time to first token, its prompt tokens reused (exact prefix and shifted;
+//! at min chunk 0 the prefix alone, which every row shares), and whether its greedy reply is
+//! the text min chunk 0 generated, the exact computation. Where a row reuses no more than
+//! the prefix, a different text would mean the runs are not repeatable, not that reuse erred.
 
 use std::path::Path;
 use std::time::Duration;
 
-use phi3d_proto::v1::GetStatusRequest;
 use phi3d_proto::v1::admin_client::AdminClient;
+use phi3d_proto::v1::{GetStatusRequest, Message, Role};
 
-use super::scenarios::{HomeTurn, LlamaServer, Phi3d, Server, StreamFigures, house_prompt};
+use super::scenarios::{HomeTurn, LlamaServer, Phi3d, Server, StreamFigures, house_prompt, message, switch_devices};
 use super::{Setup, median_value};
 
 /// Tokens generated per request: only the time to the first one is measured.
@@ -70,7 +81,7 @@ pub async fn burst(setup: &Setup, slots: u32, home_tokens: usize, llama_server: 
     let streams = slots.to_string();
     let flags = ["--max-streams-per-client", streams.as_str()];
     let mut phi3d = Phi3d::start_with(setup, slots, cache.path(), Some(setup.threads), &flags).await?;
-    describe(&phi3d, setup).await?;
+    println!("{}", describe(&phi3d, setup).await?);
     let ([cold, cached, after_burst], burst) = before_restart(&phi3d, &house, slots).await?;
     // SIGTERM: the daemon saves its prompt cache on the way out, the next one restores it.
     phi3d.daemon.terminate().await?;
@@ -151,7 +162,7 @@ pub async fn time(setup: &Setup, home_tokens: usize, llama_server: Option<&Path>
         let cache = tempfile::tempdir()?;
         let phi3d = Phi3d::start_with(setup, 1, cache.path(), Some(setup.threads), flags).await?;
         if tables.is_empty() {
-            describe(&phi3d, setup).await?;
+            println!("{}", describe(&phi3d, setup).await?);
         }
         tables.push((name, questions(&phi3d, &house).await?));
     }
@@ -176,26 +187,156 @@ async fn questions(server: &impl Server, house: &str) -> anyhow::Result<Vec<Stre
         }
         // Written as the request goes out, so that it changes with every question. UTC: the
         // bench's jiff has no time zone database, and the cache sees only that the text changed.
-        let now = jiff::Timestamp::now().strftime("%H:%M:%S");
-        let system = format!("Current time is {now}. Today's date is Friday, December 4, 2026.\n{house}");
+        let system = timed(jiff::Timestamp::now().strftime("%H:%M:%S"), house);
         rows.push(server.chat(&system, question, GENERATE).await?);
     }
     Ok(rows)
 }
 
+/// The minimum chunks cache-chunk compares; 0 first, since its replies (exact prefixes only) are
+/// the exact computation that the others are checked against.
+const MIN_CHUNKS: [usize; 6] = [0, 16, 32, 64, 128, 256];
+
+/// Tokens generated per reply in cache-chunk: a reply that drifts from the exact one needs some
+/// text to show it.
+const REPLY_TOKENS: usize = 16;
+
+/// The time in the home turn's system prompt and in the follow-up's where only the time
+/// changed: fixed, unlike cache-time's clock, so that every daemon reads the same prompts and
+/// only the reuse can make their replies differ.
+const HOME_TIME: &str = "08:15:02";
+const LATER_TIME: &str = "08:16:47";
+
+/// Devices switched between the home turn and the follow-up where states changed.
+const SWITCHED: usize = 5;
+
+/// The exchanges before the dropped-turn conversation's last question, oldest first: the first
+/// turn has the first two and then the third's question; the follow-up drops the oldest, keeps
+/// the other two whole, and asks [`NEXT_QUESTION`].
+const EXCHANGES: [(&str, &str); 3] = [
+    ("Turn on the hall switch.", "switch.hall_1 is now on."),
+    ("Set the office climate to 21 degrees.", "climate.office_4 is now set to 21 degrees."),
+    ("Is anything on in the garage?", "Yes, switch.garage_6 is on."),
+];
+const NEXT_QUESTION: &str = "And turn off the kitchen light.";
+
+/// One kind of change: the turn that fills the cache, and the follow-up measured after it.
+struct Change {
+    name: &'static str,
+    first: Vec<Message>,
+    follow_up: Vec<Message>,
+}
+
+/// The three changes cache-chunk measures, on the home prompt `house`.
+fn changes(house: &str) -> [Change; 3] {
+    let home = timed(HOME_TIME, house);
+    [
+        Change {
+            name: "time changed",
+            first: conversation(&home, &[], USER_LINES[0]),
+            follow_up: conversation(&timed(LATER_TIME, house), &[], USER_LINES[1]),
+        },
+        Change {
+            name: "states changed",
+            first: conversation(&home, &[], USER_LINES[0]),
+            follow_up: conversation(&timed(HOME_TIME, &switch_devices(house, SWITCHED)), &[], USER_LINES[2]),
+        },
+        Change {
+            name: "turn dropped",
+            first: conversation(&home, &EXCHANGES[..2], EXCHANGES[2].0),
+            follow_up: conversation(&home, &EXCHANGES[1..], NEXT_QUESTION),
+        },
+    ]
+}
+
+/// The messages of a chat: `system`, the earlier exchanges (user line, reply), then `question`.
+fn conversation(system: &str, exchanges: &[(&str, &str)], question: &str) -> Vec<Message> {
+    let mut messages = vec![message(Role::System, system)];
+    for &(user, reply) in exchanges {
+        messages.extend([message(Role::User, user), message(Role::Assistant, reply)]);
+    }
+    messages.push(message(Role::User, question));
+    messages
+}
+
+pub async fn chunk(setup: &Setup, home_tokens: usize) -> anyhow::Result<()> {
+    let changes = changes(&house_prompt(home_tokens));
+    println!(
+        "\ncache-chunk: what --prompt-cache-min-chunk trades, one slot. A first turn (the home turn: system prompt \
+         \"Current time is {HOME_TIME}. ...\" + about {home_tokens} tokens + one user line; or a conversation on it), \
+         then a follow-up with the time changed, {SWITCHED} device states changed through the list, or the oldest \
+         exchange dropped; {REPLY_TOKENS} tokens each, greedy. Per change: the follow-up's time to first token, its \
+         prompt tokens reused (cached + shifted), and whether its reply is min chunk 0's (the exact computation)"
+    );
+    let mut footer = None;
+    let mut rows = Vec::new();
+    for min_chunk in MIN_CHUNKS {
+        let value = min_chunk.to_string();
+        let flags = ["--prompt-cache-min-chunk", value.as_str()];
+        let mut row = Vec::new();
+        for change in &changes {
+            // A daemon for each change, so that the follow-up is measured against its first
+            // turn's exact cells: with one slot, a follow-up that reuses chunks moves the cells
+            // it takes, so the next change's first turn would find those, and its follow-up's
+            // error would add to the last one's.
+            let cache = tempfile::tempdir()?;
+            let phi3d = Phi3d::start_with(setup, 1, cache.path(), Some(setup.threads), &flags).await?;
+            if footer.is_none() {
+                footer = Some(describe(&phi3d, setup).await?);
+            }
+            phi3d.converse(&change.first, REPLY_TOKENS).await?;
+            row.push(phi3d.converse(&change.follow_up, REPLY_TOKENS).await?);
+        }
+        rows.push((min_chunk, row));
+    }
+
+    let exact = &rows[0].1;
+    let mut title = format!("{:<12}", "");
+    let mut header = format!("{:<12}", "min chunk");
+    for (change, (figures, _)) in changes.iter().zip(exact) {
+        title.push_str(&format!("{:>34}", format!("{}, {} tokens", change.name, figures.prompt_tokens)));
+        header.push_str(&format!("{:>14}{:>10}{:>10}", "first ms", "reused", "same text"));
+    }
+    println!("{title}\n{header}");
+    for (index, (min_chunk, row)) in rows.iter().enumerate() {
+        let mut line = format!("{min_chunk:<12}");
+        for ((figures, text), (_, exact_text)) in row.iter().zip(exact) {
+            let same = match (index, text == exact_text) {
+                (0, _) => "exact",
+                (_, true) => "yes",
+                (_, false) => "no",
+            };
+            line.push_str(&format!(
+                "{:>14.0}{:>10}{:>10}",
+                figures.first_token_ms,
+                figures.cached_tokens + figures.shifted_tokens,
+                same
+            ));
+        }
+        println!("{line}");
+    }
+    println!("{}", footer.unwrap_or_default());
+    Ok(())
+}
+
+/// The home system prompt as an assistant that tells its model the time sends it: the time, the
+/// date, then `house`.
+fn timed(time: impl std::fmt::Display, house: &str) -> String {
+    format!("Current time is {time}. Today's date is Friday, December 4, 2026.\n{house}")
+}
+
 /// The scenario's setup, as the bench's own header names it: the model file, the threads, and
 /// the CPU features llama.cpp's kernels were built for (as the daemon reports them).
-async fn describe(phi3d: &Phi3d, setup: &Setup) -> anyhow::Result<()> {
+async fn describe(phi3d: &Phi3d, setup: &Setup) -> anyhow::Result<String> {
     let status = AdminClient::new(phi3d.channel()).get_status(GetStatusRequest {}).await?.into_inner();
-    println!(
+    Ok(format!(
         "model {}, threads {} (fixed), ctx {}, batch {}, CPU features {}",
         setup.model.display(),
         setup.threads,
         setup.ctx_size,
         setup.batch_size,
         status.cpu_features
-    );
-    Ok(())
+    ))
 }
 
 /// The steps down, the sides across: each side's time to first token, its token counts, and

@@ -85,15 +85,31 @@ impl Phi3d {
         })
     }
 
+    /// A chat turn of whole messages (the system prompt, earlier exchanges, the new user line),
+    /// greedy, `generate` tokens: its figures and the text it generated.
+    pub async fn converse(&self, messages: &[Message], generate: usize) -> anyhow::Result<(StreamFigures, String)> {
+        let request = ChatRequest {
+            request_id: String::new(),
+            messages: messages.to_vec(),
+            options: Self::options(generate),
+            tools: None,
+        };
+        let sent = Instant::now();
+        let stream = InferenceClient::new(self.channel.clone()).chat(request).await?.into_inner();
+        self.read(stream, sent, generate).await
+    }
+
+    /// The request's figures and the text it generated.
     async fn read(
         &self,
         stream: tonic::codec::Streaming<phi3d_proto::v1::ChatEvent>,
         sent: Instant,
         generate: usize,
-    ) -> anyhow::Result<StreamFigures> {
+    ) -> anyhow::Result<(StreamFigures, String)> {
         let mut stream = stream;
         let mut first = None;
         let (mut cached, mut shifted, mut prompt_tokens) = (0, 0, 0);
+        let mut text = String::new();
         let mut done_at = None;
         while let Some(event) = stream.message().await? {
             match event.event {
@@ -103,13 +119,14 @@ impl Phi3d {
                 Some(chat_event::Event::Done(done)) => {
                     let usage = done.usage.unwrap_or_default();
                     (cached, shifted, prompt_tokens) = (usage.cached_prompt_tokens, usage.shifted_prompt_tokens, usage.prompt_tokens);
+                    text = done.text;
                     done_at = Some(Instant::now());
                 }
                 _ => {}
             }
         }
         let (first, done_at) = (first.context("no text")?, done_at.context("no Done")?);
-        Ok(StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached, shifted))
+        Ok((StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached, shifted), text))
     }
 }
 
@@ -118,21 +135,17 @@ impl Server for Phi3d {
         let request = CompleteRequest { request_id: String::new(), prompt: prompt.to_owned(), options: Self::options(generate) };
         let sent = Instant::now();
         let stream = InferenceClient::new(self.channel.clone()).complete(request).await?.into_inner();
-        self.read(stream, sent, generate).await
+        Ok(self.read(stream, sent, generate).await?.0)
     }
 
     async fn chat(&self, system: &str, user: &str, generate: usize) -> anyhow::Result<StreamFigures> {
-        let message = |role: Role, content: &str| Message { role: role as i32, content: content.to_owned(), ..Message::default() };
-        let request = ChatRequest {
-            request_id: String::new(),
-            messages: vec![message(Role::System, system), message(Role::User, user)],
-            options: Self::options(generate),
-            tools: None,
-        };
-        let sent = Instant::now();
-        let stream = InferenceClient::new(self.channel.clone()).chat(request).await?.into_inner();
-        self.read(stream, sent, generate).await
+        Ok(self.converse(&[message(Role::System, system), message(Role::User, user)], generate).await?.0)
     }
+}
+
+/// A chat message: `content` in the voice of `role`.
+pub fn message(role: Role, content: &str) -> Message {
+    Message { role: role as i32, content: content.to_owned(), ..Message::default() }
 }
 
 /// llama-server, started with the same model, threads, context and batch, `--parallel`
@@ -281,6 +294,28 @@ pub fn house_prompt(tokens: usize) -> String {
         let (room, kind) = (rooms[index % rooms.len()], kinds[index % kinds.len()]);
         text.push_str(&format!("- {kind}.{}_{index} ({room}): {}\n", room.replace(' ', "_"), if index % 3 == 0 { "on" } else { "off" }));
         index += 1;
+    }
+    text
+}
+
+/// `house` (a [`house_prompt`]) with `count` devices, spread evenly through its list, switched to
+/// the other state, as when a few of them were turned on or off since the last turn. The text
+/// changes in `count` places and stays the same between them.
+pub fn switch_devices(house: &str, count: usize) -> String {
+    let devices = house.lines().filter(|line| line.starts_with("- ")).count();
+    // The middle device of each of `count` equal stretches of the list.
+    let switched: Vec<usize> = (0..count).map(|k| (2 * k + 1) * devices / (2 * count)).collect();
+    let mut text = String::with_capacity(house.len() + count);
+    let mut device = 0;
+    for line in house.split_inclusive('\n') {
+        let is_device = line.starts_with("- ");
+        if is_device && switched.contains(&device) {
+            let (name, state) = line.trim_end().rsplit_once(": ").expect("house_prompt writes each device as `- name (room): state`");
+            text.push_str(&format!("{name}: {}\n", if state == "on" { "off" } else { "on" }));
+        } else {
+            text.push_str(line);
+        }
+        device += usize::from(is_device);
     }
     text
 }
