@@ -198,7 +198,7 @@ async fn a_changed_pinned_prompt_is_decoded_anew_after_a_restart() {
         let system = Message { role: Role::System as i32, content: house_prompt().replace("light.", "lamp."), ..Message::default() };
         let request = ChatRequest { messages: vec![system, user("Lights off")], ..chat_request("", exactly(4)) };
         let usage = collect(client.chat(request).await.unwrap().into_inner()).await.unwrap().done.usage.unwrap();
-        assert!(usage.cached_prompt_tokens > 800, "the new pinned prompt is warm: {usage:?}");
+        assert!(usage.cached_prompt_tokens > 800, "the new pinned prompt is warm: {usage:?}\n{}", daemon.stderr());
         assert!(daemon.terminate(Duration::from_secs(20)).await.success(), "{}", daemon.stderr());
     }
 }

@@ -31,6 +31,15 @@ impl Extent {
     }
 }
 
+/// Appends `extent`, merged into the last one where it continues it: a sequence pieced
+/// together from chunks stays a short list.
+fn push_merged(extents: &mut Vec<Extent>, extent: Extent) {
+    match extents.last_mut() {
+        Some(last) if last.group == extent.group && last.end() == extent.first => last.len += extent.len,
+        _ => extents.push(extent),
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct CellLedger {
     next_group: u64,
@@ -61,7 +70,8 @@ impl Sequence {
             position = to;
             let (cut_from, cut_to) = (from.max(start), to.min(end));
             if cut_from < cut_to {
-                out.push(Extent { group: extent.group, first: extent.first + (cut_from - from), len: cut_to - cut_from });
+                let cut = Extent { group: extent.group, first: extent.first + (cut_from - from), len: cut_to - cut_from };
+                push_merged(&mut out, cut);
             }
         }
         out
@@ -128,7 +138,7 @@ impl CellLedger {
         while left > 0 {
             let Some(run) = parked.front_mut() else { break };
             let take = run.len.min(left);
-            sequence.extents.push(Extent { len: take, ..*run });
+            push_merged(&mut sequence.extents, Extent { len: take, ..*run });
             run.first += take;
             run.len -= take;
             left -= take;
@@ -285,6 +295,18 @@ mod tests {
         assert_eq!(ledger.exclusive(0), 102);
         ledger.truncate(0, 22 + 30);
         assert_eq!(ledger.used(), 52);
+    }
+
+    #[test]
+    fn runs_put_back_where_they_were_merge_into_one_extent() {
+        let mut ledger = CellLedger::default();
+        ledger.append(0, 100);
+        ledger.park(0, &[(10, 30), (40, 60)]);
+        ledger.truncate(0, 10);
+        ledger.unpark(0, 30);
+        ledger.unpark(0, 60);
+        assert_eq!(ledger.sequences[&0].extents.len(), 1, "{:?}", ledger.sequences[&0]);
+        assert_eq!(ledger.used(), 100);
     }
 
     #[test]

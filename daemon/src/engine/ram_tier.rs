@@ -13,6 +13,9 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::schedule::CacheHolder;
 
+/// At most this many prompts, however small: every placement considers each of them.
+const MAX_ENTRIES: usize = 64;
+
 pub struct RamEntry {
     pub tokens: Vec<LlamaToken>,
     /// `state_seq_get_data` of the sequence that held the tokens.
@@ -27,9 +30,12 @@ impl RamEntry {
     }
 
     fn worth(&self, now: Instant) -> f64 {
-        CacheHolder { busy: false, last_used: self.last_used, exclusive_cells: 0, tokens: self.tokens.len(), hits: self.hits }
-            .worth(now)
+        worth(self.tokens.len(), self.last_used, self.hits, now)
     }
+}
+
+fn worth(tokens: usize, last_used: Instant, hits: u32, now: Instant) -> f64 {
+    CacheHolder { busy: false, last_used, exclusive_cells: 0, tokens, hits }.worth(now)
 }
 
 pub struct RamTier {
@@ -54,13 +60,28 @@ impl RamTier {
         &self.entries
     }
 
+    /// Whether a prompt of `tokens` whose state takes `state_bytes` would be kept: asked
+    /// before its state is serialised, which costs a copy of all its cells.
+    pub fn would_keep(&self, tokens: usize, state_bytes: usize, last_used: Instant, hits: u32) -> bool {
+        let bytes = state_bytes + tokens * std::mem::size_of::<LlamaToken>();
+        if bytes > self.budget_bytes {
+            return false;
+        }
+        if self.bytes() + bytes <= self.budget_bytes && self.entries.len() < MAX_ENTRIES {
+            return true;
+        }
+        let now = Instant::now();
+        let worth = worth(tokens, last_used, hits, now);
+        self.entries.iter().any(|kept| kept.worth(now) < worth)
+    }
+
     /// Keeps `entry`, first dropping entries whose tokens it extends, then the least worth
     /// keeping until everything fits (which may be `entry` itself). Returns whether it stayed.
     pub fn insert(&mut self, entry: RamEntry) -> bool {
         self.entries.retain(|kept| !entry.tokens.starts_with(&kept.tokens));
         self.entries.push(entry);
         let now = Instant::now();
-        while self.bytes() > self.budget_bytes {
+        while self.bytes() > self.budget_bytes || self.entries.len() > MAX_ENTRIES {
             let least = (0..self.entries.len())
                 .min_by(|&a, &b| self.entries[a].worth(now).total_cmp(&self.entries[b].worth(now)))
                 .expect("over budget means not empty");
@@ -78,12 +99,6 @@ impl RamTier {
         self.entries.remove(k)
     }
 
-    /// Everything, most recently used first (for saving at shutdown).
-    pub fn drain(&mut self) -> Vec<RamEntry> {
-        let mut entries = std::mem::take(&mut self.entries);
-        entries.sort_by_key(|entry| std::cmp::Reverse(entry.last_used));
-        entries
-    }
 }
 
 #[cfg(test)]
@@ -120,6 +135,21 @@ mod tests {
         assert!(!tier.insert(entry(&[2; 2], 300, 1, 0)));
         assert_eq!(tier.entries().len(), 1);
         assert!(!tier.insert(entry(&[3; 10], 5000, 0, 0)), "larger than the whole budget");
+    }
+
+    #[test]
+    fn what_would_not_be_kept_is_known_before_it_is_serialised() {
+        let mut tier = RamTier::new(1000);
+        assert!(tier.would_keep(10, 500, Instant::now(), 0));
+        assert!(!tier.would_keep(10, 2000, Instant::now(), 0), "larger than the budget");
+        tier.insert(entry(&[1; 100], 500, 1, 2));
+        assert!(!tier.would_keep(2, 300, Instant::now(), 0), "worth less than what it would push out");
+        assert!(tier.would_keep(150, 300, Instant::now(), 5));
+        let mut many = RamTier::new(1 << 30);
+        for k in 0..MAX_ENTRIES + 5 {
+            many.insert(entry(&[k as i32 + 1000; 40], 1, 1, 0));
+        }
+        assert_eq!(many.entries().len(), MAX_ENTRIES);
     }
 
     #[test]

@@ -41,14 +41,14 @@ impl CacheHolder {
 }
 
 /// The cache that goes first: the least worth keeping among those that are idle and whose
-/// eviction frees cells, never `keep` (the slot being prepared for a task). `None` when
-/// nothing can go.
-pub fn victim(holders: &[CacheHolder], keep: Option<usize>) -> Option<usize> {
+/// eviction frees cells, never one in `keep` (what the task being admitted reuses). `None`
+/// when nothing can go.
+pub fn victim(holders: &[CacheHolder], keep: &[usize]) -> Option<usize> {
     let now = Instant::now();
     holders
         .iter()
         .enumerate()
-        .filter(|(index, holder)| Some(*index) != keep && !holder.busy && holder.exclusive_cells > 0)
+        .filter(|(index, holder)| !keep.contains(index) && !holder.busy && holder.exclusive_cells > 0)
         .min_by(|(_, a), (_, b)| a.worth(now).total_cmp(&b.worth(now)))
         .map(|(index, _)| index)
 }
@@ -133,9 +133,10 @@ mod tests {
             holder(false, 60, 0, 1, 0),
             holder(false, 30, 5, 10, 0),
         ];
-        assert_eq!(victim(&holders, None), Some(3), "busy slots and shared-only caches stay");
-        assert_eq!(victim(&holders, Some(3)), Some(0), "the slot being prepared stays");
-        assert_eq!(victim(&[holder(true, 1, 5, 9, 0), holder(false, 1, 0, 9, 0)], None), None);
+        assert_eq!(victim(&holders, &[]), Some(3), "busy slots and shared-only caches stay");
+        assert_eq!(victim(&holders, &[3]), Some(0), "what the task reuses stays");
+        assert_eq!(victim(&holders, &[3, 0]), None);
+        assert_eq!(victim(&[holder(true, 1, 5, 9, 0), holder(false, 1, 0, 9, 0)], &[]), None);
     }
 
     #[test]
@@ -143,10 +144,10 @@ mod tests {
         let house = holder(false, 120, 900, 909, 3);
         let burst: Vec<CacheHolder> = (0..4).map(|_| holder(false, 1, 40, 40, 0)).collect();
         let holders: Vec<CacheHolder> = std::iter::once(house).chain(burst).collect();
-        assert_ne!(victim(&holders, None), Some(0));
+        assert_ne!(victim(&holders, &[]), Some(0));
         // An hour later and never used again, it goes before a fresh short prompt.
         let stale = [holder(false, 3600 * 24, 900, 909, 0), holder(false, 1, 40, 40, 0)];
-        assert_eq!(victim(&stale, None), Some(0));
+        assert_eq!(victim(&stale, &[]), Some(0));
     }
 
     #[test]

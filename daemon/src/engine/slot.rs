@@ -24,6 +24,9 @@ pub struct Slot {
     /// reply of the task it serves or served last.
     pub tokens: Vec<LlamaToken>,
     pub last_used: Instant,
+    /// Tasks that reused what this slot holds (or what it was brought from): what eviction
+    /// weighs beside its length.
+    pub hits: u32,
     busy: Option<Busy>,
 }
 
@@ -63,7 +66,7 @@ struct Busy {
 
 impl Slot {
     pub fn new(seq_id: i32) -> Slot {
-        Slot { seq_id, tokens: Vec::new(), last_used: Instant::now(), busy: None }
+        Slot { seq_id, tokens: Vec::new(), last_used: Instant::now(), hits: 0, busy: None }
     }
 
     pub fn is_busy(&self) -> bool {
@@ -106,9 +109,13 @@ impl Slot {
         });
     }
 
-    /// KV cells this slot's task may still need beyond what its sequence holds.
+    /// KV cells this slot's task may still need beyond what its sequence holds and what it
+    /// has parked (parked cells are in use already).
     pub fn reserved_cells(&self) -> usize {
-        self.busy.as_ref().map_or(0, |busy| busy.reserved_until.saturating_sub(self.tokens.len()))
+        self.busy.as_ref().map_or(0, |busy| {
+            let parked: usize = busy.splices.iter().map(|chunk| chunk.len).sum();
+            busy.reserved_until.saturating_sub(self.tokens.len() + parked)
+        })
     }
 
     /// Whether the client has gone or asked to stop.

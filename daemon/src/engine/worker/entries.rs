@@ -6,7 +6,8 @@
 //! a task copies an entry's prefix into its slot, or takes the entry whole when it also reuses
 //! chunks past a changed span. When cells run short, entries are evicted with the idle slots,
 //! the least worth keeping first ([`crate::engine::schedule::victim`]); when every entry is in
-//! use, a new one replaces the one least worth keeping, if it is worth more.
+//! use, a new one replaces the one least worth keeping, if it is worth more; what leaves the
+//! KV cache either way goes to the RAM tier when it fits there.
 
 use std::time::Instant;
 
@@ -41,7 +42,8 @@ fn worth(tokens: usize, last_used: Instant, hits: u32) -> f64 {
 
 impl Worker<'_> {
     /// Keeps what slot `index` holds as an entry, when `keep` of its tokens stay in the slot
-    /// and the rest would be lost. The entry `spare` (the task's source) is not replaced.
+    /// and the rest would be lost; where no entry can take it, in the RAM tier. The entry
+    /// `spare` (the task's source) is not replaced.
     pub(super) fn preserve_as_entry(&mut self, index: usize, keep: usize, spare: Option<i32>) {
         let slot = &self.slots[index];
         if slot.tokens.len() < keep + MIN_ENTRY_TOKENS {
@@ -51,17 +53,27 @@ impl Worker<'_> {
         let covered = |entry: &Entry| {
             Some(entry.seq_id) != spare && !entry.tokens.is_empty() && slot.tokens.starts_with(&entry.tokens)
         };
-        let candidate = worth(slot.tokens.len(), slot.last_used, 0);
+        let candidate = worth(slot.tokens.len(), slot.last_used, slot.hits);
         let target = match self.entries.iter().position(covered) {
             Some(k) => Some(k),
             None => match self.entries.iter().position(|entry| entry.tokens.is_empty()) {
                 Some(k) => Some(k),
-                None => self
-                    .least_worth_entry(spare)
-                    .filter(|&k| self.entry_worth(k) < candidate),
+                None => match self.least_worth_entry(spare).filter(|&k| self.entry_worth(k) < candidate) {
+                    Some(k) => {
+                        // The entry it replaces leaves the KV cache: the RAM tier keeps it.
+                        let entry = &self.entries[k];
+                        self.keep_evicted(entry.seq_id, entry.tokens.clone(), entry.last_used, entry.hits);
+                        Some(k)
+                    }
+                    None => None,
+                },
             },
         };
-        let Some(k) = target else { return };
+        let Some(k) = target else {
+            let slot = &self.slots[index];
+            self.keep_evicted(slot.seq_id, slot.tokens.clone(), slot.last_used, slot.hits);
+            return;
+        };
         self.drop_entry(k);
         let (source, dest, len) = (self.slots[index].seq_id, self.entries[k].seq_id, self.slots[index].tokens.len());
         self.ctx.copy_kv_cache_seq(source, dest, None, None).expect("sequence ids fit in i32");
@@ -69,7 +81,7 @@ impl Worker<'_> {
         let entry = &mut self.entries[k];
         entry.tokens = self.slots[index].tokens.clone();
         entry.last_used = self.slots[index].last_used;
-        entry.hits = 0;
+        entry.hits = self.slots[index].hits;
         tracing::debug!(slot = index, entry = k, tokens = len, "prompt kept as a cache entry");
     }
 
@@ -102,7 +114,8 @@ impl Worker<'_> {
             return;
         }
         let flags = llama_cpp_2::context::session::LlamaStateSeqFlags::empty();
-        if self.ctx.state_seq_get_size_ext(seq_id, flags) > self.ram.budget_bytes() {
+        let state_bytes = self.ctx.state_seq_get_size_ext(seq_id, flags);
+        if !self.ram.would_keep(tokens.len(), state_bytes, last_used, hits) {
             return;
         }
         let state = self.sequence_state(seq_id);

@@ -46,7 +46,7 @@ use super::cache_store::CacheStore;
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
 use super::memory_plan::human_bytes;
-use super::prompt_cache;
+use super::prompt_cache::{self, Placement, Source};
 use super::backend::backend;
 use super::context_threads::ContextThreads;
 use super::cpu_use::IdleCores;
@@ -223,10 +223,15 @@ fn ram_budget(config: &EngineConfig, loaded: &LoadedModel) -> usize {
 }
 
 /// The configured minimum chunk for reuse past a changed span, or 0 where the model's
-/// positions cannot be shifted (llama.cpp aborts on a shift of multi-dimensional positions).
+/// positions cannot be shifted: llama.cpp aborts on a shift of multi-dimensional positions and
+/// of architectures whose rotary dimensions vary by layer, and a recurrent state has no
+/// positions to shift.
 fn reusable_chunk(config: &EngineConfig, loaded: &LoadedModel) -> usize {
     use llama_cpp_2::model::RopeType;
-    let shiftable = !matches!(loaded.model.rope_type(), Some(RopeType::MRope | RopeType::IMRope | RopeType::Vision));
+    let model = &loaded.model;
+    let multi_dimensional = matches!(model.rope_type(), Some(RopeType::MRope | RopeType::IMRope | RopeType::Vision));
+    let per_layer_rope = model.meta_val_str("general.architecture").is_ok_and(|arch| arch == "step35");
+    let shiftable = !multi_dimensional && !per_layer_rope && !model.is_recurrent() && !model.is_hybrid();
     if config.prompt_cache_min_chunk > 0 && !shiftable {
         tracing::warn!(
             "prompt_cache_min_chunk: this model's positions cannot be shifted; only exact prefixes are reused"
@@ -357,16 +362,37 @@ impl Worker<'_> {
     /// Starts `task` in the slot where its prefix is cached, if it fits; gives it back
     /// otherwise.
     fn try_start(&mut self, task: Task) -> Result<(), Task> {
-        let placement = prompt_cache::place(&task.prompt, &self.sequences(), self.min_chunk);
+        let reservation = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx);
+        let mut placement = prompt_cache::place(&task.prompt, &self.sequences(true), self.min_chunk);
+        // A prompt in RAM needs cells of its own: where even evicting every idle cache would
+        // not free them, the task reuses what the KV cache holds instead.
+        if let Some(Placement { source: Source::Restore(k), .. }) = placement
+            && !self.could_free(reservation.max(self.ram.entries()[k].tokens.len()))
+        {
+            placement = prompt_cache::place(&task.prompt, &self.sequences(false), self.min_chunk);
+        }
         let Some(placement) = placement else { return Err(task) };
-        let plan = self.prepare(&placement);
-        let reused = plan.total();
-        let needed = schedule::reservation(task.prompt.len(), task.params.max_tokens, self.n_ctx) - reused;
-        let fits = self.make_room(needed, Some(placement.slot));
+        // Admission comes before anything is moved, so that a task that must wait loses
+        // nothing of what it would reuse. A prompt in RAM leaves the tier first: making room
+        // may evict other prompts into it.
+        let restoring = match placement.source {
+            Source::Restore(k) => Some(self.ram.take(k)),
+            _ => None,
+        };
+        let needed = match &restoring {
+            // All its cells are new, the whole prompt while it is restored.
+            Some(entry) => reservation.max(entry.tokens.len()),
+            None => reservation - placement.plan.total(),
+        };
+        let keep = self.reused_holders(&placement);
+        let fits = self.make_room(needed, &keep);
         if !schedule::may_start(fits, self.active_slots()) {
-            self.clear_parked(placement.slot);
+            if let Some(entry) = restoring {
+                self.ram.insert(entry);
+            }
             return Err(task);
         }
+        let plan = self.prepare(&placement, restoring, &task.prompt);
         self.faults.on_start(&task.request_id);
         tracing::debug!(
             request_id = %task.request_id,
@@ -396,6 +422,15 @@ impl Worker<'_> {
         }
     }
 
+    /// Whether `needed` cells could be had by evicting every idle cache (an estimate: cells
+    /// two idle caches share count for each).
+    fn could_free(&self, needed: usize) -> bool {
+        let idle_slots = self.slots.iter().filter(|slot| !slot.is_busy()).map(|slot| slot.seq_id);
+        let entries = self.entries.iter().map(|entry| entry.seq_id);
+        let evictable: usize = idle_slots.chain(entries).map(|seq_id| self.cells.exclusive(seq_id) as usize).sum();
+        self.free_cells() + evictable >= needed
+    }
+
     /// Cells neither in use nor reserved by a busy slot.
     fn free_cells(&self) -> usize {
         let reserved: usize = self.slots.iter().map(Slot::reserved_cells).sum();
@@ -403,8 +438,9 @@ impl Worker<'_> {
     }
 
     /// Evicts idle slots' caches and entries, the least worth keeping first, until `needed`
-    /// cells are free. `keep` is the slot being prepared, if any. Returns whether they are.
-    fn make_room(&mut self, needed: usize, keep: Option<usize>) -> bool {
+    /// cells are free; never the holders in `keep` (slots by index, then entries). Returns
+    /// whether they are.
+    fn make_room(&mut self, needed: usize, keep: &[usize]) -> bool {
         loop {
             if self.free_cells() >= needed {
                 return true;
@@ -414,7 +450,7 @@ impl Worker<'_> {
                 last_used: slot.last_used,
                 exclusive_cells: self.cells.exclusive(slot.seq_id),
                 tokens: slot.tokens.len(),
-                hits: 0,
+                hits: slot.hits,
             });
             let entries = self.entries.iter().map(|entry| CacheHolder {
                 busy: false,
@@ -429,7 +465,7 @@ impl Worker<'_> {
             match victim.checked_sub(self.slots.len()) {
                 None => {
                     let slot = &self.slots[victim];
-                    self.keep_evicted(slot.seq_id, slot.tokens.clone(), slot.last_used, 0);
+                    self.keep_evicted(slot.seq_id, slot.tokens.clone(), slot.last_used, slot.hits);
                     self.truncate(victim, 0);
                 }
                 Some(k) => {
@@ -490,7 +526,7 @@ impl Worker<'_> {
                         evicted = true;
                         // Every idle cache that holds cells of its own goes; retry if any did.
                         let before = self.cells.used();
-                        self.make_room(usize::MAX, None);
+                        self.make_room(usize::MAX, &[]);
                         if self.cells.used() < before {
                             continue;
                         }

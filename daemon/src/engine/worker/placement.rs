@@ -10,21 +10,23 @@
 
 use super::Worker;
 use crate::engine::prompt_cache::{CachedSequence, FreeSlot, Placement, Role, Source};
+use llama_cpp_2::token::LlamaToken;
+
+use crate::engine::ram_tier::RamEntry;
 use crate::engine::reuse::{self, ReusePlan};
 
 impl Worker<'_> {
-    /// Every sequence of the cache as placement sees it.
-    pub(super) fn sequences(&self) -> Vec<CachedSequence<'_>> {
+    /// Every sequence of the cache as placement sees it, and the prompts in RAM `with_ram`.
+    pub(super) fn sequences(&self, with_ram: bool) -> Vec<CachedSequence<'_>> {
         let movable_from = |seq_id: i32| self.cells.exclusive_from(seq_id) as usize;
-        let slots = self.slots.iter().enumerate().map(|(index, slot)| CachedSequence {
-            seq_id: slot.seq_id,
-            tokens: &slot.tokens,
-            role: if slot.is_busy() {
-                Role::Fixed
-            } else {
-                Role::FreeSlot(FreeSlot { index, last_used: slot.last_used })
+        let slots = self.slots.iter().enumerate().map(|(index, slot)| match slot.is_busy() {
+            true => CachedSequence { seq_id: slot.seq_id, tokens: &slot.tokens, role: Role::Fixed, movable_from: usize::MAX },
+            false => CachedSequence {
+                seq_id: slot.seq_id,
+                tokens: &slot.tokens,
+                role: Role::FreeSlot(FreeSlot { index, last_used: slot.last_used }),
+                movable_from: movable_from(slot.seq_id),
             },
-            movable_from: movable_from(slot.seq_id),
         });
         let entries = self.entries.iter().filter(|entry| !entry.tokens.is_empty()).map(|entry| CachedSequence {
             seq_id: entry.seq_id,
@@ -39,7 +41,7 @@ impl Worker<'_> {
             movable_from: usize::MAX,
         });
         // Restored cells are the slot's own: every chunk can move.
-        let in_ram = self.ram.entries().iter().enumerate().map(|(k, entry)| CachedSequence {
+        let in_ram = self.ram.entries().iter().enumerate().filter(|_| with_ram).map(|(k, entry)| CachedSequence {
             seq_id: -1,
             tokens: &entry.tokens,
             role: Role::InRam(k),
@@ -48,32 +50,60 @@ impl Worker<'_> {
         slots.chain(entries).chain(pinned).chain(in_ram).collect()
     }
 
+    /// What admission must not evict for `placement`, as [`Worker::make_room`] numbers the
+    /// holders (slots, then entries): the slot when it reuses its own cells, and the source of
+    /// a copy or a take. A slot whose cells the task replaces may go (to the RAM tier).
+    pub(super) fn reused_holders(&self, placement: &Placement) -> Vec<usize> {
+        let holder_of = |seq_id: i32| {
+            let slot = self.slots.iter().position(|slot| slot.seq_id == seq_id);
+            let entry = || self.entries.iter().position(|entry| entry.seq_id == seq_id).map(|k| self.slots.len() + k);
+            slot.or_else(entry)
+        };
+        match placement.source {
+            Source::Own => vec![placement.slot],
+            Source::Copy(seq_id) | Source::Take(seq_id) => holder_of(seq_id).into_iter().collect(),
+            Source::Restore(_) => Vec::new(),
+        }
+    }
+
     /// Leaves exactly the reused prefix in the chosen slot's sequence and parks the plan's
-    /// chunks; what the slot held before is kept as an entry when it is worth it. Returns
-    /// what is reused: the plan, or nothing where a prompt in RAM could not be restored.
-    pub(super) fn prepare(&mut self, placement: &Placement) -> ReusePlan {
+    /// chunks; what the slot held before is kept as an entry (or in RAM) when it is worth it.
+    /// `restoring` is the RAM tier's entry a `Restore` names, already taken out. Returns what
+    /// is reused: the plan, or nothing where the cells brought in do not hold what the plan
+    /// says (a prompt in RAM that would not restore; a bookkeeping fault, logged).
+    pub(super) fn prepare(
+        &mut self,
+        placement: &Placement,
+        restoring: Option<RamEntry>,
+        prompt: &[LlamaToken],
+    ) -> ReusePlan {
         let index = placement.slot;
         let plan = &placement.plan;
         let seq = self.slots[index].seq_id;
         match placement.source {
-            Source::Own if plan.chunks.is_empty() => {
-                self.preserve_as_entry(index, plan.prefix, None);
-                self.truncate(index, plan.prefix);
+            Source::Own => {
+                if plan.chunks.is_empty() {
+                    self.preserve_as_entry(index, plan.prefix, None);
+                }
+                // With chunks the slot's own cells move: what it held becomes the new prompt's.
+                let slot = &mut self.slots[index];
+                slot.hits = if plan.total() > 0 { slot.hits + 1 } else { 0 };
             }
-            // The slot's own cells move: what it held becomes the new prompt's.
-            Source::Own => {}
             Source::Copy(source) => {
                 self.preserve_as_entry(index, 0, Some(source));
                 self.truncate(index, 0);
-                let tokens = self.tokens_of(source)[..plan.prefix].to_vec();
                 self.ctx
                     .copy_kv_cache_seq(source, seq, Some(0), Some(plan.prefix as u32))
                     .expect("positions within the context fit in i32");
                 self.cells.copy_prefix(source, seq, plan.prefix as u32);
-                self.slots[index].tokens = tokens;
-                if let Some(k) = self.entries.iter().position(|entry| entry.seq_id == source) {
-                    self.entry_hit(k);
-                }
+                self.slots[index].tokens = self.tokens_of(source)[..plan.prefix].to_vec();
+                self.slots[index].hits = match self.entries.iter().position(|entry| entry.seq_id == source) {
+                    Some(k) => {
+                        self.entry_hit(k);
+                        self.entries[k].hits
+                    }
+                    None => 1,
+                };
             }
             Source::Take(source) => {
                 self.preserve_as_entry(index, 0, Some(source));
@@ -83,33 +113,48 @@ impl Worker<'_> {
                 self.ctx.copy_kv_cache_seq(source, seq, None, None).expect("sequence ids fit in i32");
                 self.cells.copy_prefix(source, seq, len as u32);
                 self.slots[index].tokens = self.entries[k].tokens.clone();
+                self.slots[index].hits = self.entries[k].hits + 1;
                 self.drop_entry(k);
             }
-            Source::Restore(k) => {
+            Source::Restore(_) => {
                 self.preserve_as_entry(index, 0, None);
                 self.truncate(index, 0);
-                if !self.restore_from_ram(index, k) {
+                let entry = restoring.expect("a restore comes with its entry");
+                if !self.restore_from_ram(index, entry) {
                     return ReusePlan::default();
-                }
-                if plan.chunks.is_empty() {
-                    self.truncate(index, plan.prefix);
                 }
             }
         }
-        if !plan.chunks.is_empty() {
+        if !self.holds_plan(index, plan, prompt) {
+            tracing::error!(slot = index, source = ?placement.source, "cached tokens do not match the plan; reading the prompt anew");
+            self.truncate(index, 0);
+            return ReusePlan::default();
+        }
+        if plan.chunks.is_empty() {
+            self.truncate(index, plan.prefix);
+        } else {
             self.park_chunks(index, plan);
         }
         plan.clone()
     }
 
-    /// Restores the RAM tier's entry `k` into slot `index`'s empty sequence, evicting what
-    /// it must for the cells; false (the entry dropped) where llama.cpp would not take it.
-    fn restore_from_ram(&mut self, index: usize, k: usize) -> bool {
+    /// Whether slot `index` holds what `plan` reuses of `prompt`: its prefix, and each chunk's
+    /// tokens where the chunk comes from. A cheap check that what is about to be reused is
+    /// what the prompt says, whatever went before.
+    fn holds_plan(&self, index: usize, plan: &ReusePlan, prompt: &[LlamaToken]) -> bool {
+        let held = &self.slots[index].tokens;
+        let same = |from: usize, to: usize, len: usize| {
+            held.get(from..from + len).is_some_and(|cached| prompt.get(to..to + len) == Some(cached))
+        };
+        same(0, 0, plan.prefix) && plan.chunks.iter().all(|chunk| same(chunk.from, chunk.to, chunk.len))
+    }
+
+    /// Restores `entry` (out of the RAM tier) into slot `index`'s empty sequence, evicting
+    /// what it must for the cells; false (the entry dropped) where llama.cpp would not take it.
+    fn restore_from_ram(&mut self, index: usize, entry: RamEntry) -> bool {
         let seq = self.slots[index].seq_id;
-        // Out of the tier first: making room may evict other prompts into it.
-        let entry = self.ram.take(k);
         let len = entry.tokens.len();
-        self.make_room(len, Some(index));
+        self.make_room(len, &[index]);
         let started = std::time::Instant::now();
         // SAFETY: the state was serialised from this context, or read from a file of this
         // model, configuration and build whose sha256 checked out.
@@ -119,11 +164,12 @@ impl Worker<'_> {
         }
         self.cells.append(seq, len as u32);
         self.slots[index].tokens = entry.tokens;
+        self.slots[index].hits = entry.hits + 1;
         tracing::debug!(tokens = len, ms = started.elapsed().as_secs_f64() * 1000.0, "prompt restored from RAM");
         true
     }
 
-    fn tokens_of(&self, seq_id: i32) -> &[llama_cpp_2::token::LlamaToken] {
+    fn tokens_of(&self, seq_id: i32) -> &[LlamaToken] {
         let slot = self.slots.iter().find(|slot| slot.seq_id == seq_id).map(|slot| &slot.tokens);
         let entry = || self.entries.iter().find(|entry| entry.seq_id == seq_id).map(|entry| &entry.tokens);
         let pinned = || self.pinned.iter().find(|pinned| pinned.seq_id == seq_id).map(|pinned| &pinned.tokens);
