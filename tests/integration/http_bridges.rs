@@ -212,8 +212,12 @@ async fn metrics_count_what_every_api_did_and_need_a_token_when_tokens_are_on() 
     assert!(rose("phi3d_generated_tokens_total{}") >= 4.0, "{after}");
     assert!(sample(&after, "phi3d_recent_decode_tokens_per_second{}") > 0.0, "{after}");
     assert!(rose("phi3d_prompt_tokens_total{}") > rose("phi3d_cached_prompt_tokens_total{}"), "{after}");
-    let lookups = rose(r#"phi3d_prompt_cache_lookups_total{result="hit"}"#) + rose(r#"phi3d_prompt_cache_lookups_total{result="miss"}"#);
+    let lookups: f64 = ["hit", "shifted", "miss"]
+        .iter()
+        .map(|result| rose(&format!(r#"phi3d_prompt_cache_lookups_total{{result="{result}"}}"#)))
+        .sum();
     assert_eq!(lookups, generations, "{after}");
+    assert!(rose("phi3d_prompt_tokens_total{}") >= rose("phi3d_shifted_prompt_tokens_total{}"), "{after}");
     // Home Assistant's second turn repeats the first's prompt: the cache has it.
     assert!(rose(r#"phi3d_prompt_cache_lookups_total{result="hit"}"#) >= 1.0, "{after}");
     // Timed when a generation made a token: the gRPC one made 4.

@@ -12,6 +12,7 @@ use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use tokio_util::sync::CancellationToken;
 
+use super::sequence_layout::SequenceLayout;
 use super::memory_plan::{KvType, MemoryPlan, ModelShape, human_bytes};
 
 /// Renders a pinned system prompt as the chat path renders a request's first turn, so that the
@@ -198,7 +199,8 @@ pub fn create_context<'m>(
     loaded: &'m LoadedModel,
     config: &EngineConfig,
 ) -> Result<LlamaContext<'m>, LoadError> {
-    let sequences = super::worker::SequenceLayout::new(config).count();
+    let layout = SequenceLayout::new(config.slots, config.pinned_prompts.len(), config.prompt_cache_entries);
+    let sequences = layout.count();
     // llama.cpp reserves one output per sequence and asserts that a batch can hold them all;
     // the worker still feeds at most batch_size tokens per step.
     let n_batch = config.batch_size.max(sequences);

@@ -26,6 +26,7 @@ pub mod queue;
 pub mod ram_tier;
 pub mod reuse;
 pub mod schedule;
+pub mod sequence_layout;
 pub mod sampling;
 pub mod slot;
 pub mod status;

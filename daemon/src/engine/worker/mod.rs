@@ -53,6 +53,7 @@ use super::cpu_use::IdleCores;
 use super::decode_rate::DecodeRate;
 use super::threads::{ThreadGovernor, ThreadPolicy};
 use super::queue::TaskReceiver;
+use super::sequence_layout::SequenceLayout;
 use super::ram_tier::RamTier;
 use super::schedule::{self, CacheHolder};
 use super::slot::{Feed, Slot};
@@ -131,7 +132,7 @@ pub fn run(
     };
     let store = persist::prompt_store(&config);
     let min_chunk = reusable_chunk(&config, &loaded);
-    let layout = SequenceLayout::new(&config);
+    let layout = SequenceLayout::new(config.slots, config.pinned_prompts.len(), config.prompt_cache_entries);
     let (governor, context_threads) = thread_governor(config.threads, &ctx);
     // llama.cpp rounds the cells up (to a multiple of 256) and caps a batch at the context;
     // the worker keeps to what was configured and to what llama.cpp accepts.
@@ -180,38 +181,6 @@ pub fn run(
     worker.serve();
     worker.save();
     tracing::debug!("worker stopped");
-}
-
-/// The sequences of the one KV cache: the slots, one scratch sequence per slot (where chunks
-/// reused past a changed span wait, see [`placement`]), the pinned prefixes, the entries.
-pub struct SequenceLayout {
-    slots: u32,
-    pinned: u32,
-    entries: u32,
-}
-
-impl SequenceLayout {
-    pub fn new(config: &EngineConfig) -> SequenceLayout {
-        SequenceLayout {
-            slots: config.slots,
-            pinned: config.pinned_prompts.len() as u32,
-            entries: config.prompt_cache_entries,
-        }
-    }
-
-    /// Every sequence the context must allow.
-    pub fn count(&self) -> u32 {
-        2 * self.slots + self.pinned + self.entries
-    }
-
-    fn pinned(&self, k: usize) -> i32 {
-        (2 * self.slots as usize + k) as i32
-    }
-
-    fn entries(&self) -> impl Iterator<Item = i32> {
-        let first = 2 * self.slots + self.pinned;
-        (first..first + self.entries).map(|seq| seq as i32)
-    }
 }
 
 /// RAM for cached prompts evicted from the KV cache: as configured, or from the memory plan.
