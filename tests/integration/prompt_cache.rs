@@ -11,7 +11,7 @@ use crate::common::{chat_request, collect, complete_request, exactly, in_backgro
 use phi3d_tests::harness::{Daemon, DaemonBuilder};
 
 /// A prefix of about 900 tokens, like a home's system prompt with its devices.
-fn house_prompt() -> String {
+pub fn house_prompt() -> String {
     let rooms = ["kitchen", "hall", "bedroom", "office", "garden", "garage"];
     let mut text = String::from("You control a house. Devices:\n");
     for index in 0..70 {

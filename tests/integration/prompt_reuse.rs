@@ -9,15 +9,7 @@ use phi3d_proto::v1::{GetStatusRequest, Usage};
 use crate::common::{collect, complete_request, exactly, in_background, tiny_daemon};
 use phi3d_tests::harness::{Daemon, DaemonBuilder};
 
-/// About 900 tokens of devices, like a home's system prompt.
-fn house() -> String {
-    let rooms = ["kitchen", "hall", "bedroom", "office", "garden", "garage"];
-    let mut text = String::from("You control a house. Devices:\n");
-    for index in 0..70 {
-        text.push_str(&format!("- light.{}_{index}: on\n", rooms[index % rooms.len()]));
-    }
-    text
-}
+use crate::prompt_cache::house_prompt as house;
 
 /// The house prompt as Home Assistant before 2025.10 sends it: the time to the second first.
 fn house_at(time: &str) -> String {
@@ -31,6 +23,20 @@ async fn usage(daemon: &Daemon, prompt: &str) -> Usage {
     let usage = reply.done.usage.unwrap();
     assert_eq!(usage.completion_tokens, 4, "the reply is generated: {usage:?}\n{}", daemon.stderr());
     usage
+}
+
+/// `count` short requests at once, `{k}` in `template` replaced by each one's number, each
+/// generating `generate` tokens; returns when all have ended.
+async fn burst(daemon: &Daemon, count: u32, template: &str, generate: u32) {
+    let mut client = daemon.inference().await;
+    let mut requests = Vec::new();
+    for k in 0..count {
+        let prompt = template.replace("{k}", &k.to_string());
+        requests.push(in_background(client.complete(complete_request(&prompt, exactly(generate))).await.unwrap().into_inner()));
+    }
+    for request in requests {
+        request.await.unwrap().unwrap();
+    }
 }
 
 fn with_cache_dir(builder: DaemonBuilder, dir: &std::path::Path) -> DaemonBuilder {
@@ -86,29 +92,14 @@ async fn a_burst_of_short_requests_does_not_evict_the_house_nor_lose_it_at_resta
     let house = house();
     usage(&daemon, &format!("{house}User: lights off")).await;
     // As many short requests as there are slots, at once: every slot is taken.
-    let mut client = daemon.inference().await;
-    let mut burst = Vec::new();
-    for k in 0..slots {
-        let prompt = format!("Timer {k}: how long until the pasta is done?");
-        burst.push(in_background(client.complete(complete_request(&prompt, exactly(24))).await.unwrap().into_inner()));
-    }
-    for request in burst {
-        request.await.unwrap().unwrap();
-    }
+    burst(&daemon, slots, "Timer {k}: how long until the pasta is done?", 24).await;
     let status = daemon.admin().await.get_status(GetStatusRequest {}).await.unwrap().into_inner();
     assert!(status.kv_cells_used < status.kv_cells_total / 2, "cells were free all along: {status:?}");
     let after_burst = usage(&daemon, &format!("{house}User: lights on")).await;
     assert!(after_burst.cached_prompt_tokens > 800, "the house was kept as an entry: {after_burst:?}");
 
     // Another burst, then a restart: the house is what was saved, and it is used.
-    let mut burst = Vec::new();
-    for k in 0..slots {
-        let prompt = format!("Alarm {k}: wake me at seven");
-        burst.push(in_background(client.complete(complete_request(&prompt, exactly(8))).await.unwrap().into_inner()));
-    }
-    for request in burst {
-        request.await.unwrap().unwrap();
-    }
+    burst(&daemon, slots, "Alarm {k}: wake me at seven", 8).await;
     assert!(daemon.terminate(Duration::from_secs(20)).await.success(), "{}", daemon.stderr());
     let restarted = builder().start().await;
     let after_restart = usage(&restarted, &format!("{house}User: lights on")).await;
@@ -127,15 +118,7 @@ async fn a_burst_of_short_requests_does_not_evict_the_house_nor_lose_it_at_resta
             .start()
             .await;
         usage(&without, &format!("{house}User: lights off")).await;
-        let mut client = without.inference().await;
-        let mut burst = Vec::new();
-        for k in 0..slots {
-            let prompt = format!("Timer {k}: how long until the pasta is done?");
-            burst.push(in_background(client.complete(complete_request(&prompt, exactly(24))).await.unwrap().into_inner()));
-        }
-        for request in burst {
-            request.await.unwrap().unwrap();
-        }
+        burst(&without, slots, "Timer {k}: how long until the pasta is done?", 24).await;
         let after = usage(&without, &format!("{house}User: lights on")).await;
         assert_eq!(after.cached_prompt_tokens > 800, kept, "RAM {ram_mb} MB: {after:?}");
     }
