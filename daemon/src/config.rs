@@ -130,6 +130,10 @@ settings! {
         /// start of a system prompt (0: exact prefixes only)
         #[arg(long, env = "PHI3D_PROMPT_CACHE_MIN_CHUNK")]
         prompt_cache_min_chunk: u32,
+        /// Longest draft of tokens guessed from the prompt and checked in one decode (lookup
+        /// decoding; the text stays the same), adapted to how many are kept (0: off)
+        #[arg(long, env = "PHI3D_LOOKUP_DRAFT_MAX")]
+        lookup_draft_max: u32,
         /// Tokens one tool-call step may generate, whatever the request's max_tokens
         #[arg(long, env = "PHI3D_TOOL_CALL_MAX_TOKENS")]
         tool_call_max_tokens: u32,
@@ -321,6 +325,10 @@ pub const DEFAULT_MAX_PROMPT_CACHE_ENTRIES: u32 = 16;
 pub const MAX_PROMPT_CACHE_ENTRIES: u32 = 64;
 /// See the README's "Prompts that change early" for how this was chosen.
 pub const DEFAULT_PROMPT_CACHE_MIN_CHUNK: u32 = 64;
+/// See the README's "Drafts from the prompt" for how this was chosen.
+pub const DEFAULT_LOOKUP_DRAFT_MAX: u32 = 8;
+/// A longer draft is rarely kept whole, and each checked token costs a batch position.
+pub const MAX_LOOKUP_DRAFT: u32 = 32;
 /// Tokens a tool-call step may generate unless configured.
 pub const DEFAULT_TOOL_CALL_MAX_TOKENS: u32 = 256;
 /// The largest `tools.max_steps` unless configured.
@@ -395,6 +403,7 @@ pub struct Config {
     pub prompt_cache_ram_mb: Option<u64>,
     pub prompt_cache_entries: u32,
     pub prompt_cache_min_chunk: u32,
+    pub lookup_draft_max: u32,
     pub tool_call_max_tokens: u32,
     pub max_tool_steps: u32,
     pub unix_socket: Option<PathBuf>,
@@ -488,6 +497,7 @@ impl Config {
                 .prompt_cache_entries
                 .unwrap_or((ctx_size / 512).clamp(2, DEFAULT_MAX_PROMPT_CACHE_ENTRIES)),
             prompt_cache_min_chunk: settings.prompt_cache_min_chunk.unwrap_or(DEFAULT_PROMPT_CACHE_MIN_CHUNK),
+            lookup_draft_max: settings.lookup_draft_max.unwrap_or(DEFAULT_LOOKUP_DRAFT_MAX),
             prompt_cache_ram_mb: settings.prompt_cache_ram_mb,
             // As for max_tokens: a limit below the default lowers the default with it.
             tool_call_max_tokens: settings
@@ -559,6 +569,12 @@ impl Config {
             return Err(ConfigError(format!(
                 "prompt_cache_entries: {} is out of range; it must be 0 to {MAX_PROMPT_CACHE_ENTRIES}",
                 config.prompt_cache_entries
+            )));
+        }
+        if config.lookup_draft_max > MAX_LOOKUP_DRAFT {
+            return Err(ConfigError(format!(
+                "lookup_draft_max: {} is out of range; it must be 0 (off) to {MAX_LOOKUP_DRAFT}",
+                config.lookup_draft_max
             )));
         }
         at_least("tool_call_max_tokens", config.tool_call_max_tokens, 1)?;
@@ -722,7 +738,7 @@ mod tests {
                     plugins_dir = \"/p\"\ntool_choice = \"auto\"\nsandbox = { require = \"strict\" }\nslots = 2\n\
                     kv_type = \"q8_0\"\npinned_prompts = [\"/etc/phi3d/home.txt\"]\nprompt_cache_dir = \"/c\"\n\
                     prompt_cache_disk_mb = 10\nprompt_cache_entries = 5\nprompt_cache_min_chunk = 48\nprompt_cache_ram_mb = 64\n\
-                    tool_call_max_tokens = 16\nmax_tool_steps = 8\n\
+                    lookup_draft_max = 5\ntool_call_max_tokens = 16\nmax_tool_steps = 8\n\
                     unix_socket = \"/run/phi3d/phi3d.sock\"\nunix_socket_mode = \"600\"\nunix_socket_group = \"phi3d\"\n\
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
@@ -742,6 +758,7 @@ mod tests {
         assert_eq!(config.tool_choice, phi3d_proto::v1::ToolChoice::Auto);
         assert_eq!((config.slots, config.kv_type), (2, KvType::Q8_0));
         assert_eq!((config.prompt_cache_entries, config.prompt_cache_min_chunk), (5, 48));
+        assert_eq!(config.lookup_draft_max, 5);
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
         assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));

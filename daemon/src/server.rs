@@ -155,6 +155,7 @@ fn engine_config(config: &Config, model_path: &Path, stopping: &CancellationToke
         prompt_cache_entries: config.prompt_cache_entries,
         prompt_cache_ram_bytes: config.prompt_cache_ram_mb.map(|mb| mb.saturating_mul(1_000_000)),
         prompt_cache_min_chunk: config.prompt_cache_min_chunk as usize,
+        lookup_draft_max: config.lookup_draft_max as usize,
         cancel: stopping.clone(),
         observer: Arc::new(metrics.clone()),
     }

@@ -14,6 +14,7 @@ mod hostile_requests;
 mod http_bridges;
 mod hostile_connections;
 mod lifecycle;
+mod lookup;
 mod neighbours;
 mod tokenizer;
 mod plugins;

@@ -46,6 +46,8 @@ pub struct EngineConfig {
     pub prompt_cache_entries: u32,
     /// Shortest run reused past a changed span (0: exact prefixes only).
     pub prompt_cache_min_chunk: usize,
+    /// Longest draft from the prompt checked per step (lookup decoding; 0: off).
+    pub lookup_draft_max: usize,
     /// Stops a load in progress (shutdown).
     pub cancel: CancellationToken,
     /// Told of each generation's tokens and timings as it ends.

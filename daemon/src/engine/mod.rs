@@ -19,6 +19,7 @@ pub mod decode_rate;
 pub mod heartbeat;
 pub mod kv_cells;
 pub mod loader;
+pub mod lookup;
 pub mod memory_plan;
 pub mod observer;
 pub mod prompt_cache;

@@ -58,26 +58,35 @@ pub fn victim(holders: &[CacheHolder], keep: &[usize]) -> Option<usize> {
 pub enum Need {
     /// Idle, or waiting to sample.
     Nothing,
-    /// The token it sampled last.
-    Token,
+    /// The token it sampled last, and behind it a draft of this many tokens to check.
+    Token { drafts: usize },
     /// This many prompt tokens still to read.
     Prompt(usize),
 }
 
 /// The next batch, as (slot, tokens) in the order they are added: first one token from every
-/// generating slot, then the rest of `batch_size` shared among the slots still reading their
-/// prompt, each taking at most an even share of what is left. Both rounds start at `cursor`,
-/// which the worker moves on every step, so that every slot gets its turn at the front.
+/// generating slot, then their drafts, then the rest of `batch_size` shared among the slots
+/// still reading their prompt, each taking at most an even share of what is left. Every round
+/// starts at `cursor`, which the worker moves on every step, so that every slot gets its turn
+/// at the front.
 pub fn plan_batch(needs: &[Need], cursor: usize, batch_size: usize) -> Vec<(usize, usize)> {
     let count = needs.len();
     let order: Vec<usize> = (0..count).map(|k| (cursor + k) % count).collect();
     let mut budget = batch_size;
     let mut plan = Vec::new();
     for &index in &order {
-        if needs[index] == Need::Token && budget > 0 {
+        if matches!(needs[index], Need::Token { .. }) && budget > 0 {
             budget -= 1;
             plan.push((index, 1));
         }
+    }
+    // A draft is a guess; the token sampled last is not: every generating slot has its token
+    // in before any draft.
+    for (index, tokens) in &mut plan {
+        let Need::Token { drafts } = needs[*index] else { continue };
+        let take = drafts.min(budget);
+        budget -= take;
+        *tokens += take;
     }
     let mut readers = order.iter().filter(|&&index| matches!(needs[index], Need::Prompt(_))).count();
     for &index in &order {
@@ -152,15 +161,24 @@ mod tests {
 
     #[test]
     fn generating_slots_come_first_then_readers_share_the_rest() {
-        let needs = [Need::Prompt(100), Need::Token, Need::Nothing, Need::Token, Need::Prompt(3)];
+        let token = Need::Token { drafts: 0 };
+        let needs = [Need::Prompt(100), token, Need::Nothing, token, Need::Prompt(3)];
         assert_eq!(plan_batch(&needs, 0, 10), [(1, 1), (3, 1), (0, 4), (4, 3)]);
         // A short prompt leaves its share to the next reader.
         assert_eq!(plan_batch(&needs, 4, 10), [(1, 1), (3, 1), (4, 3), (0, 5)]);
     }
 
     #[test]
+    fn drafts_come_after_every_sampled_token_and_before_prompts() {
+        let needs = [Need::Token { drafts: 4 }, Need::Prompt(100), Need::Token { drafts: 0 }, Need::Token { drafts: 8 }];
+        assert_eq!(plan_batch(&needs, 0, 20), [(0, 5), (2, 1), (3, 9), (1, 5)]);
+        // A small batch cuts the drafts, never a sampled token.
+        assert_eq!(plan_batch(&needs, 3, 6), [(3, 4), (0, 1), (2, 1)]);
+    }
+
+    #[test]
     fn the_batch_never_exceeds_its_size_and_the_cursor_rotates_the_front() {
-        let needs = [Need::Token, Need::Token, Need::Token];
+        let needs = [Need::Token { drafts: 0 }; 3];
         assert_eq!(plan_batch(&needs, 1, 2), [(1, 1), (2, 1)]);
         assert_eq!(plan_batch(&needs, 2, 2), [(2, 1), (0, 1)]);
         let readers = [Need::Prompt(50), Need::Prompt(50)];

@@ -12,6 +12,7 @@ use std::time::Instant;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
+use super::lookup::Drafter;
 use super::reuse::{Chunk, ReusePlan};
 use super::schedule::{self, Need};
 use super::stop::{StopMatcher, StopStep};
@@ -33,10 +34,30 @@ pub struct Slot {
 /// What a slot asks to have decoded in the next batch.
 pub struct Feed {
     pub tokens: Vec<LlamaToken>,
-    /// Prompt tokens (as opposed to the token sampled last).
+    /// Prompt tokens (as opposed to the token sampled last and its draft, every one of which
+    /// needs its logits).
     pub from_prompt: bool,
-    /// Whether the last token's logits are needed (the end of the prompt, or a reply token).
+    /// Whether the last prompt token's logits are needed (the end of the prompt).
     pub wants_logits: bool,
+}
+
+impl Feed {
+    /// Whether the token at `offset` needs its logits.
+    pub fn wants_logits_at(&self, offset: usize) -> bool {
+        !self.from_prompt || (self.wants_logits && offset + 1 == self.tokens.len())
+    }
+}
+
+/// What sampling after a decode did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sampled {
+    /// Why the task must end, if it must.
+    pub stop: Option<StopReason>,
+    /// Tokens sampled (and streamed, unless they ended the task).
+    pub tokens: usize,
+    /// Drafted tokens at the end of the sequence that were not the sampler's picks: the
+    /// caller removes them from the sequence.
+    pub rejected_drafts: usize,
 }
 
 /// The state of a slot while it serves a task.
@@ -53,7 +74,12 @@ struct Busy {
     splices: VecDeque<Chunk>,
     /// The token sampled last, to be decoded in the next batch.
     pending: Option<LlamaToken>,
-    /// Where this slot's logits are in the batch just decoded.
+    /// Guesses of the tokens after `pending`, to be checked in the same batch.
+    draft: Vec<LlamaToken>,
+    drafter: Drafter,
+    /// The part of `draft` decoded in the batch just decoded, behind `pending`.
+    checking: Vec<LlamaToken>,
+    /// Where this slot's (first) logits are in the batch just decoded.
     logits_index: Option<i32>,
     /// The sequence may grow up to this many positions: KV cells held back for this task.
     reserved_until: usize,
@@ -84,8 +110,8 @@ impl Slot {
 
     /// Takes a task whose reused prefix the caller has already put in this sequence (and
     /// nothing after it), and the plan's chunks parked at their new positions. `n_ctx`
-    /// bounds how far the sequence may grow.
-    pub fn start(&mut self, task: Task, plan: &ReusePlan, n_ctx: usize) {
+    /// bounds how far the sequence may grow; `max_draft` is the longest draft checked per step.
+    pub fn start(&mut self, task: Task, plan: &ReusePlan, n_ctx: usize, max_draft: usize) {
         let reuse = plan.prefix;
         debug_assert!(self.tokens.len() == reuse && self.tokens[..] == task.prompt[..reuse]);
         let stop = StopMatcher::new(task.params.stop.clone());
@@ -99,6 +125,9 @@ impl Slot {
             shifted_prompt_tokens: plan.shifted(),
             splices: plan.chunks.iter().copied().collect(),
             pending: None,
+            draft: Vec::new(),
+            drafter: Drafter::new(max_draft),
+            checking: Vec::new(),
             logits_index: None,
             reserved_until,
             completion_tokens: 0,
@@ -147,14 +176,27 @@ impl Slot {
         let Some(busy) = self.busy.as_ref() else { return Need::Nothing };
         let left = Self::feed_until(busy) - busy.prompt_fed;
         match (left, busy.pending) {
-            (0, Some(_)) => Need::Token,
+            (0, Some(_)) => Need::Token { drafts: busy.draft.len() },
             (0, None) => Need::Nothing,
             (left, _) => Need::Prompt(left),
         }
     }
 
+    /// Guesses the tokens after the one sampled last, for the next batch to check: from where
+    /// the last tokens appeared before in this sequence, as long as max_tokens and the context
+    /// leave room for.
+    pub fn draft(&mut self, n_ctx: usize) {
+        let Some(busy) = self.busy.as_mut() else { return };
+        let Some(last) = busy.pending else { return };
+        // Every drafted token that is kept is one more reply token, and needs a cell.
+        let replies_left = busy.task.params.max_tokens.saturating_sub(busy.completion_tokens + 1) as usize;
+        let cells_left = n_ctx.saturating_sub(self.tokens.len() + 1);
+        busy.draft = busy.drafter.draft(&self.tokens, last, replies_left.min(cells_left));
+    }
+
     /// What this slot wants decoded next, at most `budget` tokens: the next chunk of the
-    /// prompt, or the token sampled last. Nothing changes until [`Slot::commit`].
+    /// prompt, or the token sampled last and as much of its draft as fits. Nothing changes
+    /// until [`Slot::commit`].
     pub fn next_feed(&self, budget: usize) -> Option<Feed> {
         let busy = self.busy.as_ref()?;
         if budget == 0 {
@@ -169,7 +211,10 @@ impl Slot {
                 wants_logits: end == prompt.len(),
             });
         }
-        busy.pending.map(|token| Feed { tokens: vec![token], from_prompt: false, wants_logits: true })
+        let token = busy.pending?;
+        let drafts = busy.draft.len().min(budget - 1);
+        let tokens = std::iter::once(token).chain(busy.draft[..drafts].iter().copied()).collect();
+        Some(Feed { tokens, from_prompt: false, wants_logits: true })
     }
 
     /// Records that `feed` was decoded, its logits (if it asked) at `logits_index`.
@@ -179,44 +224,46 @@ impl Slot {
             busy.prompt_fed += feed.tokens.len();
         } else {
             busy.pending = None;
+            busy.draft.clear();
+            busy.checking = feed.tokens[1..].to_vec();
         }
         busy.logits_index = logits_index;
         self.tokens.extend_from_slice(&feed.tokens);
     }
 
-    /// Samples the next token after a decode and streams its text. Returns why the task
-    /// must end, if it must, or why sampling failed (the caller fails the task).
+    /// Samples after a decode and streams the text: the next token, and while the drafted
+    /// tokens behind it are what the sampler picks, one more from each of their logits. The
+    /// sampler sees exactly the tokens plain decoding would give it, so the text is the same.
+    /// Fails when sampling fails (the caller fails the task).
     pub fn sample(
         &mut self,
         ctx: &llama_cpp_2::context::LlamaContext<'_>,
         model: &LlamaModel,
         n_ctx: u32,
-    ) -> Result<Option<StopReason>, EngineError> {
-        let Some(busy) = self.busy.as_mut() else { return Ok(None) };
-        let Some(index) = busy.logits_index.take() else { return Ok(None) };
-        let now = Instant::now();
-        busy.prompt_done_at.get_or_insert(now);
-        let token = super::sampling::sample(&mut busy.task.sampler, ctx, index)?;
-        busy.first_token_at.get_or_insert(now);
-        let vocab = model.vocab();
-        if vocab.is_eog(token) && !busy.task.params.ignore_eos {
-            return Ok(Some(StopReason::EndOfGeneration));
+    ) -> Result<Sampled, EngineError> {
+        let Some(busy) = self.busy.as_mut() else { return Ok(Sampled::default()) };
+        let Some(first) = busy.logits_index.take() else { return Ok(Sampled::default()) };
+        let checking = std::mem::take(&mut busy.checking);
+        let mut sampled = Sampled::default();
+        let mut kept = 0;
+        loop {
+            let token = busy.sample_one(ctx, model, first + kept as i32, &mut sampled)?;
+            let Some(token) = token else { break };
+            if checking.get(kept) == Some(&token) {
+                kept += 1;
+                continue;
+            }
+            // The sampled token still needs a place in the context to be decoded.
+            if self.tokens.len() - (checking.len() - kept) + 1 > n_ctx as usize {
+                sampled.stop = Some(StopReason::MaxTokens);
+            } else {
+                busy.pending = Some(token);
+            }
+            break;
         }
-        busy.completion_tokens += 1;
-        let piece = vocab.token_to_piece(token, busy.task.params.render_special_tokens, None);
-        let text = busy.decoder.push(&piece);
-        if busy.send_text(&text) {
-            return Ok(Some(StopReason::StopSequence));
-        }
-        if busy.completion_tokens >= busy.task.params.max_tokens {
-            return Ok(Some(StopReason::MaxTokens));
-        }
-        // The sampled token still needs a place in the context to be decoded.
-        if self.tokens.len() as u32 + 1 > n_ctx {
-            return Ok(Some(StopReason::MaxTokens));
-        }
-        busy.pending = Some(token);
-        Ok(None)
+        busy.drafter.record(checking.len(), kept);
+        sampled.rejected_drafts = checking.len() - kept;
+        Ok(sampled)
     }
 
     /// Ends the task with `Done`, flushing held-back text unless it was cancelled, and frees
@@ -279,6 +326,39 @@ impl Drop for Slot {
 }
 
 impl Busy {
+    /// Samples one token from the logits at batch position `index` and streams it. `None`
+    /// when the task ends with it (`sampled.stop` says why).
+    fn sample_one(
+        &mut self,
+        ctx: &llama_cpp_2::context::LlamaContext<'_>,
+        model: &LlamaModel,
+        index: i32,
+        sampled: &mut Sampled,
+    ) -> Result<Option<LlamaToken>, EngineError> {
+        let now = Instant::now();
+        self.prompt_done_at.get_or_insert(now);
+        let token = super::sampling::sample(&mut self.task.sampler, ctx, index)?;
+        self.first_token_at.get_or_insert(now);
+        sampled.tokens += 1;
+        let vocab = model.vocab();
+        if vocab.is_eog(token) && !self.task.params.ignore_eos {
+            sampled.stop = Some(StopReason::EndOfGeneration);
+            return Ok(None);
+        }
+        self.completion_tokens += 1;
+        let piece = vocab.token_to_piece(token, self.task.params.render_special_tokens, None);
+        let text = self.decoder.push(&piece);
+        if self.send_text(&text) {
+            sampled.stop = Some(StopReason::StopSequence);
+            return Ok(None);
+        }
+        if self.completion_tokens >= self.task.params.max_tokens {
+            sampled.stop = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        Ok(Some(token))
+    }
+
     /// Streams what the stop matcher lets through; true when a stop string completed.
     fn send_text(&mut self, text: &str) -> bool {
         if text.is_empty() {
@@ -319,6 +399,8 @@ impl Busy {
             } else {
                 0.0
             },
+            draft_tokens: self.drafter.drafted,
+            accepted_draft_tokens: self.drafter.accepted,
         };
         Completion {
             stop_reason,

@@ -128,7 +128,7 @@ pub struct Completion {
     pub timings: Timings,
 }
 
-/// Milliseconds spent in each phase of a task.
+/// Milliseconds spent in each phase of a task, and the drafts that sped up its generation.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub queued_ms: f64,
@@ -136,6 +136,10 @@ pub struct Timings {
     pub first_token_ms: f64,
     pub generation_ms: f64,
     pub tokens_per_second: f64,
+    /// Tokens guessed from the prompt and the reply so far, checked beside a sampled token.
+    pub draft_tokens: u32,
+    /// Of those, the ones the sampler picked: reply tokens that took no decode of their own.
+    pub accepted_draft_tokens: u32,
 }
 
 /// Why the engine could not finish a task.

@@ -255,12 +255,18 @@ fn finish_reason(done: &phi3d_proto::v1::Done) -> &'static str {
 
 fn usage(done: &phi3d_proto::v1::Done) -> Value {
     let usage = done.usage.unwrap_or_default();
+    let timings = done.timings.unwrap_or_default();
     json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         // Every prompt token not decoded again, at its old place or moved past a changed span.
         "prompt_tokens_details": { "cached_tokens": usage.cached_prompt_tokens + usage.shifted_prompt_tokens },
+        // OpenAI's fields for tokens predicted ahead: here the drafts from the prompt.
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": timings.accepted_draft_tokens,
+            "rejected_prediction_tokens": timings.draft_tokens.saturating_sub(timings.accepted_draft_tokens),
+        },
     })
 }
 

@@ -50,6 +50,12 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DraftLabels {
+    /// accepted (the sampler picked the drafted token) or rejected.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -78,6 +84,7 @@ struct Inner {
     cached_prompt_tokens: Counter,
     shifted_prompt_tokens: Counter,
     generated_tokens: Counter,
+    draft_tokens: Family<DraftLabels, Counter>,
     prompt_cache_lookups: Family<ResultLabels, Counter>,
     time_to_first_token: Histogram,
     tokens_per_second: Histogram,
@@ -112,6 +119,7 @@ impl Default for Metrics {
             cached_prompt_tokens: Counter::default(),
             shifted_prompt_tokens: Counter::default(),
             generated_tokens: Counter::default(),
+            draft_tokens: Family::default(),
             prompt_cache_lookups: Family::default(),
             // 50 ms to about 100 s: a cached turn on a desktop to a cold 4k prompt on a Pi.
             time_to_first_token: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.05, 2.0, 12)),
@@ -141,6 +149,11 @@ impl Default for Metrics {
             inner.shifted_prompt_tokens.clone(),
         );
         registry.register("generated_tokens", "Tokens generated", inner.generated_tokens.clone());
+        registry.register(
+            "draft_tokens",
+            "Tokens guessed from the prompt and checked beside a sampled token (lookup decoding): picked by the sampler (accepted) or not (rejected)",
+            inner.draft_tokens.clone(),
+        );
         registry.register("prompt_cache_lookups", "Generations whose prompt was found as a cached prefix (hit), also reused past a changed span (shifted), or not at all (miss)", inner.prompt_cache_lookups.clone());
         registry.register(
             "time_to_first_token_seconds",
@@ -198,6 +211,10 @@ impl Metrics {
         inner.cached_prompt_tokens.inc_by(u64::from(done.cached_prompt_tokens));
         inner.shifted_prompt_tokens.inc_by(u64::from(done.shifted_prompt_tokens));
         inner.generated_tokens.inc_by(u64::from(done.completion_tokens));
+        let drafts = &done.timings;
+        let rejected = drafts.draft_tokens.saturating_sub(drafts.accepted_draft_tokens);
+        inner.draft_tokens.get_or_create(&DraftLabels { result: "accepted" }).inc_by(u64::from(drafts.accepted_draft_tokens));
+        inner.draft_tokens.get_or_create(&DraftLabels { result: "rejected" }).inc_by(u64::from(rejected));
         let result = match (done.cached_prompt_tokens, done.shifted_prompt_tokens) {
             (0, 0) => "miss",
             (_, 0) => "hit",

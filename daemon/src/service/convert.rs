@@ -40,6 +40,8 @@ pub fn done(completion: Completion) -> pb::Done {
             first_token_ms: timings.first_token_ms,
             generation_ms: timings.generation_ms,
             tokens_per_second: timings.tokens_per_second,
+            draft_tokens: timings.draft_tokens,
+            accepted_draft_tokens: timings.accepted_draft_tokens,
         }),
         text: completion.text,
     }

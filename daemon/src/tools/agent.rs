@@ -355,6 +355,8 @@ impl Totals {
         self.completion_tokens += completion.completion_tokens;
         self.timings.prompt_ms += timings.prompt_ms;
         self.timings.generation_ms += timings.generation_ms;
+        self.timings.draft_tokens += timings.draft_tokens;
+        self.timings.accepted_draft_tokens += timings.accepted_draft_tokens;
         if self.timings.generation_ms > 0.0 {
             self.timings.tokens_per_second = f64::from(self.completion_tokens) * 1000.0 / self.timings.generation_ms;
         }

@@ -3,8 +3,9 @@
 //! `LlamaContext` is not `Sync`, and llama.cpp has no abort callback, so one thread loads the
 //! model, restores the saved prompt cache, warms the pinned prefixes, then loops: admit queued
 //! tasks into free slots (where their prefix is cached, when the KV cells they may need are
-//! free), build one batch (first one token from every generating slot, then prompt chunks
-//! round-robin across the slots still reading), decode, sample, stream. Cancellation is
+//! free), build one batch (first one token from every generating slot, then the drafts from
+//! the prompt behind those tokens, then prompt chunks round-robin across the slots still
+//! reading), decode, sample (and check the drafts: see [`super::lookup`]), stream. Cancellation is
 //! checked before every decode, so a cancelled task stops within one step, even in the middle
 //! of a long prompt. The worker never waits on a client: events go out on unbounded channels.
 //! On shutdown it saves the cached sequences for the next start.
@@ -71,6 +72,8 @@ pub struct Worker<'m> {
     /// Shortest run reused past a changed span; 0 when off or when the model's positions
     /// cannot be shifted.
     min_chunk: usize,
+    /// The longest draft from the prompt checked per step (lookup decoding); 0 when off.
+    max_draft: usize,
     cells: CellLedger,
     n_ctx: usize,
     batch: LlamaBatch<'static>,
@@ -147,6 +150,7 @@ pub fn run(
         ram: RamTier::new(ram_budget(&config, &loaded)),
         layout,
         min_chunk,
+        max_draft: config.lookup_draft_max,
         cells: CellLedger::default(),
         n_ctx,
         batch: LlamaBatch::new(batch_size, 1),
@@ -373,7 +377,7 @@ impl Worker<'_> {
             slot = placement.slot,
             "task started"
         );
-        self.slots[placement.slot].start(task, &plan, self.n_ctx);
+        self.slots[placement.slot].start(task, &plan, self.n_ctx, self.max_draft);
         self.apply_due_splices(placement.slot);
         // The engine's count of active requests is read from the status: it shows the task
         // before the task's first event goes out.
@@ -456,6 +460,9 @@ impl Worker<'_> {
 
     /// This step's work, as [`schedule::plan_batch`] shares it out.
     fn plan_batch(&mut self) -> Vec<(usize, Feed)> {
+        for slot in &mut self.slots {
+            slot.draft(self.n_ctx);
+        }
         let needs: Vec<_> = self.slots.iter().map(Slot::need).collect();
         let plan = schedule::plan_batch(&needs, self.cursor, self.batch_size);
         self.cursor = (self.cursor + 1) % self.slots.len();
@@ -472,7 +479,7 @@ impl Worker<'_> {
         let started = Instant::now();
         let mut feeds = self.plan_batch();
         let generating_only = feeds.iter().all(|(_, feed)| !feed.from_prompt);
-        let generated = feeds.len();
+        let mut generated = 0;
         let mut evicted = false;
         while !feeds.is_empty() {
             match self.decode(&feeds) {
@@ -531,8 +538,16 @@ impl Worker<'_> {
                 self.slots[index].sample(&self.ctx, &self.model.model, n_ctx)
             }));
             match sampled {
-                Ok(Ok(Some(reason))) => self.finish(index, reason),
-                Ok(Ok(None)) => {}
+                Ok(Ok(sampled)) => {
+                    generated += sampled.tokens;
+                    if sampled.rejected_drafts > 0 {
+                        let keep = self.slots[index].tokens.len() - sampled.rejected_drafts;
+                        self.truncate(index, keep);
+                    }
+                    if let Some(reason) = sampled.stop {
+                        self.finish(index, reason);
+                    }
+                }
                 Ok(Err(error)) => {
                     tracing::warn!(slot = index, "{error}");
                     self.fail(index, error);
@@ -559,18 +574,18 @@ impl Worker<'_> {
         ending.send();
     }
 
-    /// Decodes `feeds` as one batch; the logits index of each feed that asked for logits.
+    /// Decodes `feeds` as one batch; the index of the first logits of each feed that asked for
+    /// logits (a feed's logits are consecutive).
     fn decode(&mut self, feeds: &[(usize, Feed)]) -> Result<Vec<Option<i32>>, DecodeError> {
         self.batch.clear();
         let mut logits = Vec::with_capacity(feeds.len());
         for (index, feed) in feeds {
             let slot = &self.slots[*index];
             let start = slot.tokens.len() as i32;
-            let last = feed.tokens.len() - 1;
             let mut logits_index = None;
             for (offset, token) in feed.tokens.iter().enumerate() {
-                let wants = feed.wants_logits && offset == last;
-                if wants {
+                let wants = feed.wants_logits_at(offset);
+                if wants && logits_index.is_none() {
                     logits_index = Some(self.batch.n_tokens());
                 }
                 self.batch
