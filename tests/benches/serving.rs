@@ -41,6 +41,8 @@
 //! byte tokens the first delta can come a token late. The model file is read once before the
 //! runs, so every load comes from the page cache.
 
+#[path = "serving/drafts.rs"]
+mod drafts;
 #[path = "serving/neighbours.rs"]
 mod neighbours;
 #[path = "serving/prompt_cache.rs"]
@@ -116,7 +118,8 @@ struct Options {
     /// each side), `cache-burst` (the home turn's cache after a burst that takes every slot and
     /// after a restart), `cache-time` (the home turn with the time at the start of its prompt),
     /// `cache-chunk` (what each --prompt-cache-min-chunk saves on a follow-up with a changed
-    /// time, changed device states or a dropped turn, and whether its reply stays exact).
+    /// time, changed device states or a dropped turn, and whether its reply stays exact),
+    /// `drafts` (decode of a reply that copies its prompt, with and without drafts from it).
     #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
     scenarios: Vec<String>,
     /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores
@@ -174,8 +177,8 @@ fn main() -> anyhow::Result<()> {
     let wanted = |scenario: &str| options.scenarios.iter().any(|name| name == scenario);
     for name in &options.scenarios {
         ensure!(
-            ["single", "shared", "neighbours", "cache-burst", "cache-time", "cache-chunk"].contains(&name.as_str()),
-            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst, cache-time and cache-chunk"
+            ["single", "shared", "neighbours", "cache-burst", "cache-time", "cache-chunk", "drafts"].contains(&name.as_str()),
+            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst, cache-time, cache-chunk and drafts"
         );
     }
     ensure!(options.runs > 0, "--runs must be at least 1");
@@ -281,6 +284,9 @@ fn main() -> anyhow::Result<()> {
     if wanted("cache-chunk") {
         // phi3d only: llama-server's --cache-reuse has no minimum chunk of the same meaning.
         runtime.block_on(prompt_cache::chunk(&setup, options.home_tokens))?;
+    }
+    if wanted("drafts") {
+        runtime.block_on(drafts::run(&setup, options.runs, peer.as_deref()))?;
     }
     println!("\nload avg    {} (after)", load_average());
     Ok(())

@@ -327,7 +327,7 @@ fn timed(time: impl std::fmt::Display, house: &str) -> String {
 
 /// The scenario's setup, as the bench's own header names it: the model file, the threads, and
 /// the CPU features llama.cpp's kernels were built for (as the daemon reports them).
-async fn describe(phi3d: &Phi3d, setup: &Setup) -> anyhow::Result<String> {
+pub async fn describe(phi3d: &Phi3d, setup: &Setup) -> anyhow::Result<String> {
     let status = AdminClient::new(phi3d.channel()).get_status(GetStatusRequest {}).await?.into_inner();
     Ok(format!(
         "model {}, threads {} (fixed), ctx {}, batch {}, CPU features {}",

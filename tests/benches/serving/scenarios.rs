@@ -198,13 +198,27 @@ impl LlamaServer {
         }
     }
 
-    /// Streams one request's server-sent events; figures as phi3d's.
-    async fn stream(&self, path: &str, body: serde_json::Value, generate: usize) -> anyhow::Result<StreamFigures> {
-        let sent = Instant::now();
-        let response = self.http.post(format!("{}{path}", self.base)).json(&body).send().await?;
+    /// Whether `binary --help` lists `flag` (llama-server's options vary by version).
+    pub fn supports(binary: &Path, flag: &str) -> bool {
+        std::process::Command::new(binary)
+            .arg("--help")
+            .output()
+            .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).contains(flag))
+    }
+
+    /// Sends `body` to `path`; the response, once its status says success.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<reqwest::Response> {
+        let response = self.http.post(format!("{}{path}", self.base)).json(body).send().await?;
         if !response.status().is_success() {
             bail!("llama-server answered {}: {}", response.status(), response.text().await.unwrap_or_default());
         }
+        Ok(response)
+    }
+
+    /// Streams one request's server-sent events; figures as phi3d's.
+    async fn stream(&self, path: &str, body: serde_json::Value, generate: usize) -> anyhow::Result<StreamFigures> {
+        let sent = Instant::now();
+        let response = self.post(path, &body).await?;
         let mut bytes = response.bytes_stream();
         let mut first = None;
         let (mut cached, mut prompt_tokens) = (0, 0);
