@@ -18,6 +18,9 @@ use phi3d_proto::v1::{ChatRequest, GenerationOptions, Role, chat_event};
 use super::scenarios::{LlamaServer, Phi3d, message};
 use super::{Setup, median_value};
 
+/// llama-server's n-gram drafts at phi3d's default length.
+const NGRAM_SIMPLE: [&str; 6] = ["--spec-type", "ngram-simple", "--spec-draft-n-max", "8", "--spec-ngram-simple-size-m", "8"];
+
 /// Tokens generated per reply.
 const REPLY_TOKENS: usize = 128;
 
@@ -159,7 +162,7 @@ pub async fn run(setup: &Setup, runs: usize, llama_server: Option<&Path>) -> any
     if let Some(binary) = llama_server {
         sides.push(Side { name: "llama-server plain", llama_server: true, flags: &[] });
         if LlamaServer::supports(binary, "--spec-type") {
-            sides.push(Side { name: "llama-server ngram", llama_server: true, flags: &["--spec-type", "ngram-simple", "--draft-max", "8"] });
+            sides.push(Side { name: "llama-server ngram", llama_server: true, flags: &NGRAM_SIMPLE });
         } else {
             println!("(this llama-server has no --spec-type: its n-gram drafts are not measured)");
         }
@@ -173,7 +176,15 @@ pub async fn run(setup: &Setup, runs: usize, llama_server: Option<&Path>) -> any
                 let figures = if side.llama_server {
                     let binary = llama_server.expect("llama-server sides only when given");
                     let server = LlamaServer::start_with(binary, setup, 1, side.flags).await?;
-                    llama_server_reply(&server, reply).await?
+                    // The peer's refusal (a grammar its build cannot sample with) is its row's
+                    // result, not the end of the bench.
+                    match llama_server_reply(&server, reply).await {
+                        Ok(figures) => figures,
+                        Err(err) => {
+                            println!("run {} {:<20} {:<20} failed: {err}", run + 1, side.name, reply.name);
+                            continue;
+                        }
+                    }
                 } else {
                     let cache = tempfile::tempdir()?;
                     let phi3d = Phi3d::start_with(setup, 1, cache.path(), Some(setup.threads), side.flags).await?;
@@ -205,6 +216,10 @@ pub async fn run(setup: &Setup, runs: usize, llama_server: Option<&Path>) -> any
         let mut line = format!("{:<20}", side.name);
         for reply in 0..REPLIES.len() {
             let runs = &measured[index][reply];
+            if runs.is_empty() {
+                line.push_str(&format!("{:>12}{:>8}{:>10}{:>10}", "failed", "-", "-", "-"));
+                continue;
+            }
             let tok_s = median_value(runs.iter().map(|m| m.tok_s).collect());
             let (drafted, accepted): (u32, u32) = runs.iter().fold((0, 0), |(d, a), m| (d + m.drafted, a + m.accepted));
             let rate = if drafted > 0 { format!("{:.0}%", 100.0 * f64::from(accepted) / f64::from(drafted)) } else { "-".into() };
@@ -212,6 +227,8 @@ pub async fn run(setup: &Setup, runs: usize, llama_server: Option<&Path>) -> any
             let base = if side.llama_server { sides.iter().position(|s| s.llama_server).unwrap() } else { 0 };
             let same = if index == base {
                 "base".to_owned()
+            } else if measured[base][reply].is_empty() {
+                "-".to_owned()
             } else if runs.iter().zip(&measured[base][reply]).all(|(a, b)| a.text == b.text) {
                 "yes".to_owned()
             } else {
