@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use llama_cpp_2::token::LlamaToken;
 
-use super::schedule::CacheHolder;
+use super::schedule::worth;
 
 /// At most this many prompts, however small: every placement considers each of them.
 const MAX_ENTRIES: usize = 64;
@@ -30,12 +30,8 @@ impl RamEntry {
     }
 
     fn worth(&self, now: Instant) -> f64 {
-        worth(self.tokens.len(), self.last_used, self.hits, now)
+        worth(self.tokens.len(), self.hits, self.last_used, now)
     }
-}
-
-fn worth(tokens: usize, last_used: Instant, hits: u32, now: Instant) -> f64 {
-    CacheHolder { busy: false, last_used, exclusive_cells: 0, tokens, hits }.worth(now)
 }
 
 pub struct RamTier {
@@ -71,7 +67,7 @@ impl RamTier {
             return true;
         }
         let now = Instant::now();
-        let worth = worth(tokens, last_used, hits, now);
+        let worth = worth(tokens, hits, last_used, now);
         self.entries.iter().any(|kept| kept.worth(now) < worth)
     }
 

@@ -31,13 +31,18 @@ pub struct CacheHolder {
 }
 
 impl CacheHolder {
-    /// What keeping it is worth: the tokens it saves, once per hit and once more for the hit
-    /// to come, fading with the minutes since it was last used (a prefix used every few
-    /// minutes outweighs a burst of short prompts; one unused for an hour does not).
-    pub fn worth(&self, now: Instant) -> f64 {
-        let idle_minutes = now.saturating_duration_since(self.last_used).as_secs_f64() / 60.0;
-        self.tokens as f64 * f64::from(1 + self.hits) / (1.0 + idle_minutes / 5.0)
+    fn worth(&self, now: Instant) -> f64 {
+        worth(self.tokens, self.hits, self.last_used, now)
     }
+}
+
+/// What keeping a cached prompt is worth, wherever it is kept (KV cells, RAM): the tokens it
+/// saves, once per hit and once more for the hit to come, fading with the minutes since it was
+/// last used (a prefix used every few minutes outweighs a burst of short prompts; one unused
+/// for an hour does not).
+pub fn worth(tokens: usize, hits: u32, last_used: Instant, now: Instant) -> f64 {
+    let idle_minutes = now.saturating_duration_since(last_used).as_secs_f64() / 60.0;
+    tokens as f64 * f64::from(1 + hits) / (1.0 + idle_minutes / 5.0)
 }
 
 /// The cache that goes first: the least worth keeping among those that are idle and whose

@@ -15,7 +15,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::Worker;
 use crate::engine::ram_tier::RamEntry;
-use crate::engine::schedule::CacheHolder;
+use crate::engine::schedule::worth;
 
 /// Fewer tokens than this do not make an entry, nor are they kept in RAM: re-reading them is
 /// quick.
@@ -35,11 +35,6 @@ impl Entry {
     }
 }
 
-/// What keeping a cached sequence is worth, as eviction weighs it.
-fn worth(tokens: usize, last_used: Instant, hits: u32) -> f64 {
-    CacheHolder { busy: false, last_used, exclusive_cells: 0, tokens, hits }.worth(Instant::now())
-}
-
 impl Worker<'_> {
     /// Keeps what slot `index` holds as an entry, when `keep` of its tokens stay in the slot
     /// and the rest would be lost; where no entry can take it, in the RAM tier. The entry
@@ -53,7 +48,7 @@ impl Worker<'_> {
         let covered = |entry: &Entry| {
             Some(entry.seq_id) != spare && !entry.tokens.is_empty() && slot.tokens.starts_with(&entry.tokens)
         };
-        let candidate = worth(slot.tokens.len(), slot.last_used, slot.hits);
+        let candidate = worth(slot.tokens.len(), slot.hits, slot.last_used, Instant::now());
         let target = match self.entries.iter().position(covered) {
             Some(k) => Some(k),
             None => match self.entries.iter().position(|entry| entry.tokens.is_empty()) {
@@ -98,7 +93,7 @@ impl Worker<'_> {
 
     fn entry_worth(&self, k: usize) -> f64 {
         let entry = &self.entries[k];
-        worth(entry.tokens.len(), entry.last_used, entry.hits)
+        worth(entry.tokens.len(), entry.hits, entry.last_used, Instant::now())
     }
 
     fn least_worth_entry(&self, spare: Option<i32>) -> Option<usize> {
