@@ -16,11 +16,10 @@
 /// same way, and the longest match found wins.
 const NGRAM_MAX: usize = 4;
 
-/// After a draft of which nothing was kept, this many steps (doubling with each miss in a
-/// row, up to [`MAX_PAUSE`]) go by without drafts: text that does not repeat its prompt pays
-/// for few useless checks.
-const FIRST_PAUSE: u32 = 1;
-const MAX_PAUSE: u32 = 16;
+/// How fast the estimate of how often a drafted token is kept follows the text: the weight of
+/// each new observation. A reply turns from free text to a copied list and back within tens
+/// of tokens.
+const KEEP_RATE_STEP: f64 = 0.15;
 
 /// Up to `max` tokens that followed the latest earlier occurrence of the longest suffix (at
 /// most [`NGRAM_MAX`] tokens) of `seen` followed by `last`. Empty when `last` never appeared
@@ -52,59 +51,117 @@ pub fn propose<T: Copy + Eq>(seen: &[T], last: T, max: usize) -> &[T] {
     &seen[from..(from + max).min(seen.len())]
 }
 
-/// One task's drafting: how long its drafts may be, adapted to how many were kept, and what
-/// it drafted and kept, for its timings.
+/// What decoding a batch of n generated tokens takes, measured: the worker records every
+/// decode that only generated, and drafting asks what a step with a draft costs against one
+/// without. Where decode waits on memory (a Pi), a few more tokens cost little more; where it
+/// waits on arithmetic (a small x86 machine), each costs most of a token, and drafts rarely
+/// pay.
 #[derive(Debug)]
-pub struct Drafter {
+pub struct DecodeCost {
+    /// Moving average of milliseconds per decode, by tokens in the batch (index 0 unused).
+    ms: Vec<Option<f64>>,
+}
+
+impl DecodeCost {
+    /// For batches of up to `max_tokens` tokens.
+    pub fn new(max_tokens: usize) -> DecodeCost {
+        DecodeCost { ms: vec![None; max_tokens + 1] }
+    }
+
+    pub fn record(&mut self, tokens: usize, elapsed: std::time::Duration) {
+        let Some(slot) = self.ms.get_mut(tokens).filter(|_| tokens > 0) else { return };
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        *slot = Some(slot.map_or(ms, |average| average + 0.2 * (ms - average)));
+    }
+
+    /// A decode of `tokens` tokens against one of a single token. Until both are measured, a
+    /// guess that favours drafting a little (each more token a tenth of one), so that the
+    /// lengths drafting would use get measured.
+    pub fn relative(&self, tokens: usize) -> f64 {
+        match (self.ms.get(tokens).copied().flatten(), self.ms.get(1).copied().flatten()) {
+            (Some(batch), Some(single)) if single > 0.0 => batch / single,
+            _ => 1.0 + 0.1 * tokens.saturating_sub(1) as f64,
+        }
+    }
+}
+
+/// One task's drafting: how likely a drafted token is to be kept, the draft length that pays
+/// best for that and for what a longer decode costs, and what it drafted and kept, for its
+/// timings.
+#[derive(Debug)]
+pub struct Drafter<T> {
     /// The configured longest draft; 0 turns drafting off.
     max: usize,
-    /// The longest draft for the next step: grows while whole drafts are kept, shrinks to what
-    /// was kept when a draft is cut short.
-    length: usize,
-    /// Steps left without drafts after misses.
-    pause: u32,
-    /// Misses in a row.
-    misses: u32,
+    /// How often a drafted token is the sampler's pick, learned from drafts and from guesses
+    /// made but not sent (compared with the token sampled next, at no cost).
+    keep_rate: f64,
+    /// The first token of a draft not sent this step, to compare with the next sampled token.
+    unsent: Option<T>,
     pub drafted: u32,
     pub accepted: u32,
 }
 
-impl Drafter {
-    pub fn new(max: usize) -> Drafter {
-        Drafter { max, length: max.min(2), pause: 0, misses: 0, drafted: 0, accepted: 0 }
+impl<T: Copy + Eq> Drafter<T> {
+    pub fn new(max: usize) -> Drafter<T> {
+        Drafter { max, keep_rate: 0.5, unsent: None, drafted: 0, accepted: 0 }
     }
 
     /// The draft to check behind `last`: at most `room` tokens (what max_tokens and the
-    /// context leave).
-    pub fn draft<T: Copy + Eq>(&mut self, seen: &[T], last: T, room: usize) -> Vec<T> {
+    /// context leave), and only as many as pay for their share of the decode.
+    pub fn draft(&mut self, seen: &[T], last: T, room: usize, cost: &DecodeCost) -> Vec<T> {
+        self.unsent = None;
         if self.max == 0 || room == 0 {
             return Vec::new();
         }
-        if self.pause > 0 {
-            self.pause -= 1;
-            return Vec::new();
+        let proposal = propose(seen, last, self.max.min(room));
+        let length = self.paying_length(proposal.len(), cost);
+        if length == 0 {
+            self.unsent = proposal.first().copied();
         }
-        propose(seen, last, self.length.min(room)).to_vec()
+        proposal[..length].to_vec()
     }
 
-    /// Records that `accepted` of `drafted` drafted tokens were the sampler's picks.
-    pub fn record(&mut self, drafted: usize, accepted: usize) {
+    /// The draft length, up to `available`, with the most tokens expected per unit of decode
+    /// time; 0 when no draft beats decoding one token. A drafted token is kept only when every
+    /// one before it was, so a draft of k keeps 1 + r + ... + r^k tokens (the sampled one
+    /// included) at keep rate r.
+    fn paying_length(&self, available: usize, cost: &DecodeCost) -> usize {
+        let mut best = (0, 1.0);
+        let mut expected = 1.0;
+        let mut kept_all = 1.0;
+        for length in 1..=available {
+            kept_all *= self.keep_rate;
+            expected += kept_all;
+            let per_cost = expected / cost.relative(length + 1);
+            if per_cost > best.1 {
+                best = (length, per_cost);
+            }
+        }
+        best.0
+    }
+
+    /// Records that `accepted` of `drafted` drafted tokens were the sampler's picks, or, when
+    /// nothing was drafted, compares the guess not sent with `sampled`, the token picked next.
+    pub fn record(&mut self, drafted: usize, accepted: usize, sampled: Option<T>) {
         if drafted == 0 {
+            if let (Some(guess), Some(sampled)) = (self.unsent.take(), sampled) {
+                self.observe(guess == sampled);
+            }
             return;
         }
         self.drafted += drafted as u32;
         self.accepted += accepted as u32;
-        if accepted == drafted {
-            self.misses = 0;
-            self.length = (self.length * 2).min(self.max);
-        } else if accepted == 0 {
-            self.misses += 1;
-            self.length = 1;
-            self.pause = (FIRST_PAUSE << (self.misses - 1).min(8)).min(MAX_PAUSE);
-        } else {
-            self.misses = 0;
-            self.length = (accepted + 1).min(self.max);
+        for _ in 0..accepted {
+            self.observe(true);
         }
+        // Past the first rejected token nothing was observed.
+        if accepted < drafted {
+            self.observe(false);
+        }
+    }
+
+    fn observe(&mut self, kept: bool) {
+        self.keep_rate += KEEP_RATE_STEP * (f64::from(u8::from(kept)) - self.keep_rate);
     }
 }
 
@@ -146,50 +203,85 @@ mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
     }
 
-    #[test]
-    fn the_draft_length_follows_what_is_kept() {
-        let seen = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 1];
-        let mut drafter = Drafter::new(8);
-        assert_eq!(drafter.draft(&seen, 2, 100), [3, 4]);
-        drafter.record(2, 2);
-        assert_eq!(drafter.draft(&seen, 2, 100).len(), 4);
-        drafter.record(4, 4);
-        assert_eq!(drafter.draft(&seen, 2, 100).len(), 8);
-        drafter.record(8, 8);
-        // Never past the configured maximum, nor past the room left.
-        assert_eq!(drafter.draft(&seen, 2, 100).len(), 8);
-        assert_eq!(drafter.draft(&seen, 2, 3).len(), 3);
-        // Cut short: the next draft is one longer than what was kept.
-        drafter.record(8, 3);
-        assert_eq!(drafter.draft(&seen, 2, 100).len(), 4);
-        assert_eq!((drafter.drafted, drafter.accepted), (22, 17));
+    /// Decode costs as measured: `extra` of one token's time for each token past the first.
+    fn costs(extra: f64) -> DecodeCost {
+        let mut cost = DecodeCost::new(33);
+        for tokens in 1..=33 {
+            let ms = 100.0 * (1.0 + extra * (tokens - 1) as f64);
+            cost.record(tokens, std::time::Duration::from_secs_f64(ms / 1000.0));
+        }
+        cost
     }
 
     #[test]
-    fn misses_in_a_row_pause_drafting_longer_each_time() {
-        let seen = [1, 2, 3, 4, 5, 6, 7, 8];
-        let mut drafter = Drafter::new(4);
-        let mut paused = Vec::new();
-        for _ in 0..6 {
-            let draft = drafter.draft(&seen, 1, 100);
-            assert!(!draft.is_empty());
-            drafter.record(draft.len(), 0);
-            let mut steps = 0;
-            while drafter.draft(&seen, 1, 100).is_empty() {
-                steps += 1;
-            }
-            paused.push(steps);
+    fn where_more_tokens_cost_little_long_drafts_pay() {
+        // A memory-bound board: each more token costs 5% of one.
+        let cheap = costs(0.05);
+        let seen: Vec<u32> = (0..40).chain(0..3).collect();
+        let mut drafter = Drafter::new(8);
+        // Half the drafted tokens kept (the prior): a few pay.
+        let first = drafter.draft(&seen, 3, 100, &cheap);
+        assert_eq!(first, [4, 5, 6]);
+        // Kept whole, drafts grow to the configured maximum.
+        drafter.record(3, 3, None);
+        let mut lengths = Vec::new();
+        for _ in 0..3 {
+            let draft = drafter.draft(&seen, 3, 100, &cheap);
+            drafter.record(draft.len(), draft.len(), None);
+            lengths.push(draft.len());
         }
-        assert_eq!(paused, [1, 2, 4, 8, 16, 16]);
-        // A kept token ends the run of misses.
-        drafter.record(1, 1);
-        drafter.record(2, 0);
-        assert_eq!((0..).take_while(|_| drafter.draft(&seen, 1, 100).is_empty()).count(), 1);
+        assert!(lengths.windows(2).all(|pair| pair[0] <= pair[1]) && lengths[2] == 8, "{lengths:?}");
+        // Never past the room left, nor past what the history holds.
+        assert_eq!(drafter.draft(&seen, 3, 3, &cheap), [4, 5, 6]);
+        assert_eq!(drafter.draft(&seen, 38, 100, &cheap), [39, 0, 1, 2]);
+        assert_eq!(drafter.drafted, drafter.accepted);
+    }
+
+    #[test]
+    fn where_each_token_costs_most_of_one_only_likely_drafts_are_sent() {
+        // A compute-bound machine: each more token costs 70% of one (measured on 2 x86 cores).
+        let dear = costs(0.7);
+        let seen: Vec<u32> = (0..40).chain(0..3).collect();
+        let mut drafter = Drafter::new(8);
+        // Half the drafted tokens kept (the prior): no draft pays.
+        assert!(drafter.draft(&seen, 3, 100, &dear).is_empty());
+        // The guess not sent is compared with what the sampler picks: right every time, the
+        // keep rate rises until a short draft pays.
+        let mut steps = 0;
+        while drafter.draft(&seen, 3, 100, &dear).is_empty() {
+            drafter.record(0, 0, Some(4));
+            steps += 1;
+            assert!(steps < 30, "drafting never resumed");
+        }
+        let draft = drafter.draft(&seen, 3, 100, &dear);
+        assert!((1..=3).contains(&draft.len()), "{draft:?}");
+        // Drafts cut at their first token bring the rate down again.
+        for _ in 0..10 {
+            let sent = drafter.draft(&seen, 3, 100, &dear).len();
+            drafter.record(sent, 0, Some(99));
+        }
+        assert!(drafter.draft(&seen, 3, 100, &dear).is_empty());
+        // Costs not yet measured favour drafting a little, so that they get measured.
+        assert_eq!(Drafter::new(8).draft(&seen, 3, 100, &DecodeCost::new(33)).len(), 2);
+    }
+
+    #[test]
+    fn costs_are_measured_relative_to_one_token() {
+        let mut cost = DecodeCost::new(8);
+        assert!((cost.relative(3) - 1.2).abs() < 1e-9, "the guess before any measurement");
+        cost.record(1, std::time::Duration::from_millis(200));
+        cost.record(3, std::time::Duration::from_millis(500));
+        assert!((cost.relative(3) - 2.5).abs() < 1e-9);
+        // A moving average: one slow step moves it a fifth of the way.
+        cost.record(3, std::time::Duration::from_millis(1000));
+        assert!((cost.relative(3) - 3.0).abs() < 1e-9);
+        // Batches longer than the table are not recorded.
+        cost.record(50, std::time::Duration::from_millis(1));
     }
 
     #[test]
     fn a_maximum_of_zero_never_drafts() {
         let mut drafter = Drafter::new(0);
-        assert!(drafter.draft(&[1, 2, 1], 2, 100).is_empty());
+        assert!(drafter.draft(&[1, 2, 1], 2, 100, &costs(0.0)).is_empty());
     }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-use super::lookup::Drafter;
+use super::lookup::{DecodeCost, Drafter};
 use super::reuse::{Chunk, ReusePlan};
 use super::schedule::{self, Need};
 use super::stop::{StopMatcher, StopStep};
@@ -76,7 +76,7 @@ struct Busy {
     pending: Option<LlamaToken>,
     /// Guesses of the tokens after `pending`, to be checked in the same batch.
     draft: Vec<LlamaToken>,
-    drafter: Drafter,
+    drafter: Drafter<LlamaToken>,
     /// The part of `draft` decoded in the batch just decoded, behind `pending`.
     checking: Vec<LlamaToken>,
     /// Where this slot's (first) logits are in the batch just decoded.
@@ -184,14 +184,14 @@ impl Slot {
 
     /// Guesses the tokens after the one sampled last, for the next batch to check: from where
     /// the last tokens appeared before in this sequence, as long as max_tokens and the context
-    /// leave room for.
-    pub fn draft(&mut self, n_ctx: usize) {
+    /// leave room for and `cost` says pays.
+    pub fn draft(&mut self, n_ctx: usize, cost: &DecodeCost) {
         let Some(busy) = self.busy.as_mut() else { return };
         let Some(last) = busy.pending else { return };
         // Every drafted token that is kept is one more reply token, and needs a cell.
         let replies_left = busy.task.params.max_tokens.saturating_sub(busy.completion_tokens + 1) as usize;
         let cells_left = n_ctx.saturating_sub(self.tokens.len() + 1);
-        busy.draft = busy.drafter.draft(&self.tokens, last, replies_left.min(cells_left));
+        busy.draft = busy.drafter.draft(&self.tokens, last, replies_left.min(cells_left), cost);
     }
 
     /// What this slot wants decoded next, at most `budget` tokens: the next chunk of the
@@ -246,9 +246,11 @@ impl Slot {
         let checking = std::mem::take(&mut busy.checking);
         let mut sampled = Sampled::default();
         let mut kept = 0;
+        let mut first_sampled = None;
         loop {
             let token = busy.sample_one(ctx, model, first + kept as i32, &mut sampled)?;
             let Some(token) = token else { break };
+            first_sampled.get_or_insert(token);
             if checking.get(kept) == Some(&token) {
                 kept += 1;
                 continue;
@@ -261,7 +263,7 @@ impl Slot {
             }
             break;
         }
-        busy.drafter.record(checking.len(), kept);
+        busy.drafter.record(checking.len(), kept, first_sampled);
         sampled.rejected_drafts = checking.len() - kept;
         Ok(sampled)
     }

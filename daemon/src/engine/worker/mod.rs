@@ -46,6 +46,7 @@ use super::heartbeat::Heartbeat;
 use super::cache_store::CacheStore;
 use super::kv_cells::CellLedger;
 use super::loader::{self, EngineConfig, LoadError, LoadedModel};
+use super::lookup::DecodeCost;
 use super::memory_plan::human_bytes;
 use super::prompt_cache::{self, Placement, Source};
 use super::backend::backend;
@@ -74,6 +75,8 @@ pub struct Worker<'m> {
     min_chunk: usize,
     /// The longest draft from the prompt checked per step (lookup decoding); 0 when off.
     max_draft: usize,
+    /// What decodes of a few generated tokens take, for deciding whether drafts pay.
+    decode_cost: DecodeCost,
     cells: CellLedger,
     n_ctx: usize,
     batch: LlamaBatch<'static>,
@@ -151,6 +154,7 @@ pub fn run(
         layout,
         min_chunk,
         max_draft: config.lookup_draft_max,
+        decode_cost: DecodeCost::new(config.lookup_draft_max + 1),
         cells: CellLedger::default(),
         n_ctx,
         batch: LlamaBatch::new(batch_size, 1),
@@ -461,7 +465,7 @@ impl Worker<'_> {
     /// This step's work, as [`schedule::plan_batch`] shares it out.
     fn plan_batch(&mut self) -> Vec<(usize, Feed)> {
         for slot in &mut self.slots {
-            slot.draft(self.n_ctx);
+            slot.draft(self.n_ctx, &self.decode_cost);
         }
         let needs: Vec<_> = self.slots.iter().map(Slot::need).collect();
         let plan = schedule::plan_batch(&needs, self.cursor, self.batch_size);
@@ -598,6 +602,9 @@ impl Worker<'_> {
         self.set_threads();
         let started = Instant::now();
         self.ctx.decode(&mut self.batch)?;
+        if feeds.iter().all(|(_, feed)| !feed.from_prompt) {
+            self.decode_cost.record(tokens, started.elapsed());
+        }
         // Only a governor that may change the counts needs to know; a fixed count reads nothing.
         if self.context_threads.is_some() {
             let idle = self.idle_cores.recent();
