@@ -74,6 +74,12 @@ impl DecodeCost {
         *slot = Some(slot.map_or(ms, |average| average + 0.2 * (ms - average)));
     }
 
+    /// Whether a decode of one generated token has been measured: what every draft is weighed
+    /// against.
+    pub fn knows_one_token(&self) -> bool {
+        self.ms.get(1).copied().flatten().is_some()
+    }
+
     /// A decode of `tokens` tokens against one of a single token. Until both are measured, a
     /// guess that favours drafting a little (each more token a tenth of one), so that the
     /// lengths drafting would use get measured.
@@ -114,7 +120,9 @@ impl<T: Copy + Eq> Drafter<T> {
             return Vec::new();
         }
         let proposal = propose(seen, last, self.max.min(room));
-        let length = self.paying_length(proposal.len(), cost);
+        // Steps without drafts measure the single token's decode first, so that the guess at
+        // what drafts cost is never all there is to weigh them against.
+        let length = if cost.knows_one_token() { self.paying_length(proposal.len(), cost) } else { 0 };
         if length == 0 {
             self.unsent = proposal.first().copied();
         }
@@ -261,8 +269,12 @@ mod tests {
             drafter.record(sent, 0, Some(99));
         }
         assert!(drafter.draft(&seen, 3, 100, &dear).is_empty());
-        // Costs not yet measured favour drafting a little, so that they get measured.
-        assert_eq!(Drafter::new(8).draft(&seen, 3, 100, &DecodeCost::new(33)).len(), 2);
+        // Nothing is drafted before one token's decode is measured; batches not yet measured
+        // are guessed to cost a little more than one token, so that they get measured.
+        let mut unmeasured = DecodeCost::new(33);
+        assert!(Drafter::new(8).draft(&seen, 3, 100, &unmeasured).is_empty());
+        unmeasured.record(1, std::time::Duration::from_millis(100));
+        assert_eq!(Drafter::new(8).draft(&seen, 3, 100, &unmeasured).len(), 2);
     }
 
     #[test]
