@@ -80,14 +80,21 @@ impl DecodeCost {
         self.ms.get(1).copied().flatten().is_some()
     }
 
-    /// A decode of `tokens` tokens against one of a single token. Until both are measured, a
-    /// guess that favours drafting a little (each more token a tenth of one), so that the
-    /// lengths drafting would use get measured.
+    /// A decode of `tokens` tokens against one of a single token. A size not measured yet is
+    /// extrapolated from the nearest measured size below it (each more token costing what
+    /// each did there), or, with none, guessed to favour drafting a little (each more token a
+    /// tenth of one), so that the lengths drafting would use get measured.
     pub fn relative(&self, tokens: usize) -> f64 {
-        match (self.ms.get(tokens).copied().flatten(), self.ms.get(1).copied().flatten()) {
-            (Some(batch), Some(single)) if single > 0.0 => batch / single,
-            _ => 1.0 + 0.1 * tokens.saturating_sub(1) as f64,
+        let measured = |n: usize| self.ms.get(n).copied().flatten();
+        let Some(single) = measured(1).filter(|&single| single > 0.0) else {
+            return 1.0 + 0.1 * tokens.saturating_sub(1) as f64;
+        };
+        if let Some(batch) = measured(tokens) {
+            return batch / single;
         }
+        let below = (2..tokens.min(self.ms.len())).rev().find_map(|n| measured(n).map(|ms| (n, ms / single)));
+        let per_token = below.map_or(0.1, |(n, relative)| (relative - 1.0) / (n - 1) as f64);
+        1.0 + per_token * tokens.saturating_sub(1) as f64
     }
 }
 
@@ -289,6 +296,9 @@ mod tests {
         assert!((cost.relative(3) - 3.0).abs() < 1e-9);
         // Batches longer than the table are not recorded.
         cost.record(50, std::time::Duration::from_millis(1));
+        // A size not measured costs per token what the nearest measured one below did.
+        assert!((cost.relative(5) - 5.0).abs() < 1e-9, "{}", cost.relative(5));
+        assert!((cost.relative(2) - 1.1).abs() < 1e-9, "nothing measured below 2: the guess");
     }
 
     #[test]
