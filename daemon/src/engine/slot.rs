@@ -74,11 +74,10 @@ struct Busy {
     splices: VecDeque<Chunk>,
     /// The token sampled last, to be decoded in the next batch.
     pending: Option<LlamaToken>,
-    /// Guesses of the tokens after `pending`, to be checked in the same batch.
+    /// Guesses of the tokens after `pending`, to be checked in the same batch; once decoded,
+    /// the part that went into the batch, until sampling checks it.
     draft: Vec<LlamaToken>,
     drafter: Drafter<LlamaToken>,
-    /// The part of `draft` decoded in the batch just decoded, behind `pending`.
-    checking: Vec<LlamaToken>,
     /// Where this slot's (first) logits are in the batch just decoded.
     logits_index: Option<i32>,
     /// The sequence may grow up to this many positions: KV cells held back for this task.
@@ -127,7 +126,6 @@ impl Slot {
             pending: None,
             draft: Vec::new(),
             drafter: Drafter::new(max_draft),
-            checking: Vec::new(),
             logits_index: None,
             reserved_until,
             completion_tokens: 0,
@@ -224,8 +222,7 @@ impl Slot {
             busy.prompt_fed += feed.tokens.len();
         } else {
             busy.pending = None;
-            busy.draft.clear();
-            busy.checking = feed.tokens[1..].to_vec();
+            busy.draft.truncate(feed.tokens.len() - 1);
         }
         busy.logits_index = logits_index;
         self.tokens.extend_from_slice(&feed.tokens);
@@ -243,7 +240,7 @@ impl Slot {
     ) -> Result<Sampled, EngineError> {
         let Some(busy) = self.busy.as_mut() else { return Ok(Sampled::default()) };
         let Some(first) = busy.logits_index.take() else { return Ok(Sampled::default()) };
-        let checking = std::mem::take(&mut busy.checking);
+        let checking = std::mem::take(&mut busy.draft);
         let mut sampled = Sampled::default();
         let mut kept = 0;
         let mut first_sampled = None;
