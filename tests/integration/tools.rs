@@ -533,7 +533,7 @@ async fn plugins_come_and_go_while_requests_run() {
     std::fs::write(plugins.path().join("broken.toml"), "command = 5\n").unwrap();
     std::fs::remove_file(plugins.path().join("clock.toml")).unwrap();
     wait_for("time.now", false).await;
-    assert!(daemon.stderr().contains("broken.toml"), "a bad manifest is logged with its file");
+    daemon.wait_for_log("broken.toml", 1, Duration::from_secs(5)).await;
 
     let reply = running.await.unwrap().unwrap();
     assert_eq!(reply.done.usage.unwrap().completion_tokens, 3000);

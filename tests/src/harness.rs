@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,8 @@ pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// Set once the daemon's stderr has ended (after it exits, with every line in `stderr`).
+    stderr_ended: Arc<AtomicBool>,
     /// The config file the daemon reads (again on SIGHUP).
     pub config_path: PathBuf,
     /// Holds the daemon's config file and anything else it needs on disk.
@@ -153,14 +156,17 @@ impl DaemonBuilder {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().expect("stderr is piped");
         let sink = stderr.clone();
+        let stderr_ended = Arc::new(AtomicBool::new(false));
+        let ended = stderr_ended.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 let mut sink = sink.lock().unwrap();
                 sink.push_str(&line);
                 sink.push('\n');
             }
+            ended.store(true, Ordering::Release);
         });
-        let mut daemon = Daemon { child, addr, stderr, config_path: config, _dir: dir };
+        let mut daemon = Daemon { child, addr, stderr, stderr_ended, config_path: config, _dir: dir };
         daemon.wait_for_port().await;
         daemon
     }
@@ -306,9 +312,19 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll child") {
+                self.wait_stderr_end().await;
                 return status;
             }
             assert!(Instant::now() < deadline, "phi3d did not stop within {timeout:?}:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (briefly: a plugin child could keep the pipe open) until the reader thread has
+    /// taken every line the exited daemon wrote, so that `stderr()` holds its last words.
+    async fn wait_stderr_end(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.stderr_ended.load(Ordering::Acquire) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
