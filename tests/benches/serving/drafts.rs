@@ -10,12 +10,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use futures::StreamExt;
 use phi3d_proto::v1::inference_client::InferenceClient;
-use phi3d_proto::v1::{CompleteRequest, GenerationOptions, chat_event};
+use phi3d_proto::v1::{CompleteRequest, GenerationOptions};
 
-use super::scenarios::{LlamaServer, Phi3d};
+use super::scenarios::{LlamaServer, Phi3d, Streamed, until_done};
 use super::{Setup, median_value};
 
 /// llama-server's n-gram drafts at phi3d's default length.
@@ -82,28 +82,16 @@ async fn phi3d_reply(phi3d: &Phi3d, reply: &Reply) -> anyhow::Result<Measured> {
         ..GenerationOptions::default()
     };
     let request = CompleteRequest { request_id: String::new(), prompt: prompt(reply.user), options: Some(options) };
-    let mut stream = InferenceClient::new(phi3d.channel()).complete(request).await?.into_inner();
-    let mut first = None;
-    while let Some(event) = stream.message().await? {
-        match event.event {
-            Some(chat_event::Event::Delta(_)) => {
-                first.get_or_insert_with(Instant::now);
-            }
-            Some(chat_event::Event::Done(done)) => {
-                let first = first.context("no text")?;
-                let tokens = done.usage.unwrap_or_default().completion_tokens;
-                let timings = done.timings.unwrap_or_default();
-                return Ok(Measured {
-                    tok_s: f64::from(tokens.saturating_sub(1)) / first.elapsed().as_secs_f64(),
-                    drafted: timings.draft_tokens,
-                    accepted: timings.accepted_draft_tokens,
-                    text: done.text,
-                });
-            }
-            _ => {}
-        }
-    }
-    bail!("the stream ended without Done")
+    let stream = InferenceClient::new(phi3d.channel()).complete(request).await?.into_inner();
+    let Streamed { first, done_at, done } = until_done(stream).await?;
+    let tokens = done.usage.unwrap_or_default().completion_tokens;
+    let timings = done.timings.unwrap_or_default();
+    Ok(Measured {
+        tok_s: f64::from(tokens.saturating_sub(1)) / (done_at - first).as_secs_f64(),
+        drafted: timings.draft_tokens,
+        accepted: timings.accepted_draft_tokens,
+        text: done.text,
+    })
 }
 
 async fn llama_server_reply(server: &LlamaServer, reply: &Reply) -> anyhow::Result<Measured> {

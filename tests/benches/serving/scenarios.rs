@@ -106,28 +106,43 @@ impl Phi3d {
         sent: Instant,
         generate: usize,
     ) -> anyhow::Result<(StreamFigures, String)> {
-        let mut stream = stream;
-        let mut first = None;
-        let (mut cached, mut shifted, mut prompt_tokens) = (0, 0, 0);
-        let mut text = String::new();
-        let mut done_at = None;
-        while let Some(event) = stream.message().await? {
-            match event.event {
-                Some(chat_event::Event::Delta(_)) => {
-                    first.get_or_insert_with(Instant::now);
-                }
-                Some(chat_event::Event::Done(done)) => {
-                    let usage = done.usage.unwrap_or_default();
-                    (cached, shifted, prompt_tokens) = (usage.cached_prompt_tokens, usage.shifted_prompt_tokens, usage.prompt_tokens);
-                    text = done.text;
-                    done_at = Some(Instant::now());
-                }
-                _ => {}
-            }
-        }
-        let (first, done_at) = (first.context("no text")?, done_at.context("no Done")?);
-        Ok((StreamFigures::new(sent, first, done_at, generate, prompt_tokens, cached, shifted), text))
+        let streamed = until_done(stream).await?;
+        let usage = streamed.done.usage.unwrap_or_default();
+        let figures = StreamFigures::new(
+            sent,
+            streamed.first,
+            streamed.done_at,
+            generate,
+            usage.prompt_tokens,
+            usage.cached_prompt_tokens,
+            usage.shifted_prompt_tokens,
+        );
+        Ok((figures, streamed.done.text))
     }
+}
+
+/// A phi3d reply read to its end: when its first text and its `Done` arrived, and the `Done`.
+pub struct Streamed {
+    pub first: Instant,
+    pub done_at: Instant,
+    pub done: phi3d_proto::v1::Done,
+}
+
+/// Reads a phi3d stream to its `Done`.
+pub async fn until_done(mut stream: tonic::codec::Streaming<phi3d_proto::v1::ChatEvent>) -> anyhow::Result<Streamed> {
+    let mut first = None;
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(chat_event::Event::Delta(_)) => {
+                first.get_or_insert_with(Instant::now);
+            }
+            Some(chat_event::Event::Done(done)) => {
+                return Ok(Streamed { first: first.context("no text")?, done_at: Instant::now(), done });
+            }
+            _ => {}
+        }
+    }
+    bail!("the stream ended without Done")
 }
 
 impl Server for Phi3d {
