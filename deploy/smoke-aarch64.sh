@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the aarch64 build from deploy/build-cross.sh under qemu-user, once per emulated CPU:
+# Runs the aarch64 build from `deploy/build-portable.sh aarch64` under qemu-user, once per emulated CPU:
 # `phi3d doctor` must name the llama.cpp CPU variant it picked (a dotprod one on a Cortex-A76,
 # as on a Pi 5; armv8.0 on a Cortex-A72, as on a Pi 4, where a dotprod instruction would die
 # with SIGILL), then `phi3d serve` on a tiny generated model must answer one gRPC chat
@@ -20,7 +20,7 @@ cpus="${PHI3D_SMOKE_CPUS:-cortex-a76 cortex-a72}"
 gen_model="${PHI3D_GEN_MODEL:-$target_dir/release/phi3d-gen-model}"
 sysroot=/usr/aarch64-linux-gnu
 
-[ -x "$bundle/bin/phi3d" ] || { echo "$bundle/bin/phi3d is missing: run deploy/build-cross.sh first" >&2; exit 1; }
+[ -x "$bundle/bin/phi3d" ] || { echo "$bundle/bin/phi3d is missing: run deploy/build-portable.sh aarch64 first" >&2; exit 1; }
 command -v qemu-aarch64 >/dev/null || { echo "qemu-aarch64 is missing: apt-get install qemu-user" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is missing: apt-get install curl" >&2; exit 1; }
 if [ -z "${PHI3D_SMOKE_MODEL:-}" ] && [ ! -x "$gen_model" ]; then

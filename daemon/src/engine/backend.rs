@@ -42,7 +42,7 @@ fn load_backend_libraries() -> Result<(), String> {
         // SAFETY: the name is a NUL-terminated string; the registry lookup only reads it.
         !unsafe { llama_cpp_sys_2::ggml_backend_reg_by_name(c"CPU".as_ptr()) }.is_null()
     };
-    // Beside the binary first (the package, deploy/build-cross.sh's bundle), then the folder
+    // Beside the binary first (the package, deploy/build-portable.sh's bundle), then the folder
     // the build left them in (a binary run from target/).
     let mut searched = Vec::new();
     let candidates = libraries_dir().into_iter().chain(llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from));
