@@ -38,10 +38,10 @@ for file in ./usr/bin/phi3d ./usr/bin/phi3d-plugin-clock ./usr/bin/phi3d-plugin-
     ./usr/lib/systemd/system/phi3d.service ./usr/lib/systemd/system/phi3d.socket ./etc/phi3d/phi3d.toml \
     ./usr/lib/phi3d/libllama.so.0 ./usr/lib/phi3d/libggml.so.0 ./usr/lib/phi3d/libggml-base.so.0 \
     "./usr/lib/phi3d/libggml-cpu-$baseline.so"; do
-    echo "$contents" | grep -q " $file\$" || missing+=("$file")
+    grep -q " $file\$" <<<"$contents" || missing+=("$file")
 done
-echo "$info" | grep -q "^ Architecture: $deb_arch\$" || missing+=("Architecture: $deb_arch")
-echo "$info" | grep -q "^ Depends:.*libgomp1" || missing+=("Depends: libgomp1")
+grep -q "^ Architecture: $deb_arch\$" <<<"$info" || missing+=("Architecture: $deb_arch")
+grep -q "^ Depends:.*libgomp1" <<<"$info" || missing+=("Depends: libgomp1")
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "the package lacks: ${missing[*]}" >&2
     exit 1

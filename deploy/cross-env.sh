@@ -13,7 +13,7 @@ for tool in aarch64-linux-gnu-gcc aarch64-linux-gnu-g++; do
         exit 1
     }
 done
-rustup target list --installed 2>/dev/null | grep -qx "$triple" || {
+grep -qx "$triple" <<<"$(rustup target list --installed 2>/dev/null)" || {
     echo "the Rust target is missing: rustup target add $triple" >&2
     exit 1
 }

@@ -74,7 +74,7 @@ for cpu in $cpus; do
     else
         echo "ok: CPU variant $variant"
     fi
-    if echo "$doctor" | grep -qi 'illegal instruction'; then fail "illegal instruction in doctor"; fi
+    if grep -qi 'illegal instruction' <<<"$doctor"; then fail "illegal instruction in doctor"; fi
 
     grpc="127.0.0.1:$(free_port)"
     http="127.0.0.1:$(free_port)"
@@ -88,7 +88,9 @@ for cpu in $cpus; do
     warm=
     for _ in $(seq 1 240); do
         if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
-        if run status --addr "http://$grpc" 2>/dev/null | grep -q '^kv cells'; then warm=1; break; fi
+        # Captured, then searched: `status | grep -q` under pipefail fails whenever grep quits
+        # before status has written its last line.
+        if status="$(run status --addr "http://$grpc" 2>/dev/null)" && grep -q '^kv cells' <<<"$status"; then warm=1; break; fi
         sleep 0.5
     done
     if [ -z "$warm" ]; then
