@@ -53,6 +53,19 @@ async fn status_describes_the_daemon() {
     assert!(printed.contains("threads    1 per token, 1 per batch (fixed)"), "{printed}");
 }
 
+#[tokio::test]
+async fn status_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let daemon = daemon().await;
+    // As in `phi3d status | head -1`, with the reader gone before the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(PHI3D).args(["status", "--addr", &daemon.url()]).stdout(writer).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", output.status);
+}
+
 #[test]
 fn a_client_without_a_daemon_says_what_is_wrong() {
     let output = run(Path::new(PHI3D), &["status", "--addr", "http://127.0.0.1:9"], &[]);
