@@ -1,6 +1,7 @@
 //! Integration tests: each starts the real `phi3d` binary on a free loopback port with a
 //! generated model and talks to it over gRPC, as a client would.
 
+mod balancer;
 mod cancel;
 mod chat;
 mod cli;

@@ -1,7 +1,7 @@
 //! Skipping a test, or part of one, whose prerequisite is missing.
 //!
 //! On a developer's machine a missing prerequisite (the Python client libraries, Landlock,
-//! seccomp, systemd-analyze, cargo-deb, root) skips the check and says so. With
+//! seccomp, systemd-analyze, cargo-deb, haproxy, root) skips the check and says so. With
 //! `PHI3D_TEST_STRICT=1`, which `.ci/run` sets, the same skip fails the test instead: a green
 //! CI run then means every check ran. Every such skip goes through [`skip`].
 //!

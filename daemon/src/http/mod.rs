@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod browsers;
+pub mod health;
 pub mod ollama;
 pub mod openai;
 pub mod pull;
@@ -177,7 +178,12 @@ async fn authenticate(State(state): State<HttpState>, mut request: Request, next
 /// no route count as `other`, so that a client cannot grow the label set at will.
 async fn count(State(state): State<HttpState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    let api = if path == "/metrics" { "metrics" } else if path.starts_with("/api/") { "ollama" } else { "openai" };
+    let api = match path {
+        "/metrics" => "metrics",
+        "/health" => "health",
+        _ if path.starts_with("/api/") => "ollama",
+        _ => "openai",
+    };
     let endpoint = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -230,6 +236,8 @@ pub async fn serve(
         .merge(openai::routes())
         .route("/metrics", axum::routing::get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        // After the token check's layer: a load balancer's health check carries no token.
+        .route("/health", axum::routing::get(health::health))
         .layer(axum::middleware::map_request(bodies_are_json))
         // Before the token check, and before bodies_are_json rewrites the content type.
         .layer(axum::middleware::from_fn_with_state(door.browsers.clone(), browsers::guard))

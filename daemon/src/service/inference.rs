@@ -70,6 +70,11 @@ impl InferenceService {
         self.requests.limits.max_request_bytes as usize
     }
 
+    /// Whether new requests are taken: false once the daemon is stopping.
+    pub fn takes_requests(&self) -> bool {
+        !self.requests.is_closed()
+    }
+
     /// A chat from any transport, accounted to `client`, ended by `deadline` if it has one:
     /// the gRPC service and the HTTP bridges both come here with the request they read, and
     /// each maps only its own wire format.

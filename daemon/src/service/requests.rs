@@ -87,6 +87,11 @@ impl Requests {
         self.closed.store(true, Ordering::SeqCst);
     }
 
+    /// Whether `close` has been called: the daemon is stopping.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// Requests in flight.
     pub fn count(&self) -> usize {
         self.in_flight.lock().expect("request registry lock").len()

@@ -1,0 +1,72 @@
+//! `GET /health`: whether this daemon takes requests now, for a load balancer in front of
+//! several boards (deploy/haproxy/). 200 `{"status":"ok"}` while it serves; 503 while the model
+//! loads, while it is stopping (a SIGTERM drains it: the balancer sends new requests elsewhere
+//! while those in flight finish) and after the model failed. It says nothing else about the
+//! daemon, so it needs no token, as llama-server's `/health` does not.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::HttpState;
+use crate::engine::LoadState;
+
+/// What `/health` reports, in order of precedence: stopping outranks everything.
+#[derive(Debug, PartialEq, Eq)]
+enum Health {
+    Ok,
+    Loading { percent: u32 },
+    Stopping,
+    Failed,
+}
+
+impl Health {
+    fn of(state: &LoadState, takes_requests: bool) -> Health {
+        if !takes_requests {
+            return Health::Stopping;
+        }
+        match state {
+            LoadState::Ready(_) => Health::Ok,
+            LoadState::Loading { percent } => Health::Loading { percent: *percent },
+            LoadState::Failed(_) => Health::Failed,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        if *self == Health::Ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    }
+
+    fn body(&self) -> serde_json::Value {
+        match self {
+            Health::Ok => serde_json::json!({ "status": "ok" }),
+            Health::Loading { percent } => {
+                serde_json::json!({ "status": "loading", "message": format!("loading the model, {percent}%") })
+            }
+            Health::Stopping => serde_json::json!({ "status": "stopping", "message": "shutting down: finishing the requests in flight" }),
+            Health::Failed => serde_json::json!({ "status": "failed", "message": "the model failed; phi3d is stopping" }),
+        }
+    }
+}
+
+pub async fn health(State(state): State<HttpState>) -> Response {
+    let health = Health::of(&state.engine.state(), state.inference.takes_requests());
+    (health.status(), axum::Json(health.body())).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_loaded_model_that_takes_requests_is_healthy() {
+        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, true), Health::Loading { percent: 40 });
+        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, false), Health::Stopping);
+        assert_eq!(Health::of(&LoadState::Failed("gone".into()), true), Health::Failed);
+        assert_eq!(Health::Loading { percent: 40 }.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Health::Stopping.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Health::Failed.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(Health::Ok.status(), StatusCode::OK);
+        assert_eq!(Health::Ok.body()["status"], "ok");
+        assert_eq!(Health::Stopping.body()["status"], "stopping");
+    }
+}
