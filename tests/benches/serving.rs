@@ -110,6 +110,10 @@ struct Options {
     /// Size of the home-automation turn's fixed system prompt, in tokens (about).
     #[arg(long, env = "PHI3D_BENCH_HOME_TOKENS", default_value_t = 900)]
     home_tokens: usize,
+    /// The phi3d binary to measure (default: this build's), e.g. an older build to compare
+    /// figures before and after a change.
+    #[arg(long, env = "PHI3D_BENCH_PHI3D", default_value = PHI3D)]
+    phi3d: PathBuf,
     /// llama.cpp's llama-server binary, to measure the same scenarios against it.
     #[arg(long, env = "LLAMA_SERVER")]
     llama_server: Option<PathBuf>,
@@ -140,6 +144,8 @@ struct Options {
 /// The settings both sides run with.
 #[derive(Clone)]
 struct Setup {
+    /// The daemon under test.
+    phi3d: PathBuf,
     model: PathBuf,
     threads: u32,
     ctx_size: u32,
@@ -210,6 +216,7 @@ fn main() -> anyhow::Result<()> {
     let (prompt, tokens) = build_prompt(&loaded, options.prompt_tokens)?;
     drop(loaded);
     let setup = Setup {
+        phi3d: options.phi3d.clone(),
         model,
         threads: options.threads.unwrap_or(default_threads),
         ctx_size: options.ctx_size,
@@ -220,6 +227,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     let size = std::fs::metadata(&setup.model)?.len();
+    println!("phi3d       {}", setup.phi3d.display());
     println!(
         "model       {} ({:.2} GB)",
         setup.model.display(),
@@ -539,7 +547,7 @@ impl Daemon {
         let config = dir.path().join("phi3d.toml");
         std::fs::write(&config, "")?;
         let log = File::create(dir.path().join("stderr.log"))?;
-        let child = Command::new(PHI3D)
+        let child = Command::new(&setup.phi3d)
             .arg("serve")
             .arg("--config")
             .arg(&config)
