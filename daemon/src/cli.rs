@@ -69,14 +69,8 @@ pub fn main() -> ExitCode {
         Command::Serve { config, settings } => serve(config, settings),
         Command::Pull { name, list, model_dir, offline } => pull(name, list, model_dir, offline),
         Command::Chat(args) => runtime().and_then(|runtime| runtime.block_on(client::chat(args))),
-        Command::Status(args) => {
-            end_quietly_when_stdout_closes();
-            runtime().and_then(|runtime| runtime.block_on(client::status(args)))
-        }
-        Command::Tools(args) => {
-            end_quietly_when_stdout_closes();
-            runtime().and_then(|runtime| runtime.block_on(client::tools(args)))
-        }
+        Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
+        Command::Tools(args) => runtime().and_then(|runtime| runtime.block_on(client::tools(args))),
         Command::Token(args) => token::run(args),
         Command::Doctor { config, settings } => doctor::run(config_source(config, settings)),
     };
@@ -86,17 +80,6 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// `phi3d status | head -3`: a command that only prints ends quietly when its reader goes
-/// away, as Unix tools do, instead of panicking in `println!` (Rust ignores SIGPIPE, and std
-/// has no stable switch to restore it). Only pipes and files raise it: sockets are written with
-/// MSG_NOSIGNAL, so the gRPC connection still fails with an error. Never for `serve`.
-fn end_quietly_when_stdout_closes() {
-    // SAFETY: at start-up, before any other thread exists, SIGPIPE goes back to its default.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

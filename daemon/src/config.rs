@@ -240,6 +240,10 @@ settings! {
         /// Seconds requests in flight may take to finish on SIGTERM before they are cancelled
         #[arg(long, env = "PHI3D_SHUTDOWN_GRACE_SECONDS")]
         shutdown_grace_seconds: u64,
+        /// Seconds phi3d goes on taking requests after SIGTERM while its health says it is
+        /// stopping, so that a load balancer sends new ones elsewhere first (0: none)
+        #[arg(long, env = "PHI3D_SHUTDOWN_DELAY_SECONDS")]
+        shutdown_delay_seconds: u64,
         /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
         #[arg(long, env = "PHI3D_GPU_LAYERS")]
         gpu_layers: u32,
@@ -359,6 +363,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// Seconds SIGTERM waits for requests in flight unless configured: a reply of a few hundred
 /// tokens on a Raspberry Pi 5 takes about that long.
 pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
+/// The longest `shutdown_delay_seconds`: a balancer's checks notice a stopping daemon in
+/// seconds, and systemd's stop timeout (90 s) must still cover the grace period after it.
+pub const MAX_SHUTDOWN_DELAY_SECONDS: u64 = 60;
 
 /// The TLS files the config names; the listeners make rustls and tonic configurations of
 /// them (`listeners::tls`).
@@ -435,6 +442,7 @@ pub struct Config {
 
     // Service life and hardware.
     pub shutdown_grace_seconds: u64,
+    pub shutdown_delay_seconds: u64,
     pub gpu_layers: u32,
 }
 
@@ -560,8 +568,15 @@ impl Config {
             http_allowed_origins: settings.http_allowed_origins.unwrap_or_default(),
             http_allowed_hosts: settings.http_allowed_hosts.unwrap_or_default(),
             shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
+            shutdown_delay_seconds: settings.shutdown_delay_seconds.unwrap_or(0),
             gpu_layers: settings.gpu_layers.unwrap_or(0),
         };
+        if config.shutdown_delay_seconds > MAX_SHUTDOWN_DELAY_SECONDS {
+            return Err(ConfigError(format!(
+                "shutdown_delay_seconds: {} is out of range; it must be 0 to {MAX_SHUTDOWN_DELAY_SECONDS}",
+                config.shutdown_delay_seconds
+            )));
+        }
         if !(1..=MAX_SLOTS).contains(&config.slots) {
             return Err(ConfigError(format!("slots: {} is out of range; it must be 1 to {MAX_SLOTS}", config.slots)));
         }
@@ -743,7 +758,7 @@ mod tests {
                     token_file = \"/t.toml\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
                     allow_unauthenticated_network = true\nmax_request_bytes = 4096\nmax_prompt_tokens = 32\n\
                     max_tokens_limit = 16\nmax_streams_per_client = 2\nhttp_listen = \"127.0.0.1:11434\"\n\
-                    http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\ngpu_layers = 99\n\
+                    http_plugin_tools = [\"clock.now\"]\nshutdown_grace_seconds = 3\nshutdown_delay_seconds = 2\ngpu_layers = 99\n\
                     schema_max_bytes = 1000\nschema_max_depth = 9\nschema_max_properties = 8\n\
                     schema_max_name_bytes = 32\nschema_max_literal_bytes = 64\nschema_max_repetition = 10\n\
                     schema_max_alternatives = 20\ncompile_timeout_ms = 250\nheader_timeout_seconds = 5\nbody_timeout_seconds = 6\n\
@@ -761,7 +776,7 @@ mod tests {
         assert_eq!(config.lookup_draft_max, 5);
         assert_eq!(config.pinned_prompts, [PathBuf::from("/etc/phi3d/home.txt")]);
         assert_eq!((config.unix_socket_mode, config.max_tokens_limit, config.max_streams_per_client), (0o600, 16, 2));
-        assert_eq!((config.shutdown_grace_seconds, config.gpu_layers), (3, 99));
+        assert_eq!((config.shutdown_grace_seconds, config.shutdown_delay_seconds, config.gpu_layers), (3, 2, 99));
         assert_eq!(config.http_plugin_tools, ["clock.now"]);
         let limits = config.schema_limits;
         assert_eq!((limits.max_bytes, limits.max_depth, limits.max_properties), (1000, 9, 8));

@@ -3,7 +3,7 @@
 //!
 //! Live keys take effect at once: `log`, `plugins_dir` and `sandbox.require` (the plugins are
 //! rescanned on every reload), `tool_choice`, `max_tokens`, `tool_call_max_tokens`,
-//! `max_tool_steps` and `shutdown_grace_seconds`. Every other key shapes the model, the
+//! `max_tool_steps`, `shutdown_grace_seconds` and `shutdown_delay_seconds`. Every other key shapes the model, the
 //! context or the listeners: a change to one is logged as needing a restart and the running
 //! value is kept. A configuration that does not parse or validate is refused whole, with the
 //! reason, and the running one stays.
@@ -71,6 +71,7 @@ reload_keys! {
         max_tokens_limit => "max_tokens_limit",
         schema_limits => "schema_max_*",
         shutdown_grace_seconds => "shutdown_grace_seconds",
+        shutdown_delay_seconds => "shutdown_delay_seconds",
     }
     restart {
         model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,

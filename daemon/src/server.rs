@@ -6,8 +6,9 @@
 //! until the model is warm ([`ModelHealth`]). systemd hears about each step (`systemd`) and
 //! SIGHUP reloads the configuration (`reload`) from the first moment.
 //!
-//! Shut down ([`Stopper`], as mini-redis's `Shutdown`): a shutdown signal, or the engine's
-//! failure, refuses new requests, lets those in flight finish within `shutdown_grace_seconds`
+//! Shut down ([`Stopper`], as mini-redis's `Shutdown`): a shutdown signal (after
+//! `shutdown_delay_seconds`, in which health says stopping and requests are still taken), or the
+//! engine's failure, refuses new requests, lets those in flight finish within `shutdown_grace_seconds`
 //! (`drain`), cancels the rest, lets the streams end, stops the servers, the plugins and then
 //! the worker thread.
 
@@ -400,7 +401,8 @@ struct Stopper {
 }
 
 impl Stopper {
-    /// On `shutdown`: NOT_SERVING, STOPPING=1, the requests in flight drained. Either way,
+    /// On `shutdown`: NOT_SERVING and STOPPING=1, requests still taken for
+    /// `shutdown_delay_seconds`, then the requests in flight drained. Either way,
     /// then: whatever is left cancelled, the queue closed, `stopping` cancelled. The engine's
     /// failure, when that was the cause.
     async fn run(self, shutdown: impl Future<Output = ()>, engine_failed: oneshot::Receiver<String>) -> Option<String> {
@@ -409,6 +411,12 @@ impl Stopper {
                 tracing::info!("shutting down");
                 self.notifier.stopping();
                 self.health.set(ServingStatus::NotServing).await;
+                self.requests.announce_stop();
+                let delay = self.config.borrow().shutdown_delay_seconds;
+                if delay > 0 {
+                    tracing::info!(delay_seconds = delay, "stopping: still taking requests while load balancers take this daemon out");
+                    tokio::time::sleep(Duration::from_secs(delay)).await;
+                }
                 let grace = self.config.borrow().shutdown_grace_seconds;
                 crate::drain::drain(&self.requests, Duration::from_secs(grace)).await;
                 None

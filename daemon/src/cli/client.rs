@@ -1,5 +1,6 @@
 //! `phi3d chat` and `phi3d status`: small gRPC clients of a running daemon.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, Write};
 
 use phi3d_proto::v1::admin_client::AdminClient;
@@ -130,44 +131,45 @@ async fn turn(client: &mut InferenceClient<Connection>, args: &ChatArgs, message
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = AdminClient::new(args.server.connect().await?);
     let status = client.get_status(GetStatusRequest {}).await.map_err(status_error)?.into_inner();
+    let mut out = String::new();
     let model = status.model.unwrap_or_default();
-    println!("phi3d {}  up {}s", status.version, status.uptime_seconds);
+    writeln!(out, "phi3d {}  up {}s", status.version, status.uptime_seconds)?;
     if model.loaded {
-        println!("model      {} ({}, {} parameters)", model.name, model.architecture, model.parameters);
-        println!("file       {} ({} bytes)", model.path, model.size_bytes);
-        println!("context    {} tokens (trained {}), KV cache {} bytes", model.context_length, model.trained_context_length, status.kv_cache_bytes);
+        writeln!(out, "model      {} ({}, {} parameters)", model.name, model.architecture, model.parameters)?;
+        writeln!(out, "file       {} ({} bytes)", model.path, model.size_bytes)?;
+        writeln!(out, "context    {} tokens (trained {}), KV cache {} bytes", model.context_length, model.trained_context_length, status.kv_cache_bytes)?;
     } else {
-        println!("model      {} loading, {}%", model.path, status.load_progress_percent);
+        writeln!(out, "model      {} loading, {}%", model.path, status.load_progress_percent)?;
     }
-    println!("requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots);
+    writeln!(out, "requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots)?;
     if model.loaded {
-        println!("kv cells   {} of {} in use", status.kv_cells_used, status.kv_cells_total);
+        writeln!(out, "kv cells   {} of {} in use", status.kv_cells_used, status.kv_cells_total)?;
         for slot in &status.slot_status {
             let state = phi3d_proto::v1::slot_status::State::try_from(slot.state)
                 .map_or("unknown", |state| state.as_str_name().trim_start_matches("STATE_"))
                 .to_lowercase();
             let request = if slot.request_id.is_empty() { String::new() } else { format!(", request {}", slot.request_id) };
-            println!("  slot {}   {state}, {} tokens{request}", slot.index, slot.tokens);
+            writeln!(out, "  slot {}   {state}, {} tokens{request}", slot.index, slot.tokens)?;
         }
-        println!(
+        writeln!(out, 
             "prompt cache {} in the KV cache, {} in RAM ({} of {}), {} on disk",
             status.cache_entries_in_memory,
             status.cache_entries_in_ram,
             human_bytes(status.cache_ram_bytes),
             human_bytes(status.cache_ram_budget_bytes),
             status.cache_entries_on_disk
-        );
+        )?;
         if let Some(threads) = &status.threads {
             let how = if threads.adaptive { format!("adaptive, at most {}", threads.max) } else { "fixed".to_owned() };
-            println!("threads    {} per token, {} per batch ({how})", threads.single, threads.batch);
+            writeln!(out, "threads    {} per token, {} per batch ({how})", threads.single, threads.batch)?;
         }
         if status.recent_decode_tokens_per_second > 0.0 {
-            println!("decode     {:.2} tokens/s lately", status.recent_decode_tokens_per_second);
+            writeln!(out, "decode     {:.2} tokens/s lately", status.recent_decode_tokens_per_second)?;
         }
     }
     if let Some(plan) = &status.memory_plan {
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-        println!(
+        writeln!(out, 
             "memory     {:.2} GiB planned (weights {:.2}, KV {:.2} {}, compute {:.2}) of {:.2} GiB available",
             gib(plan.total_bytes),
             gib(plan.weights_bytes),
@@ -175,39 +177,50 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             plan.kv_type,
             gib(plan.compute_bytes),
             gib(plan.budget_bytes)
-        );
+        )?;
     }
     if !status.cpu_features.is_empty() {
         let variant = if status.cpu_variant.is_empty() { String::new() } else { format!("variant {}: ", status.cpu_variant) };
-        println!("cpu        {variant}{}", status.cpu_features);
+        writeln!(out, "cpu        {variant}{}", status.cpu_features)?;
     }
     if !status.board.is_empty() {
-        println!("board      {}", status.board);
+        writeln!(out, "board      {}", status.board)?;
     }
-    Ok(())
+    print_all(&out)
 }
 
 pub async fn tools(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = AdminClient::new(args.server.connect().await?);
     let listing = client.list_tools(ListToolsRequest {}).await.map_err(status_error)?.into_inner();
-    println!("sandbox: {}", listing.sandbox_support);
+    let mut out = String::new();
+    writeln!(out, "sandbox: {}", listing.sandbox_support)?;
     if listing.tools.is_empty() && listing.skipped.is_empty() {
-        println!("no tools (no plugin manifests in the plugins directory)");
+        writeln!(out, "no tools (no plugin manifests in the plugins directory)")?;
     }
     for tool in listing.tools {
-        println!("\n{}  (plugin {})", tool.name, tool.plugin);
+        writeln!(out, "\n{}  (plugin {})", tool.name, tool.plugin)?;
         if !tool.description.is_empty() {
-            println!("  {}", tool.description);
+            writeln!(out, "  {}", tool.description)?;
         }
-        println!("  arguments: {}", tool.input_schema_json);
+        writeln!(out, "  arguments: {}", tool.input_schema_json)?;
         for protection in tool.protections {
-            println!("  - {protection}");
+            writeln!(out, "  - {protection}")?;
         }
     }
     for tool in listing.skipped {
-        println!("\n{}  (plugin {}): skipped, not offered to the model: {}", tool.name, tool.plugin, tool.reason);
+        writeln!(out, "\n{}  (plugin {}): skipped, not offered to the model: {}", tool.name, tool.plugin, tool.reason)?;
     }
-    Ok(())
+    print_all(&out)
+}
+
+/// Writes a command's whole output at once. A reader that has gone away (`phi3d status | head
+/// -1`) ends the command quietly, as it ends any Unix tool, where `println!` would panic: Rust
+/// ignores SIGPIPE, which must stay ignored for the gRPC connection (a Unix socket raises it).
+fn print_all(text: &str) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

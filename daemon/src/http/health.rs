@@ -1,8 +1,9 @@
-//! `GET /health`: whether this daemon takes requests now, for a load balancer in front of
-//! several boards (deploy/haproxy/). 200 `{"status":"ok"}` while it serves; 503 while the model
-//! loads, while it is stopping (a SIGTERM drains it: the balancer sends new requests elsewhere
-//! while those in flight finish) and after the model failed. It says nothing else about the
-//! daemon, so it needs no token, as llama-server's `/health` does not.
+//! `GET /health`: whether a load balancer in front of several boards (deploy/haproxy/) should
+//! send this daemon new requests. 200 `{"status":"ok"}` while it serves; 503 while the model
+//! loads, from the moment it is told to stop (SIGTERM; during `shutdown_delay_seconds` it
+//! still takes requests, so that none fails while the balancer's checks notice, then it drains)
+//! and after the model failed. It says nothing else about the daemon, so it needs no token, as
+//! llama-server's `/health` does not.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,8 +22,8 @@ enum Health {
 }
 
 impl Health {
-    fn of(state: &LoadState, takes_requests: bool) -> Health {
-        if !takes_requests {
+    fn of(state: &LoadState, stopping: bool) -> Health {
+        if stopping {
             return Health::Stopping;
         }
         match state {
@@ -42,14 +43,14 @@ impl Health {
             Health::Loading { percent } => {
                 serde_json::json!({ "status": "loading", "message": format!("loading the model, {percent}%") })
             }
-            Health::Stopping => serde_json::json!({ "status": "stopping", "message": "shutting down: finishing the requests in flight" }),
+            Health::Stopping => serde_json::json!({ "status": "stopping", "message": "shutting down: send new requests elsewhere" }),
             Health::Failed => serde_json::json!({ "status": "failed", "message": "the model failed; phi3d is stopping" }),
         }
     }
 }
 
 pub async fn health(State(state): State<HttpState>) -> Response {
-    let health = Health::of(&state.engine.state(), state.inference.takes_requests());
+    let health = Health::of(&state.engine.state(), state.inference.is_stopping());
     (health.status(), axum::Json(health.body())).into_response()
 }
 
@@ -59,9 +60,9 @@ mod tests {
 
     #[test]
     fn only_a_loaded_model_that_takes_requests_is_healthy() {
-        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, true), Health::Loading { percent: 40 });
-        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, false), Health::Stopping);
-        assert_eq!(Health::of(&LoadState::Failed("gone".into()), true), Health::Failed);
+        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, false), Health::Loading { percent: 40 });
+        assert_eq!(Health::of(&LoadState::Loading { percent: 40 }, true), Health::Stopping);
+        assert_eq!(Health::of(&LoadState::Failed("gone".into()), false), Health::Failed);
         assert_eq!(Health::Loading { percent: 40 }.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Health::Stopping.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(Health::Failed.status(), StatusCode::SERVICE_UNAVAILABLE);

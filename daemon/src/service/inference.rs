@@ -70,9 +70,9 @@ impl InferenceService {
         self.requests.limits.max_request_bytes as usize
     }
 
-    /// Whether new requests are taken: false once the daemon is stopping.
-    pub fn takes_requests(&self) -> bool {
-        !self.requests.is_closed()
+    /// Whether the daemon is stopping (told to, or already refusing new requests).
+    pub fn is_stopping(&self) -> bool {
+        self.requests.is_stopping()
     }
 
     /// A chat from any transport, accounted to `client`, ended by `deadline` if it has one:

@@ -22,6 +22,9 @@ pub struct Requests {
     in_flight: Mutex<HashMap<String, InFlight>>,
     /// Parent of every request's token: cancelling it stops them all.
     shutdown: CancellationToken,
+    /// Set once the daemon has been told to stop, before `closed` (a shutdown delay lies
+    /// between): health checks say it is stopping while requests are still taken.
+    stop_announced: AtomicBool,
     /// Set once the daemon is stopping: new requests are refused.
     closed: AtomicBool,
     /// Woken whenever a request ends.
@@ -87,9 +90,15 @@ impl Requests {
         self.closed.store(true, Ordering::SeqCst);
     }
 
-    /// Whether `close` has been called: the daemon is stopping.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+    /// The daemon has been told to stop: health checks say so from now on, while requests are
+    /// still taken until `close`.
+    pub fn announce_stop(&self) {
+        self.stop_announced.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the daemon is stopping: announced, or closed to new requests.
+    pub fn is_stopping(&self) -> bool {
+        self.stop_announced.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst)
     }
 
     /// Requests in flight.
