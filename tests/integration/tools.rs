@@ -31,10 +31,22 @@ fn clock_manifest(name: &str) -> String {
     )
 }
 
-/// A daemon whose plugins folder holds the clock plugin.
+/// A daemon whose plugins folder holds the clock plugin, once the clock lists its tools. A
+/// startup plugin starts beside the model, and a listing never waits for one still starting
+/// (`plugins::a_plugin_that_is_starting_never_holds_up_a_listing`): on a loaded machine the
+/// model can be warm first.
 async fn daemon_with_clock(plugins: &Path) -> Daemon {
     std::fs::write(plugins.join("clock.toml"), clock_manifest("clock")).unwrap();
-    tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await
+    let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
+        if listing.tools.iter().any(|tool| tool.plugin == "clock") {
+            return daemon;
+        }
+        assert!(Instant::now() < deadline, "the clock plugin listed no tools within 30 s:\n{}", daemon.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `max_tokens` is per step; the tiny model spells a call out nearly one character per token,
