@@ -70,6 +70,14 @@ impl Proxy {
     }
 }
 
+/// Each (backend, board) as HAProxy's stats page says it is: `"<status> <last check>"`.
+type States = HashMap<(String, String), String>;
+
+/// Whether HAProxy has taken `board` out of every backend.
+fn is_out(states: &States, board: &str) -> bool {
+    states.iter().all(|((_, server), state)| server != board || state.starts_with("DOWN"))
+}
+
 /// Two boards and the balancer in front of them.
 struct Farm {
     boards: Vec<Board>,
@@ -154,37 +162,31 @@ impl Farm {
         Some(farm)
     }
 
-    /// The stats page's rows for the boards, each as column name → value; none while the page
-    /// does not answer.
-    async fn board_rows(&self) -> Vec<HashMap<String, String>> {
+    /// Each (backend, board) as the stats page says it is: its status and its last check; none
+    /// while the page does not answer.
+    async fn states(&self) -> States {
         let Ok(response) = self.client.get(format!("http://{}/stats;csv", self.stats)).send().await else {
-            return Vec::new();
+            return States::new();
         };
         let csv = response.text().await.unwrap_or_default();
         let mut lines = csv.lines();
-        let header: Vec<String> = lines.next().unwrap_or_default().trim_start_matches("# ").split(',').map(str::to_owned).collect();
+        let header: Vec<&str> = lines.next().unwrap_or_default().trim_start_matches("# ").split(',').collect();
         lines
-            .map(|line| header.iter().cloned().zip(line.split(',').map(str::to_owned)).collect::<HashMap<_, _>>())
+            .map(|line| header.iter().copied().zip(line.split(',')).collect::<HashMap<_, _>>())
             .filter(|row| row.get("svname").is_some_and(|server| server.starts_with("board")))
+            .map(|row| {
+                let field = |name: &str| row.get(name).copied().unwrap_or_default().to_owned();
+                ((field("pxname"), field("svname")), format!("{} {}", field("status"), field("check_status")))
+            })
             .collect()
     }
 
-    /// Each (backend, board) as the stats page says it is: its status and its last check.
-    async fn states(&self) -> HashMap<(String, String), String> {
-        let field = |row: &HashMap<String, String>, name: &str| row.get(name).cloned().unwrap_or_default();
-        self.board_rows()
-            .await
-            .iter()
-            .map(|row| ((field(row, "pxname"), field(row, "svname")), format!("{} {}", field(row, "status"), field(row, "check_status"))))
-            .collect()
-    }
-
-    async fn wait_for(&self, done: impl Fn(&HashMap<(String, String), String>) -> bool, what: &str) -> Duration {
+    async fn wait_for(&self, done: impl Fn(&States) -> bool, what: &str) {
         let started = Instant::now();
         loop {
             let states = self.states().await;
             if states.len() == 2 * self.boards.len() && done(&states) {
-                return started.elapsed();
+                return;
             }
             assert!(started.elapsed() < Duration::from_secs(20), "not {what} within 20 s: {states:?}\n{}", self.proxy.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -350,7 +352,7 @@ async fn a_board_told_to_stop_is_drained_with_no_failed_request() {
             .unwrap_or_else(|status| panic!("a gRPC request failed while board1 stopped: {status:?}"));
         collect(response.into_inner()).await.unwrap_or_else(|status| panic!("a gRPC reply failed while board1 stopped: {status:?}"));
         let states = farm.states().await;
-        if board1_out.is_none() && states.iter().all(|((_, board), state)| board != "board1" || state.starts_with("DOWN")) {
+        if board1_out.is_none() && is_out(&states, "board1") {
             board1_out = Some(stopping.elapsed());
         }
         if board1_out.is_some_and(|out| stopping.elapsed() > out + Duration::from_secs(2)) {
@@ -428,8 +430,7 @@ async fn a_board_that_dies_is_taken_out_within_the_health_interval() {
     let (status, board, body) = farm.ask(&to_board2, "Are you there?").await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}\n{}", farm.proxy.log());
     assert_eq!(board, "board1");
-    farm.wait_for(|states| states.iter().all(|((_, board), state)| board != "board2" || state.starts_with("DOWN")), "board2 out")
-        .await;
+    farm.wait_for(|states| is_out(states, "board2"), "board2 out").await;
     let out = died.elapsed();
     // Checked every second, out after two failures: 2 s, plus a check in progress and a slow machine.
     assert!(out < Duration::from_secs(5), "board2 was taken out only {out:?} after it died");

@@ -31,20 +31,27 @@ fn clock_manifest(name: &str) -> String {
     )
 }
 
-/// A daemon whose plugins folder holds the clock plugin, once the clock lists its tools. A
-/// startup plugin starts beside the model, and a listing never waits for one still starting
-/// (`plugins::a_plugin_that_is_starting_never_holds_up_a_listing`): on a loaded machine the
-/// model can be warm first.
+/// A daemon whose plugins folder holds the clock plugin, once the clock lists its tools.
 async fn daemon_with_clock(plugins: &Path) -> Daemon {
     std::fs::write(plugins.join("clock.toml"), clock_manifest("clock")).unwrap();
     let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.to_str().unwrap()).start().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for_tool(&daemon, "clock.now", true).await;
+    daemon
+}
+
+/// Waits until the daemon lists the tool `name` (`present`), or no longer lists it. A startup
+/// plugin starts beside the model and a listing never waits for one still starting
+/// (`plugins::a_plugin_that_is_starting_never_holds_up_a_listing`), so on a loaded machine the
+/// model can be warm first; manifests that change are picked up a moment later.
+async fn wait_for_tool(daemon: &Daemon, name: &str, present: bool) {
+    let mut admin = daemon.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
-        if listing.tools.iter().any(|tool| tool.plugin == "clock") {
-            return daemon;
+        let tools = admin.list_tools(ListToolsRequest {}).await.unwrap().into_inner().tools;
+        if tools.iter().any(|tool| tool.name == name) == present {
+            return;
         }
-        assert!(Instant::now() < deadline, "the clock plugin listed no tools within 30 s:\n{}", daemon.stderr());
+        assert!(Instant::now() < deadline, "{name} present={present} not reached: {tools:?}\n{}", daemon.stderr());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -212,6 +219,7 @@ async fn a_tool_with_a_broken_schema_does_not_take_the_others_down() {
     let manifest = crate::plugins::manifest(&["--tools=echo,fail", "--bad-schema"], "");
     std::fs::write(plugins.path().join("fixture.toml"), manifest).unwrap();
     let daemon = tiny_daemon().arg("--plugins-dir").arg(plugins.path().to_str().unwrap()).start().await;
+    wait_for_tool(&daemon, "fixture.echo", true).await;
     let listing = daemon.admin().await.list_tools(ListToolsRequest {}).await.unwrap().into_inner();
     assert_eq!(listing.tools.iter().map(|tool| tool.name.as_str()).collect::<Vec<_>>(), ["fixture.echo"]);
     assert_eq!(listing.skipped.len(), 1, "{listing:?}");
@@ -523,28 +531,14 @@ async fn plugins_come_and_go_while_requests_run() {
     let long = client.complete(crate::common::complete_request("go on", exactly(3000))).await.unwrap().into_inner();
     let running = tokio::spawn(collect(long));
 
-    let wait_for = |want: &'static str, present: bool| {
-        let mut admin = admin.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let tools = admin.list_tools(ListToolsRequest {}).await.unwrap().into_inner().tools;
-                if tools.iter().any(|tool| tool.name == want) == present {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "{want} present={present} not reached: {tools:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
     std::fs::write(plugins.path().join("clock.toml"), clock_manifest("clock")).unwrap();
-    wait_for("clock.now", true).await;
+    wait_for_tool(&daemon, "clock.now", true).await;
     std::fs::write(plugins.path().join("clock.toml"), clock_manifest("time")).unwrap();
-    wait_for("time.now", true).await;
-    wait_for("clock.now", false).await;
+    wait_for_tool(&daemon, "time.now", true).await;
+    wait_for_tool(&daemon, "clock.now", false).await;
     std::fs::write(plugins.path().join("broken.toml"), "command = 5\n").unwrap();
     std::fs::remove_file(plugins.path().join("clock.toml")).unwrap();
-    wait_for("time.now", false).await;
+    wait_for_tool(&daemon, "time.now", false).await;
     daemon.wait_for_log("broken.toml", 1, Duration::from_secs(5)).await;
 
     let reply = running.await.unwrap().unwrap();

@@ -151,7 +151,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             let request = if slot.request_id.is_empty() { String::new() } else { format!(", request {}", slot.request_id) };
             writeln!(out, "  slot {}   {state}, {} tokens{request}", slot.index, slot.tokens)?;
         }
-        writeln!(out, 
+        writeln!(
+            out,
             "prompt cache {} in the KV cache, {} in RAM ({} of {}), {} on disk",
             status.cache_entries_in_memory,
             status.cache_entries_in_ram,
@@ -169,7 +170,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(plan) = &status.memory_plan {
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-        writeln!(out, 
+        writeln!(
+            out,
             "memory     {:.2} GiB planned (weights {:.2}, KV {:.2} {}, compute {:.2}) of {:.2} GiB available",
             gib(plan.total_bytes),
             gib(plan.weights_bytes),
