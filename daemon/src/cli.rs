@@ -1,5 +1,5 @@
 //! The command line: `serve` runs the daemon; `pull`, `chat`, `status`, `tools`, `token` and `doctor`
-//! are small tools around it.
+//! are small tools around it; `rpc-worker` lends this board's devices to a daemon on another.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +12,7 @@ mod client;
 mod connect;
 mod token;
 mod doctor;
+mod rpc_worker;
 
 #[derive(Parser)]
 #[command(name = "phi3d", version, about = "Keeps a Phi-3 family model warm and serves it over gRPC")]
@@ -53,6 +54,9 @@ enum Command {
     Tools(client::StatusArgs),
     /// Manage the bearer tokens clients authenticate with
     Token(token::TokenArgs),
+    /// Serve this board's devices to a daemon on another board (llama.cpp's RPC server; its
+    /// protocol is unauthenticated: loopback or a private link only)
+    RpcWorker(rpc_worker::RpcWorkerArgs),
     /// Check what this device offers and whether the configured set-up fits it
     Doctor {
         /// Config file [default: /etc/phi3d/phi3d.toml, if present]
@@ -72,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => runtime().and_then(|runtime| runtime.block_on(client::status(args))),
         Command::Tools(args) => runtime().and_then(|runtime| runtime.block_on(client::tools(args))),
         Command::Token(args) => token::run(args),
+        Command::RpcWorker(args) => rpc_worker::run(args),
         Command::Doctor { config, settings } => doctor::run(config_source(config, settings)),
     };
     match result {
@@ -106,7 +111,11 @@ fn serve(config_path: Option<PathBuf>, flags: Settings) -> anyhow::Result<()> {
     // thread does it, so that fewer threads compete with llama.cpp's for the cores (whose
     // threads meet at a barrier many times per token and all wait for the slowest).
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    runtime.block_on(crate::server::serve(config, source, crate::server::shutdown_signal()))
+    let served = runtime.block_on(crate::server::serve(config, source, crate::server::shutdown_signal()));
+    // A worker thread left behind (stuck in llama.cpp) keeps its join on the blocking pool:
+    // the process ends without waiting for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
 }
 
 fn pull(name: Option<String>, list: bool, model_dir: Option<PathBuf>, offline: Option<bool>) -> anyhow::Result<()> {

@@ -247,6 +247,15 @@ settings! {
         /// Model layers to offload to the GPU (needs a build with the cuda or vulkan feature; 0: none)
         #[arg(long, env = "PHI3D_GPU_LAYERS")]
         gpu_layers: u32,
+        /// llama.cpp RPC workers (`phi3d rpc-worker`, IPv4:PORT or NAME:PORT) to spread the model's
+        /// layers over; needs a build with the rpc feature (repeat the flag, or separate them with
+        /// commas in the variable; default: none)
+        #[arg(long = "rpc-worker", env = "PHI3D_RPC_WORKERS", value_delimiter = ',')]
+        rpc_workers: Vec<String>,
+        /// The model's layers placed on the RPC workers: the last ones, with the output layer
+        /// (default: an even share, as many per worker as this board keeps)
+        #[arg(long, env = "PHI3D_RPC_LAYERS")]
+        rpc_layers: u32,
     }
     flags_only {
         /// strict: refuse to start a plugin whose manifest asks for protection the kernel cannot
@@ -367,6 +376,49 @@ pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 10;
 /// seconds, and systemd's stop timeout (90 s) must still cover the grace period after it.
 pub const MAX_SHUTDOWN_DELAY_SECONDS: u64 = 60;
 
+/// The most RPC workers llama.cpp connects to (GGML_RPC_MAX_SERVERS).
+pub const MAX_RPC_WORKERS: usize = 16;
+
+/// `rpc_workers`: each a `host:port` llama.cpp can parse (it splits at the first colon and
+/// speaks IPv4), none twice, and only in a build that has the RPC backend.
+fn check_rpc_workers(config: &Config) -> Result<(), ConfigError> {
+    if config.rpc_workers.is_empty() {
+        if config.rpc_layers.is_some() {
+            return Err(ConfigError("rpc_layers is set but rpc_workers is empty; name the workers or drop rpc_layers".into()));
+        }
+        return Ok(());
+    }
+    if !cfg!(feature = "rpc") {
+        return Err(ConfigError(format!("rpc_workers: {}", crate::engine::rpc::NOT_BUILT)));
+    }
+    if config.rpc_workers.len() > MAX_RPC_WORKERS {
+        return Err(ConfigError(format!("rpc_workers: {} workers; llama.cpp takes at most {MAX_RPC_WORKERS}", config.rpc_workers.len())));
+    }
+    if config.gpu_layers > 0 {
+        return Err(ConfigError(
+            "gpu_layers and rpc_workers are both set; phi3d places layers on one kind of device: use one of them".into(),
+        ));
+    }
+    for (i, endpoint) in config.rpc_workers.iter().enumerate() {
+        let valid = endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(':')
+                && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+                && port.parse::<u16>().is_ok_and(|port| port > 0)
+        });
+        if !valid {
+            return Err(ConfigError(format!(
+                "rpc_workers: `{endpoint}` is not HOST:PORT with an IPv4 address or a name (e.g. 192.168.1.21:50052); \
+                 llama.cpp's RPC client speaks IPv4 only"
+            )));
+        }
+        if config.rpc_workers[..i].contains(endpoint) {
+            return Err(ConfigError(format!("rpc_workers: `{endpoint}` is named twice")));
+        }
+    }
+    Ok(())
+}
+
 /// The TLS files the config names; the listeners make rustls and tonic configurations of
 /// them (`listeners::tls`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -444,6 +496,10 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     pub shutdown_delay_seconds: u64,
     pub gpu_layers: u32,
+    /// llama.cpp RPC workers (`host:port`), in the order layers are placed on them.
+    pub rpc_workers: Vec<String>,
+    /// Layers on the workers; `None`: an even share, chosen once the model's depth is known.
+    pub rpc_layers: Option<u32>,
 }
 
 impl Config {
@@ -570,7 +626,10 @@ impl Config {
             shutdown_grace_seconds: settings.shutdown_grace_seconds.unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS),
             shutdown_delay_seconds: settings.shutdown_delay_seconds.unwrap_or(0),
             gpu_layers: settings.gpu_layers.unwrap_or(0),
+            rpc_workers: settings.rpc_workers.unwrap_or_default(),
+            rpc_layers: settings.rpc_layers,
         };
+        check_rpc_workers(&config)?;
         if config.shutdown_delay_seconds > MAX_SHUTDOWN_DELAY_SECONDS {
             return Err(ConfigError(format!(
                 "shutdown_delay_seconds: {} is out of range; it must be 0 to {MAX_SHUTDOWN_DELAY_SECONDS}",
@@ -747,6 +806,30 @@ mod tests {
     }
 
     #[test]
+    fn rpc_workers_are_checked() {
+        let config = |text: &str| Settings::parse(text).map_err(ConfigError).and_then(Config::from_settings);
+        if !cfg!(feature = "rpc") {
+            let refused = config("rpc_workers = [\"10.8.0.2:50052\"]").unwrap_err().to_string();
+            assert!(refused.contains("GGML_RPC=ON"), "{refused}");
+            return;
+        }
+        let accepted = config("rpc_workers = [\"10.8.0.2:50052\", \"board3.lan:50052\"]\nrpc_layers = 20").unwrap();
+        assert_eq!((accepted.rpc_workers.len(), accepted.rpc_layers), (2, Some(20)));
+        for (text, expected) in [
+            ("rpc_workers = [\"[::1]:50052\"]", "IPv4"),
+            ("rpc_workers = [\"10.8.0.2\"]", "HOST:PORT"),
+            ("rpc_workers = [\"10.8.0.2:0\"]", "HOST:PORT"),
+            ("rpc_workers = [\"a b:1\"]", "HOST:PORT"),
+            ("rpc_workers = [\"10.8.0.2:1\", \"10.8.0.2:1\"]", "named twice"),
+            ("rpc_workers = [\"10.8.0.2:1\"]\ngpu_layers = 4", "gpu_layers and rpc_workers"),
+            ("rpc_layers = 4", "rpc_workers is empty"),
+        ] {
+            let refused = config(text).unwrap_err().to_string();
+            assert!(refused.contains(expected), "{text}: {refused}");
+        }
+    }
+
+    #[test]
     fn every_key_is_accepted() {
         let file = "model = \"m.gguf\"\nmodel_dir = \"/m\"\nlisten = \"127.0.0.1:1\"\nthreads = 1\nctx_size = 64\n\
                     batch_size = 1\nqueue_size = 1\nmax_tokens = 1\nmlock = true\noffline = true\nlog = \"warn\"\n\
@@ -763,9 +846,12 @@ mod tests {
                     schema_max_name_bytes = 32\nschema_max_literal_bytes = 64\nschema_max_repetition = 10\n\
                     schema_max_alternatives = 20\ncompile_timeout_ms = 250\nheader_timeout_seconds = 5\nbody_timeout_seconds = 6\n\
                     idle_timeout_seconds = 7\nmax_connections_per_client = 3\nmax_connections = 9\n\
-                    http_allowed_origins = [\"https://ha.example:8123\"]\nhttp_allowed_hosts = [\"phi3d.lan\"]\n";
-        let settings = Settings::parse(file).unwrap();
+                    http_allowed_origins = [\"https://ha.example:8123\"]\nhttp_allowed_hosts = [\"phi3d.lan\"]\n\
+                    rpc_workers = [\"10.8.0.2:50052\"]\nrpc_layers = 8\n";
+        let mut settings = Settings::parse(file).unwrap();
         assert!(file.lines().count() == KEYS.len() && KEYS.iter().all(|key| file.contains(&format!("{key} ="))));
+        // The RPC keys exclude gpu_layers and depend on the build: rpc_workers_are_checked.
+        assert_eq!((settings.rpc_workers.take().unwrap(), settings.rpc_layers.take()), (vec!["10.8.0.2:50052".to_owned()], Some(8)));
         assert_eq!(settings.log.as_deref(), Some("warn"));
         assert_eq!(settings.mlock, Some(true));
         let config = Config::from_settings(settings).unwrap();

@@ -75,7 +75,7 @@ reload_keys! {
     }
     restart {
         model, model_dir, listen, threads, ctx_size, batch_size, queue_size, mlock, offline, slots, kv_type,
-        pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, prompt_cache_entries, prompt_cache_min_chunk, prompt_cache_ram_mb, lookup_draft_max, gpu_layers, unix_socket, unix_socket_mode,
+        pinned_prompts, prompt_cache_dir, prompt_cache_disk_mb, prompt_cache_entries, prompt_cache_min_chunk, prompt_cache_ram_mb, lookup_draft_max, gpu_layers, rpc_workers, rpc_layers, unix_socket, unix_socket_mode,
         unix_socket_group, token_file, tls, allow_unauthenticated_network, max_request_bytes, max_prompt_tokens,
         max_streams_per_client, http_listen, http_plugin_tools, compile_timeout,
         header_timeout_seconds, body_timeout_seconds, idle_timeout_seconds, max_connections_per_client, max_connections,

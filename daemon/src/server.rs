@@ -52,6 +52,9 @@ const MODEL_SERVICES: [&str; 2] = ["", "phi3d.v1.Inference"];
 /// How long shutdown waits for the worker to end and save the prompt cache.
 const WORKER_EXIT_LIMIT: Duration = Duration::from_secs(60);
 
+/// How long a stop after the engine's failure waits for the worker: it has nothing to save.
+const FAILED_WORKER_EXIT_LIMIT: Duration = Duration::from_secs(2);
+
 /// How long shutdown waits for clients to disconnect once every request is cancelled.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -129,9 +132,12 @@ pub async fn serve(
 
     // Shut down: plugins first, so that a tool call still running keeps no request alive;
     // then the worker, whose engine handles went with the services.
+    let engine_error = stopped.await?;
     plugins.shutdown().await;
-    join_worker(worker, drained).await?;
-    match stopped.await? {
+    // A failed engine's thread may be stuck inside llama.cpp for good (an RPC worker gone).
+    let limit = if engine_error.is_some() { FAILED_WORKER_EXIT_LIMIT } else { WORKER_EXIT_LIMIT };
+    join_worker(worker, drained, limit).await?;
+    match engine_error {
         Some(reason) => anyhow::bail!(reason),
         None => Ok(()),
     }
@@ -146,6 +152,8 @@ fn engine_config(config: &Config, model_path: &Path, stopping: &CancellationToke
         threads: config.threads,
         mlock: config.mlock,
         gpu_layers: config.gpu_layers,
+        rpc_workers: config.rpc_workers.clone(),
+        rpc_layers: config.rpc_layers,
         queue_size: config.queue_size,
         slots: config.slots,
         kv_type: config.kv_type,
@@ -432,13 +440,13 @@ impl Stopper {
 
 /// Waits for the worker to end (its slots free, the prompt cache saved); a slow disk gets a
 /// while for that, a wedged worker does not hold the exit forever.
-async fn join_worker(worker: std::thread::JoinHandle<()>, drained: bool) -> anyhow::Result<()> {
-    let joined = tokio::time::timeout(WORKER_EXIT_LIMIT, tokio::task::spawn_blocking(move || worker.join())).await;
+async fn join_worker(worker: std::thread::JoinHandle<()>, drained: bool, limit: Duration) -> anyhow::Result<()> {
+    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || worker.join())).await;
     match joined {
         Ok(joined) => joined?.map_err(|_| anyhow::anyhow!("the worker thread panicked"))?,
         Err(_) => tracing::warn!(
             drained,
-            "the inference thread did not stop within {WORKER_EXIT_LIMIT:?}; exiting without it"
+            "the inference thread did not stop within {limit:?}; exiting without it"
         ),
     }
     Ok(())

@@ -47,6 +47,8 @@ mod drafts;
 mod neighbours;
 #[path = "serving/prompt_cache.rs"]
 mod prompt_cache;
+#[path = "serving/rpc_split.rs"]
+mod rpc_split;
 #[path = "serving/scenarios.rs"]
 mod scenarios;
 
@@ -123,7 +125,9 @@ struct Options {
     /// after a restart), `cache-time` (the home turn with the time at the start of its prompt),
     /// `cache-chunk` (what each --prompt-cache-min-chunk saves on a follow-up with a changed
     /// time, changed device states or a dropped turn, and whether its reply stays exact),
-    /// `drafts` (decode of a reply that copies its prompt, with and without drafts from it).
+    /// `drafts` (decode of a reply that copies its prompt, with and without drafts from it),
+    /// `rpc-split` (a build with the rpc feature: the single run with half the layers on a
+    /// `phi3d rpc-worker` over loopback, against all of them here).
     #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
     scenarios: Vec<String>,
     /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores
@@ -183,8 +187,8 @@ fn main() -> anyhow::Result<()> {
     let wanted = |scenario: &str| options.scenarios.iter().any(|name| name == scenario);
     for name in &options.scenarios {
         ensure!(
-            ["single", "shared", "neighbours", "cache-burst", "cache-time", "cache-chunk", "drafts"].contains(&name.as_str()),
-            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst, cache-time, cache-chunk and drafts"
+            ["single", "shared", "neighbours", "cache-burst", "cache-time", "cache-chunk", "drafts", "rpc-split"].contains(&name.as_str()),
+            "--scenarios: unknown scenario {name:?}; the scenarios are single, shared, neighbours, cache-burst, cache-time, cache-chunk, drafts and rpc-split"
         );
     }
     ensure!(options.runs > 0, "--runs must be at least 1");
@@ -295,6 +299,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("drafts") {
         runtime.block_on(drafts::run(&setup, options.runs, peer.as_deref()))?;
+    }
+    if wanted("rpc-split") {
+        runtime.block_on(rpc_split::run(&setup, options.runs))?;
     }
     println!("\nload avg    {} (after)", load_average());
     Ok(())
@@ -607,10 +614,16 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_millis(2);
 
 async fn run_phi3d(setup: &Setup) -> anyhow::Result<Measured> {
+    run_phi3d_with(setup, &[]).await
+}
+
+/// [`run_phi3d`] with `more` flags for the daemon.
+async fn run_phi3d_with(setup: &Setup, more: &[String]) -> anyhow::Result<Measured> {
     let addr = free_port()?;
     let started = Instant::now();
     // One slot, as the baseline has one sequence; nothing saved between runs.
-    let extra = ["--slots".to_owned(), "1".to_owned(), "--prompt-cache-disk-mb".to_owned(), "0".to_owned()];
+    let mut extra = vec!["--slots".to_owned(), "1".to_owned(), "--prompt-cache-disk-mb".to_owned(), "0".to_owned()];
+    extra.extend_from_slice(more);
     let mut daemon = Daemon::spawn(setup, addr, Some(setup.threads), &extra)?;
     let channel = wait_serving(&mut daemon, addr).await?;
     let startup = started.elapsed();

@@ -1,4 +1,4 @@
-//! What deploy/ ships: the systemd units pass `systemd-analyze verify`, and the Debian package
+//! What deploy/ ships: the systemd units (the daemon's, and the RPC worker's) pass `systemd-analyze verify`, and the Debian package
 //! holds the binaries, the units, the default config and the bundled manifests. Each test is
 //! skipped, saying so, when its tool (systemd-analyze, cargo-deb) is not installed; .ci/run
 //! installs both.
@@ -29,10 +29,14 @@ fn the_units_pass_systemd_analyze_verify() {
     assert!(service.contains("ExecStart=/usr/bin/phi3d serve"), "{service}");
     std::fs::write(dir.path().join("phi3d.service"), service.replace("/usr/bin/phi3d", PHI3D)).unwrap();
     std::fs::copy(units.join("phi3d.socket"), dir.path().join("phi3d.socket")).unwrap();
+    let worker = std::fs::read_to_string(repository().join("deploy/rpc/phi3d-rpc-worker.service")).unwrap();
+    assert!(worker.contains("ExecStart=/usr/bin/phi3d rpc-worker") && worker.contains("IPAddressDeny=any"), "{worker}");
+    std::fs::write(dir.path().join("phi3d-rpc-worker.service"), worker.replace("/usr/bin/phi3d", PHI3D)).unwrap();
     let output = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("phi3d.service"))
         .arg(dir.path().join("phi3d.socket"))
+        .arg(dir.path().join("phi3d-rpc-worker.service"))
         .output()
         .unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));

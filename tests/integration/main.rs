@@ -23,6 +23,8 @@ mod prompt_cache;
 mod prompt_reuse;
 mod security;
 mod reload;
+#[cfg(feature = "rpc")]
+mod rpc;
 mod shutdown;
 mod slots;
 mod structured;

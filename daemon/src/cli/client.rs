@@ -138,8 +138,22 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         writeln!(out, "model      {} ({}, {} parameters)", model.name, model.architecture, model.parameters)?;
         writeln!(out, "file       {} ({} bytes)", model.path, model.size_bytes)?;
         writeln!(out, "context    {} tokens (trained {}), KV cache {} bytes", model.context_length, model.trained_context_length, status.kv_cache_bytes)?;
+    } else if !status.waiting_for.is_empty() {
+        writeln!(out, "model      {} waiting: {}", model.path, status.waiting_for)?;
     } else {
         writeln!(out, "model      {} loading, {}%", model.path, status.load_progress_percent)?;
+    }
+    // Only a model spread over RPC workers has more than one place.
+    if status.layers.len() > 1 {
+        for span in &status.layers {
+            let layers = if span.has_layers { format!("{}-{}", span.first_layer, span.last_layer) } else { String::new() };
+            let output = match (span.has_layers, span.output) {
+                (true, true) => " and the output layer",
+                (false, true) => "the output layer",
+                _ => "",
+            };
+            writeln!(out, "layers     {layers}{output} on {}", span.device)?;
+        }
     }
     writeln!(out, "requests   {} active, {} queued, {} slot(s)", status.active_requests, status.queue_depth, status.slots)?;
     if model.loaded {

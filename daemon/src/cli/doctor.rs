@@ -53,6 +53,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     report.line(Level::Ok, "config", format!("{} ({file})", source.path.display()));
     sandbox(&mut report, &config);
     cpu(&mut report, &config);
+    rpc(&mut report, &config);
     memory(&mut report, &config);
     listener(&mut report, &config);
     open_files(&mut report, &config);
@@ -136,6 +137,35 @@ fn cpu(report: &mut Report, config: &Config) {
     }
 }
 
+/// The RPC workers: whether this build can use them and whether each answers.
+fn rpc(report: &mut Report, config: &Config) {
+    if config.rpc_workers.is_empty() {
+        if cfg!(feature = "rpc") {
+            report.line(Level::Note, "rpc", "built with llama.cpp's RPC backend; no rpc_workers configured");
+        }
+        return;
+    }
+    if !crate::engine::rpc::available() {
+        return report.line(Level::Fail, "rpc", crate::engine::rpc::NOT_BUILT);
+    }
+    report.line(
+        Level::Note,
+        "rpc",
+        "llama.cpp's RPC protocol is unauthenticated: the workers belong on a private link (deploy/README.md)",
+    );
+    for endpoint in &config.rpc_workers {
+        let reached = crate::engine::rpc::wait_until_reachable(std::slice::from_ref(endpoint), |_| {}, || true);
+        match reached {
+            Ok(()) => report.line(Level::Ok, "rpc", format!("worker {endpoint} answers")),
+            Err(()) => report.line(
+                Level::Warn,
+                "rpc",
+                format!("worker {endpoint} does not answer; serve waits for it, NOT_SERVING (start `phi3d rpc-worker` there)"),
+            ),
+        }
+    }
+}
+
 fn memory(report: &mut Report, config: &Config) {
     let resolved = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -159,6 +189,24 @@ fn memory(report: &mut Report, config: &Config) {
     let shape = match read_shape(&path) {
         Ok(shape) => shape,
         Err(reason) => return report.line(Level::Fail, "model", reason),
+    };
+    // With RPC workers, this board holds and plans for its own layers only.
+    let shape = if config.rpc_workers.is_empty() {
+        shape
+    } else {
+        let n_layer = shape.n_layer as u32;
+        let rpc_layers = config
+            .rpc_layers
+            .unwrap_or_else(|| crate::engine::rpc::default_rpc_layers(n_layer, config.rpc_workers.len()));
+        if rpc_layers > n_layer {
+            return report.line(Level::Fail, "rpc", format!("rpc_layers is {rpc_layers} but the model has {n_layer} layers"));
+        }
+        report.line(
+            Level::Note,
+            "rpc",
+            format!("{} of the model's {n_layer} layers here, {rpc_layers} (and the output layer) on the workers", n_layer - rpc_layers),
+        );
+        shape.local_part(u64::from(n_layer - rpc_layers))
     };
     let plan = MemoryPlan::new(&shape, config.ctx_size, config.batch_size, config.kv_type, memory_budget());
     let needs = format!(

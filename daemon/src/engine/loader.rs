@@ -12,6 +12,7 @@ use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use tokio_util::sync::CancellationToken;
 
+use super::rpc::{LayerSpan, WorkerDevice};
 use super::sequence_layout::SequenceLayout;
 use super::memory_plan::{KvType, MemoryPlan, ModelShape, human_bytes};
 
@@ -29,6 +30,10 @@ pub struct EngineConfig {
     pub mlock: bool,
     /// Layers offloaded to the GPU; only a build with a GPU backend has one to offload to.
     pub gpu_layers: u32,
+    /// llama.cpp RPC workers (`host:port`) the last layers are placed on, and how many layers
+    /// (`None`: an even share); only a build with the `rpc` feature has the backend.
+    pub rpc_workers: Vec<String>,
+    pub rpc_layers: Option<u32>,
     pub queue_size: u32,
     /// Sequences decoded together; each is one slot.
     pub slots: u32,
@@ -78,6 +83,8 @@ pub struct ModelInfo {
     pub chat_template: String,
     pub kv_cache_bytes: u64,
     pub memory_plan: Option<MemoryPlan>,
+    /// Where each layer lives: this board, or an RPC worker.
+    pub placement: Vec<LayerSpan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +110,12 @@ pub fn load_model(
     let path = &config.model_path;
     // Measured before the weights are mapped, so that they count against it.
     let budget = super::memory_plan::memory_budget();
+    let workers = match config.rpc_workers.is_empty() {
+        true => None,
+        false => Some(place_on_workers(backend, config)?),
+    };
     let file_size = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
+    let file_size = workers.as_ref().map_or(file_size, |workers| workers.local_share(file_size));
     if let Some(budget) = budget
         && file_size > budget
     {
@@ -115,14 +127,21 @@ pub fn load_model(
         )));
     }
     let cancel = config.cancel.clone();
-    let params = LlamaModelParams::default()
+    let mut params = LlamaModelParams::default()
         .with_use_mlock(config.mlock)
-        .with_n_gpu_layers(config.gpu_layers)
+        .with_n_gpu_layers(workers.as_ref().map_or(config.gpu_layers, |workers| workers.rpc_layers + 1))
         .with_progress_callback(move |fraction| {
             on_progress((fraction * 100.0).round().clamp(0.0, 100.0) as u32);
             // Returning false makes llama.cpp abandon the load.
             !cancel.is_cancelled()
         });
+    if let Some(workers) = &workers {
+        let indices: Vec<usize> = workers.devices.iter().map(|device| device.index).collect();
+        params = params.with_devices(&indices).map_err(|err| LoadError::Model {
+            path: path.clone(),
+            reason: format!("llama.cpp refuses the rpc workers' devices: {err}"),
+        })?;
+    }
     let model = LlamaModel::load_from_file(backend, path, &params).map_err(|err| {
         if config.cancel.is_cancelled() {
             return LoadError::Cancelled;
@@ -133,7 +152,12 @@ pub fn load_model(
         }
     })?;
     let chat_template = model.chat_template(None).ok();
-    let shape = ModelShape::of(&model);
+    let full_shape = ModelShape::of(&model);
+    // The plan counts this board's part: its layers' weights and KV cache.
+    let shape = match &workers {
+        Some(workers) => full_shape.local_part(full_shape.n_layer - u64::from(workers.rpc_layers)),
+        None => full_shape,
+    };
     let head_size = shape.n_embd / shape.n_head;
     if config.kv_type != KvType::F16 && head_size % 32 != 0 {
         return Err(LoadError::DoesNotFit(format!(
@@ -161,11 +185,54 @@ pub fn load_model(
             .unwrap_or_default(),
         kv_cache_bytes,
         memory_plan: Some(plan),
+        placement: match &workers {
+            Some(workers) => workers.placement(),
+            None => super::rpc::placement(full_shape.n_layer as u32, 0, &[]),
+        },
     };
     let vocab = model.vocab();
     let longest_token_bytes =
         vocab.tokens().filter_map(|token| vocab.text(token)).map(|text| text.to_bytes().len()).max().unwrap_or(1).max(1);
     Ok(LoadedModel { model, chat_template, info, longest_token_bytes })
+}
+
+/// The RPC workers connected, and how many of the model's layers they take.
+struct Workers {
+    devices: Vec<WorkerDevice>,
+    rpc_layers: u32,
+    n_layer: u32,
+}
+
+impl Workers {
+    /// The part of `bytes` (the weights) this board holds, by its share of the layers.
+    fn local_share(&self, bytes: u64) -> u64 {
+        bytes * u64::from(self.n_layer - self.rpc_layers) / u64::from(self.n_layer.max(1))
+    }
+
+    fn placement(&self) -> Vec<LayerSpan> {
+        let devices: Vec<(String, u64)> =
+            self.devices.iter().map(|device| (device.endpoint.clone(), device.free_bytes)).collect();
+        super::rpc::placement(self.n_layer, self.rpc_layers, &devices)
+    }
+}
+
+/// Reads the model's depth (without its weights), settles `rpc_layers` and connects to the
+/// workers, whose devices llama.cpp then knows.
+fn place_on_workers(backend: &LlamaBackend, config: &EngineConfig) -> Result<Workers, LoadError> {
+    let path = &config.model_path;
+    let probe = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
+    let n_layer = LlamaModel::load_from_file(backend, path, &probe)
+        .map_err(|err| LoadError::Model { path: path.clone(), reason: format!("{err} (is it a GGUF file that llama.cpp supports?)") })?
+        .n_layer();
+    let rpc_layers = config.rpc_layers.unwrap_or_else(|| super::rpc::default_rpc_layers(n_layer, config.rpc_workers.len()));
+    if rpc_layers > n_layer {
+        return Err(LoadError::DoesNotFit(format!(
+            "rpc_layers is {rpc_layers} but the model has {n_layer} layers; use at most {n_layer}"
+        )));
+    }
+    let devices = super::rpc::connect(&config.rpc_workers)
+        .map_err(|reason| LoadError::Model { path: path.clone(), reason })?;
+    Ok(Workers { devices, rpc_layers, n_layer })
 }
 
 /// The refusal: what the plan needs against what there is, and a configuration that fits.

@@ -91,6 +91,14 @@ impl ModelShape {
         }
     }
 
+    /// This board's part when the other layers live on RPC workers: its layers' share of the
+    /// weights (an estimate: the embeddings, which stay here, are counted with the layers) and
+    /// their KV cache.
+    pub fn local_part(&self, local_layers: u64) -> ModelShape {
+        let local_layers = local_layers.min(self.n_layer);
+        ModelShape { weights_bytes: self.weights_bytes * local_layers / self.n_layer.max(1), n_layer: local_layers, ..*self }
+    }
+
     /// K and V for every layer, for one token position.
     pub fn kv_bytes_per_token(&self, kv_type: KvType) -> u64 {
         let kv_width = self.n_embd / self.n_head * self.n_head_kv;

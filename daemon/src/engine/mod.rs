@@ -9,7 +9,8 @@
 //! [`kv_cells`] counts the cells sequences hold, [`cache_store`] keeps the cache across
 //! restarts and [`memory_plan`] checks that everything fits before llama.cpp allocates. The
 //! [`threads`] governor chooses how many threads each decode gets, from step times and the
-//! idle cores [`cpu_use`] reads, and [`context_threads`] applies its choice.
+//! idle cores [`cpu_use`] reads, and [`context_threads`] applies its choice. [`rpc`] places
+//! layers on other boards through llama.cpp's RPC backend.
 
 pub mod backend;
 pub mod cache_store;
@@ -26,6 +27,7 @@ pub mod prompt_cache;
 pub mod queue;
 pub mod ram_tier;
 pub mod reuse;
+pub mod rpc;
 pub mod schedule;
 pub mod sequence_layout;
 pub mod sampling;
@@ -75,9 +77,49 @@ fn read_cpu_features() -> String {
     if on.is_empty() { info.trim().to_owned() } else { on.join(" ") }
 }
 
+/// Forwards a task's events until they end, the client goes, or the engine fails (then what
+/// was sent before the failure is still delivered).
+async fn relay(
+    mut from_worker: tokio::sync::mpsc::UnboundedReceiver<task::Event>,
+    to_client: tokio::sync::mpsc::UnboundedSender<task::Event>,
+    mut state: watch::Receiver<LoadState>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            event = from_worker.recv() => match event {
+                Some(event) => {
+                    if to_client.send(event).is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            failed = async { state.wait_for(|state| matches!(state, LoadState::Failed(_))).await.is_ok() } => {
+                if failed {
+                    while let Ok(event) = from_worker.try_recv() {
+                        let _ = to_client.send(event);
+                    }
+                    return;
+                }
+                // The worker thread has ended and dropped its state: its channels close too.
+                while let Some(event) = from_worker.recv().await {
+                    if to_client.send(event).is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            () = to_client.closed() => return,
+        }
+    }
+}
+
 /// Where the model is in its life.
 #[derive(Clone)]
 pub enum LoadState {
+    /// Before loading: something the model needs is not there yet (an RPC worker).
+    Waiting { reason: String },
     Loading { percent: u32 },
     Ready(Arc<LoadedModel>),
     Failed(String),
@@ -131,18 +173,28 @@ impl Engine {
     pub async fn loaded(&self) -> Result<Arc<LoadedModel>, String> {
         let mut state = self.state.clone();
         let result = state
-            .wait_for(|state| !matches!(state, LoadState::Loading { .. }))
+            .wait_for(|state| !matches!(state, LoadState::Loading { .. } | LoadState::Waiting { .. }))
             .await
             .map(|state| state.clone());
         match result {
             Ok(LoadState::Ready(model)) => Ok(model),
             Ok(LoadState::Failed(reason)) => Err(reason),
-            Ok(LoadState::Loading { .. }) | Err(_) => Err("the engine stopped while loading".into()),
+            Ok(LoadState::Loading { .. } | LoadState::Waiting { .. }) | Err(_) => {
+                Err("the engine stopped while loading".into())
+            }
         }
     }
 
-    pub fn submit(&self, task: task::Task) -> Result<(), QueueError> {
-        self.queue.try_push(task)
+    /// Queues `task`. Its events reach the caller through a relay that ends the channel, with
+    /// no end event, once the engine has failed and nothing is left in it: a worker lost inside
+    /// llama.cpp (an RPC worker gone) never ends its tasks itself, and their clients must not
+    /// wait forever. Called on the runtime.
+    pub fn submit(&self, mut task: task::Task) -> Result<(), QueueError> {
+        let (events, from_worker) = tokio::sync::mpsc::unbounded_channel();
+        let to_client = std::mem::replace(&mut task.events, events);
+        self.queue.try_push(task)?;
+        tokio::spawn(relay(from_worker, to_client, self.state.clone()));
+        Ok(())
     }
 
     /// Stops taking tasks (shutdown): the worker ends once its slots are free.

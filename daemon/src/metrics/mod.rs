@@ -70,6 +70,11 @@ struct StateLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    device: String,
+}
+
 /// Every metric phi3d exports. Cheap to clone: the handles share one registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -100,6 +105,7 @@ struct Inner {
     recent_decode_speed: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_state: Family<StateLabels, Gauge>,
     model_load_percent: Gauge,
+    model_layers: Family<DeviceLabels, Gauge>,
     resident_memory: Gauge,
 }
 
@@ -136,6 +142,7 @@ impl Default for Metrics {
             recent_decode_speed: Gauge::default(),
             model_state: Family::default(),
             model_load_percent: Gauge::default(),
+            model_layers: Family::default(),
             resident_memory: Gauge::default(),
             registry: Registry::default(),
         };
@@ -183,7 +190,16 @@ impl Default for Metrics {
             "Tokens generated per second over the last decode steps; drops when other programs take the cores",
             inner.recent_decode_speed.clone(),
         );
-        registry.register("model_state", "1 for the model's load state: loading, ready or failed", inner.model_state.clone());
+        registry.register(
+            "model_state",
+            "1 for the model's load state: waiting (for an RPC worker), loading, ready or failed",
+            inner.model_state.clone(),
+        );
+        registry.register(
+            "model_layers",
+            "The model's repeating layers on each device: this board, or an RPC worker (host:port)",
+            inner.model_layers.clone(),
+        );
         registry.register("model_load_percent", "How far loading the model got", inner.model_load_percent.clone());
         registry.register("process_resident_memory_bytes", "phi3d's resident memory", inner.resident_memory.clone());
         Metrics { inner: Arc::new(Inner { registry, ..inner }) }
@@ -254,14 +270,21 @@ impl Metrics {
         inner.inference_threads_max.set(i64::from(status.threads.max));
         inner.recent_decode_speed.set(status.recent_decode_tokens_per_second);
         let (current, percent) = match engine.state() {
+            LoadState::Waiting { .. } => ("waiting", 0),
             LoadState::Loading { percent } => ("loading", i64::from(percent)),
             LoadState::Ready(_) => ("ready", 100),
             LoadState::Failed(_) => ("failed", 0),
         };
-        for state in ["loading", "ready", "failed"] {
+        for state in ["waiting", "loading", "ready", "failed"] {
             inner.model_state.get_or_create(&StateLabels { state }).set(i64::from(state == current));
         }
         inner.model_load_percent.set(percent);
+        if let LoadState::Ready(loaded) = engine.state() {
+            for span in &loaded.info.placement {
+                let layers = span.layers.map_or(0, |(first, last)| i64::from(last - first + 1));
+                inner.model_layers.get_or_create(&DeviceLabels { device: span.device.clone() }).set(layers);
+            }
+        }
         if let Some(bytes) = resident_memory_bytes() {
             inner.resident_memory.set(bytes as i64);
         }

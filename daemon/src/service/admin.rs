@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use phi3d_proto::v1::admin_server::Admin;
 use phi3d_proto::v1::{
-    GetStatusRequest, GetStatusResponse, InferenceThreads, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo,
+    GetStatusRequest, GetStatusResponse, InferenceThreads, LayerPlacement, ListToolsRequest, ListToolsResponse, MemoryPlan, ModelInfo,
     SkippedTool,
     SlotStatus, ToolDescription, slot_status,
 };
@@ -34,7 +34,7 @@ impl AdminService {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn get_status(&self, _: Request<GetStatusRequest>) -> Result<Response<GetStatusResponse>, Status> {
-        let (model, load_progress_percent, kv_cache_bytes) = match self.engine.state() {
+        let (model, load_progress_percent, kv_cache_bytes, layers, waiting_for) = match self.engine.state() {
             LoadState::Ready(loaded) => {
                 let info = &loaded.info;
                 let model = ModelInfo {
@@ -48,10 +48,12 @@ impl Admin for AdminService {
                     trained_context_length: info.trained_context_length,
                     chat_template: info.chat_template.clone(),
                 };
-                (model, 100, info.kv_cache_bytes)
+                let layers = info.placement.iter().map(layer_placement).collect();
+                (model, 100, info.kv_cache_bytes, layers, String::new())
             }
-            LoadState::Loading { percent } => (self.unloaded(), percent, 0),
-            LoadState::Failed(_) => (self.unloaded(), 0, 0),
+            LoadState::Loading { percent } => (self.unloaded(), percent, 0, Vec::new(), String::new()),
+            LoadState::Waiting { reason } => (self.unloaded(), 0, 0, Vec::new(), reason),
+            LoadState::Failed(_) => (self.unloaded(), 0, 0, Vec::new(), String::new()),
         };
         let status = self.engine.status();
         let slot_status = status
@@ -105,6 +107,8 @@ impl Admin for AdminService {
                 adaptive: status.threads.adaptive,
             }),
             recent_decode_tokens_per_second: status.recent_decode_tokens_per_second,
+            layers,
+            waiting_for,
         }))
     }
 
@@ -127,6 +131,17 @@ impl Admin for AdminService {
             .map(|tool| SkippedTool { name: tool.qualified_name, plugin: tool.plugin, reason: tool.reason })
             .collect();
         Ok(Response::new(ListToolsResponse { tools, sandbox_support: self.sandbox_support.clone(), skipped }))
+    }
+}
+
+fn layer_placement(span: &crate::engine::rpc::LayerSpan) -> LayerPlacement {
+    let (first_layer, last_layer) = span.layers.unwrap_or_default();
+    LayerPlacement {
+        device: span.device.clone(),
+        has_layers: span.layers.is_some(),
+        first_layer,
+        last_layer,
+        output: span.output,
     }
 }
 

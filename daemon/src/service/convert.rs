@@ -125,6 +125,7 @@ pub fn agent_status(error: AgentError<Status>) -> Status {
         AgentError::Unusable { .. } => Status::aborted(error.to_string()),
         AgentError::CallCutShort { .. } => Status::out_of_range(error.to_string()),
         AgentError::Prepare(error) => error.into(),
-        AgentError::EngineLost | AgentError::Panicked(_) => Status::internal(error.to_string()),
+        AgentError::EngineLost => Status::unavailable(error.to_string()),
+        AgentError::Panicked(_) => Status::internal(error.to_string()),
     }
 }

@@ -200,10 +200,20 @@ impl InferenceService {
                 event => convert::chat_event(event),
             }
         });
-        // The engine dropped the task without ending it: its thread died.
+        // The engine dropped the task without ending it: its thread died, or it failed (an RPC
+        // worker gone) and its reason says why.
+        let engine = self.engine.clone();
         let lost = futures::stream::once(async move { ended.load(std::sync::atomic::Ordering::SeqCst) })
-            .filter_map(|ended| async move {
-                (!ended).then(|| Err(Status::unavailable("the inference engine stopped before finishing this request")))
+            .filter_map(move |ended| {
+                let reason = match engine.state() {
+                    crate::engine::LoadState::Failed(reason) => format!(": {reason}"),
+                    _ => String::new(),
+                };
+                async move {
+                    (!ended).then(|| {
+                        Err(Status::unavailable(format!("the inference engine stopped before finishing this request{reason}")))
+                    })
+                }
             });
         Ok(Box::pin(futures::stream::once(async { Ok(started) }).chain(events).chain(lost)))
     }
@@ -231,6 +241,9 @@ pub fn ready_model(engine: &Engine) -> Result<Arc<LoadedModel>, Status> {
         crate::engine::LoadState::Ready(model) => Ok(model),
         crate::engine::LoadState::Loading { percent } => {
             Err(Status::unavailable(format!("model loading, {percent}%; retry when health reports SERVING")))
+        }
+        crate::engine::LoadState::Waiting { reason } => {
+            Err(Status::unavailable(format!("the model is not loaded yet: {reason}; retry when health reports SERVING")))
         }
         crate::engine::LoadState::Failed(reason) => Err(Status::unavailable(format!("model failed to load: {reason}"))),
     }

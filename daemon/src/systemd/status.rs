@@ -17,6 +17,7 @@ pub async fn report(engine: Engine, notifier: Arc<Notifier>) {
     let mut last = String::new();
     loop {
         let line = match engine.state() {
+            LoadState::Waiting { reason } => format!("waiting: {reason}"),
             LoadState::Loading { percent } => format!("loading model {percent}%"),
             LoadState::Ready(_) => break,
             LoadState::Failed(reason) => {

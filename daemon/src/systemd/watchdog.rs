@@ -34,7 +34,7 @@ pub async fn run(engine: Engine, notifier: Arc<Notifier>, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         let pulse = engine.pulse();
-        let loading = matches!(engine.state(), LoadState::Loading { .. });
+        let loading = matches!(engine.state(), LoadState::Loading { .. } | LoadState::Waiting { .. });
         // Once stopping, the worker finishes and saves the cache without beating; systemd's
         // stop timeout bounds that.
         if loading || notifier.is_stopping() || pulse.alive_since(last) {

@@ -191,6 +191,34 @@ pub fn run(
     tracing::debug!("worker stopped");
 }
 
+/// Until every RPC worker answers: NOT_SERVING, saying which one is missing (a worker being
+/// restarted, or not started yet). From then on, a worker that stops answering fails the
+/// engine (`rpc::on_worker_lost`) instead of aborting the process.
+fn wait_for_workers(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<(), LoadError> {
+    let lost = state.clone();
+    super::rpc::on_worker_lost(&config.rpc_workers, move |why| {
+        let reason = format!("{why}; phi3d stops, and once restarted waits until every worker answers");
+        tracing::error!("{reason}");
+        lost.send_replace(LoadState::Failed(reason));
+    });
+    let mut last_reason = String::new();
+    let reached = super::rpc::wait_until_reachable(
+        &config.rpc_workers,
+        |reason| {
+            if reason != last_reason {
+                tracing::warn!("{reason}; waiting for it (NOT_SERVING until it answers)");
+                last_reason = reason.to_owned();
+            }
+            state.send_replace(LoadState::Waiting { reason: reason.to_owned() });
+        },
+        || config.cancel.is_cancelled(),
+    );
+    reached.map_err(|()| LoadError::Cancelled)?;
+    tracing::info!(workers = %config.rpc_workers.join(", "), "rpc workers answer");
+    state.send_replace(LoadState::Loading { percent: 0 });
+    Ok(())
+}
+
 /// RAM for cached prompts evicted from the KV cache: as configured, or from the memory plan.
 fn ram_budget(config: &EngineConfig, loaded: &LoadedModel) -> usize {
     let plan = loaded.info.memory_plan.expect("a loaded model has a memory plan");
@@ -249,6 +277,9 @@ fn load(config: &EngineConfig, state: &watch::Sender<LoadState>) -> Result<Arc<L
         board = super::backend::board().as_deref().unwrap_or("unknown"),
         "llama.cpp kernels"
     );
+    if !config.rpc_workers.is_empty() {
+        wait_for_workers(config, state)?;
+    }
     let loaded = loader::load_model(backend(), config, move |percent| {
         progress.send_replace(LoadState::Loading { percent });
         // A 2 GB model from an SD card takes a while: say how far it got, not every tick.
