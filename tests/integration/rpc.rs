@@ -168,4 +168,9 @@ async fn rpc_worker_serves_loopback_and_named_links_only() {
         assert!(!output.status.success(), "{args:?} was served");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // The refusal of an unknown interface lists this machine's, as getifaddrs gives them.
+    let output = run(std::path::Path::new(PHI3D), &["rpc-worker", "--listen", "10.200.0.7:50052", "--allow-rpc-on", "nope0"], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let listed = stderr.split("(interfaces: ").nth(1).unwrap_or_else(|| panic!("no interface list: {stderr}"));
+    assert!(listed.split([',', ')', ' ', '\n']).any(|name| name == "lo"), "loopback is not listed: {stderr}");
 }
