@@ -9,8 +9,6 @@
 use std::net::TcpListener;
 use std::path::Path;
 
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::model::params::LlamaModelParams;
 
 use crate::config::{Config, ConfigSource};
 use crate::engine::memory_plan::{MemoryPlan, ModelShape, human_bytes, memory_budget};
@@ -154,10 +152,9 @@ fn rpc(report: &mut Report, config: &Config) {
         "llama.cpp's RPC protocol is unauthenticated: the workers belong on a private link (deploy/README.md)",
     );
     for endpoint in &config.rpc_workers {
-        let reached = crate::engine::rpc::wait_until_reachable(std::slice::from_ref(endpoint), |_| {}, || true);
-        match reached {
+        match crate::engine::rpc::probe(endpoint) {
             Ok(()) => report.line(Level::Ok, "rpc", format!("worker {endpoint} answers")),
-            Err(()) => report.line(
+            Err(_) => report.line(
                 Level::Warn,
                 "rpc",
                 format!("worker {endpoint} does not answer; serve waits for it, NOT_SERVING (start `phi3d rpc-worker` there)"),
@@ -195,12 +192,10 @@ fn memory(report: &mut Report, config: &Config) {
         shape
     } else {
         let n_layer = shape.n_layer as u32;
-        let rpc_layers = config
-            .rpc_layers
-            .unwrap_or_else(|| crate::engine::rpc::default_rpc_layers(n_layer, config.rpc_workers.len()));
-        if rpc_layers > n_layer {
-            return report.line(Level::Fail, "rpc", format!("rpc_layers is {rpc_layers} but the model has {n_layer} layers"));
-        }
+        let rpc_layers = match crate::engine::rpc::settle_layers(config.rpc_layers, n_layer, config.rpc_workers.len()) {
+            Ok(rpc_layers) => rpc_layers,
+            Err(reason) => return report.line(Level::Fail, "rpc", reason),
+        };
         report.line(
             Level::Note,
             "rpc",
@@ -230,15 +225,8 @@ fn memory(report: &mut Report, config: &Config) {
     }
 }
 
-/// The model's shape, read by llama.cpp without allocating (or reading) the weights; they are
-/// counted by the file's size, which is what mmap maps.
 fn read_shape(path: &Path) -> Result<ModelShape, String> {
-    let backend = crate::engine::backend::load()?;
-    let params = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
-    let model = LlamaModel::load_from_file(backend, path, &params)
-        .map_err(|err| format!("cannot read {}: {err} (is it a GGUF file llama.cpp supports?)", path.display()))?;
-    let weights_bytes = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
-    Ok(ModelShape { weights_bytes, ..ModelShape::of(&model) })
+    crate::engine::loader::read_shape(crate::engine::backend::load()?, path)
 }
 
 fn mlock_limit(report: &mut Report, weights: u64) {

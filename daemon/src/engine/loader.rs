@@ -114,8 +114,11 @@ pub fn load_model(
         true => None,
         false => Some(place_on_workers(backend, config)?),
     };
-    let file_size = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
-    let file_size = workers.as_ref().map_or(file_size, |workers| workers.local_share(file_size));
+    // With workers, this board maps its share of the file only.
+    let file_size = match &workers {
+        Some(workers) => workers.local_part(&workers.shape).weights_bytes,
+        None => std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0),
+    };
     if let Some(budget) = budget
         && file_size > budget
     {
@@ -155,7 +158,7 @@ pub fn load_model(
     let full_shape = ModelShape::of(&model);
     // The plan counts this board's part: its layers' weights and KV cache.
     let shape = match &workers {
-        Some(workers) => full_shape.local_part(full_shape.n_layer - u64::from(workers.rpc_layers)),
+        Some(workers) => workers.local_part(&full_shape),
         None => full_shape,
     };
     let head_size = shape.n_embd / shape.n_head;
@@ -196,43 +199,47 @@ pub fn load_model(
     Ok(LoadedModel { model, chat_template, info, longest_token_bytes })
 }
 
-/// The RPC workers connected, and how many of the model's layers they take.
+/// The model's shape, read by llama.cpp without allocating (or reading) the weights; they are
+/// counted by the file's size, which is what mmap maps.
+pub fn read_shape(backend: &LlamaBackend, path: &Path) -> Result<ModelShape, String> {
+    let params = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
+    let model = LlamaModel::load_from_file(backend, path, &params)
+        .map_err(|err| format!("cannot read {}: {err} (is it a GGUF file llama.cpp supports?)", path.display()))?;
+    let weights_bytes = std::fs::metadata(path).map(|meta| meta.len()).unwrap_or(0);
+    Ok(ModelShape { weights_bytes, ..ModelShape::of(&model) })
+}
+
+/// The RPC workers connected, the model's shape as read before loading, and how many of its
+/// layers the workers take.
 struct Workers {
     devices: Vec<WorkerDevice>,
+    shape: ModelShape,
     rpc_layers: u32,
-    n_layer: u32,
 }
 
 impl Workers {
-    /// The part of `bytes` (the weights) this board holds, by its share of the layers.
-    fn local_share(&self, bytes: u64) -> u64 {
-        bytes * u64::from(self.n_layer - self.rpc_layers) / u64::from(self.n_layer.max(1))
+    /// This board's part of `shape`: the layers the workers do not take.
+    fn local_part(&self, shape: &ModelShape) -> ModelShape {
+        shape.local_part(shape.n_layer - u64::from(self.rpc_layers))
     }
 
     fn placement(&self) -> Vec<LayerSpan> {
         let devices: Vec<(String, u64)> =
             self.devices.iter().map(|device| (device.endpoint.clone(), device.free_bytes)).collect();
-        super::rpc::placement(self.n_layer, self.rpc_layers, &devices)
+        super::rpc::placement(self.shape.n_layer as u32, self.rpc_layers, &devices)
     }
 }
 
-/// Reads the model's depth (without its weights), settles `rpc_layers` and connects to the
+/// Reads the model's shape (without its weights), settles `rpc_layers` and connects to the
 /// workers, whose devices llama.cpp then knows.
 fn place_on_workers(backend: &LlamaBackend, config: &EngineConfig) -> Result<Workers, LoadError> {
     let path = &config.model_path;
-    let probe = LlamaModelParams::default().with_no_alloc(true).with_n_gpu_layers(0);
-    let n_layer = LlamaModel::load_from_file(backend, path, &probe)
-        .map_err(|err| LoadError::Model { path: path.clone(), reason: format!("{err} (is it a GGUF file that llama.cpp supports?)") })?
-        .n_layer();
-    let rpc_layers = config.rpc_layers.unwrap_or_else(|| super::rpc::default_rpc_layers(n_layer, config.rpc_workers.len()));
-    if rpc_layers > n_layer {
-        return Err(LoadError::DoesNotFit(format!(
-            "rpc_layers is {rpc_layers} but the model has {n_layer} layers; use at most {n_layer}"
-        )));
-    }
+    let shape = read_shape(backend, path).map_err(|reason| LoadError::Model { path: path.clone(), reason })?;
+    let rpc_layers = super::rpc::settle_layers(config.rpc_layers, shape.n_layer as u32, config.rpc_workers.len())
+        .map_err(LoadError::DoesNotFit)?;
     let devices = super::rpc::connect(&config.rpc_workers)
         .map_err(|reason| LoadError::Model { path: path.clone(), reason })?;
-    Ok(Workers { devices, rpc_layers, n_layer })
+    Ok(Workers { devices, shape, rpc_layers })
 }
 
 /// The refusal: what the plan needs against what there is, and a configuration that fits.

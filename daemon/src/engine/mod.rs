@@ -84,6 +84,11 @@ async fn relay(
     to_client: tokio::sync::mpsc::UnboundedSender<task::Event>,
     mut state: watch::Receiver<LoadState>,
 ) {
+    // One wait for the whole task: false once the worker thread has ended and dropped the
+    // state (its channels close too), and then no longer watched.
+    let failure = async move { state.wait_for(|state| matches!(state, LoadState::Failed(_))).await.is_ok() };
+    tokio::pin!(failure);
+    let mut watching = true;
     loop {
         tokio::select! {
             biased;
@@ -95,18 +100,13 @@ async fn relay(
                 }
                 None => return,
             },
-            failed = async { state.wait_for(|state| matches!(state, LoadState::Failed(_))).await.is_ok() } => {
-                if failed {
-                    while let Ok(event) = from_worker.try_recv() {
-                        let _ = to_client.send(event);
-                    }
-                    return;
+            failed = &mut failure, if watching => {
+                if !failed {
+                    watching = false;
+                    continue;
                 }
-                // The worker thread has ended and dropped its state: its channels close too.
-                while let Some(event) = from_worker.recv().await {
-                    if to_client.send(event).is_err() {
-                        return;
-                    }
+                while let Ok(event) = from_worker.try_recv() {
+                    let _ = to_client.send(event);
                 }
                 return;
             }

@@ -62,6 +62,15 @@ pub fn default_rpc_layers(n_layer: u32, workers: usize) -> u32 {
     ((u64::from(n_layer) * workers as u64 + boards / 2) / boards) as u32
 }
 
+/// The layers on the workers: as configured, or the even share; never more than the model has.
+pub fn settle_layers(configured: Option<u32>, n_layer: u32, workers: usize) -> Result<u32, String> {
+    let rpc_layers = configured.unwrap_or_else(|| default_rpc_layers(n_layer, workers));
+    if rpc_layers > n_layer {
+        return Err(format!("rpc_layers is {rpc_layers} but the model has {n_layer} layers; use at most {n_layer}"));
+    }
+    Ok(rpc_layers)
+}
+
 /// Where each layer lives, as llama.cpp assigns them: the last `rpc_layers` repeating layers
 /// and the output layer go to the workers' devices (llama.cpp counts the output layer as the
 /// first one to offload), split among the devices in proportion to their free memory; the rest
@@ -122,6 +131,13 @@ pub fn resolve(endpoint: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("rpc worker `{endpoint}` has no IPv4 address (llama.cpp's RPC client speaks IPv4 only)"))
 }
 
+/// Whether the worker accepts a TCP connection; why not, if it does not.
+pub fn probe(endpoint: &str) -> Result<(), String> {
+    let address = resolve(endpoint)?;
+    TcpStream::connect_timeout(&address, PROBE_TIMEOUT).map_err(|err| format!("rpc worker {endpoint} does not answer: {err}"))?;
+    Ok(())
+}
+
 /// Waits until every worker accepts a TCP connection, calling `waiting` with the reason while
 /// one does not, and giving up when `cancelled` says so. llama.cpp aborts the process if a
 /// worker cannot be reached when it connects, so it is only asked to once this has succeeded.
@@ -132,12 +148,8 @@ pub fn wait_until_reachable(
 ) -> Result<(), ()> {
     for endpoint in endpoints {
         loop {
-            let reached = resolve(endpoint).and_then(|address| {
-                TcpStream::connect_timeout(&address, PROBE_TIMEOUT)
-                    .map_err(|err| format!("rpc worker {endpoint} does not answer: {err}"))
-            });
-            match reached {
-                Ok(_) => break,
+            match probe(endpoint) {
+                Ok(()) => break,
                 Err(reason) => waiting(&reason),
             }
             for _ in 0..10 {
@@ -427,6 +439,13 @@ mod tests {
     #[test]
     fn without_workers_everything_is_here() {
         assert_eq!(placement(32, 0, &[]), [span("this board", Some((0, 31)), true)]);
+    }
+
+    #[test]
+    fn configured_layers_are_kept_within_the_model() {
+        assert_eq!(settle_layers(None, 32, 1), Ok(16));
+        assert_eq!(settle_layers(Some(32), 32, 1), Ok(32));
+        assert!(settle_layers(Some(33), 32, 1).unwrap_err().contains("use at most 32"));
     }
 
     #[test]
