@@ -30,6 +30,8 @@ case "$arch" in
         # its rustflags replace .cargo/config.toml's target-cpu=native: the CPU is picked at
         # run time. The libraries are found beside the binary.
         export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C link-arg=-Wl,-rpath,$ORIGIN/../lib/phi3d'
+        # As the aarch64 build (deploy/cross-env.sh): no RPC backend in the portable build.
+        export GGML_RPC=OFF
         ;;
     *)
         echo "usage: deploy/build-portable.sh aarch64|x86_64 [OUT]" >&2

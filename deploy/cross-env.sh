@@ -4,6 +4,9 @@
 # Sets `triple` and `release` (the target's release folder) for the script that sources it;
 # expects to be sourced from the repository root.
 triple=aarch64-unknown-linux-gnu
+# The portable builds leave llama.cpp's RPC backend out (.cargo/config.toml turns it on for
+# builds from source); the package's binary refuses rpc_workers and rpc-worker, saying so.
+export GGML_RPC=OFF
 target_dir="${CARGO_TARGET_DIR:-target}"
 release="$target_dir/$triple/release"
 

@@ -126,8 +126,8 @@ struct Options {
     /// `cache-chunk` (what each --prompt-cache-min-chunk saves on a follow-up with a changed
     /// time, changed device states or a dropped turn, and whether its reply stays exact),
     /// `drafts` (decode of a reply that copies its prompt, with and without drafts from it),
-    /// `rpc-split` (a build with the rpc feature: the single run with half the layers on a
-    /// `phi3d rpc-worker` over loopback, against all of them here).
+    /// `rpc-split` (the single run with half the layers on a `phi3d rpc-worker` over loopback,
+    /// against all of them here).
     #[arg(long, env = "PHI3D_BENCH_SCENARIOS", value_delimiter = ',', default_values_t = ["single".to_owned(), "shared".to_owned(), "neighbours".to_owned()])]
     scenarios: Vec<String>,
     /// Neighbour loads for the neighbour scenario, in cores (default: 0, 0.5, 1, and all cores

@@ -23,7 +23,6 @@ mod prompt_cache;
 mod prompt_reuse;
 mod security;
 mod reload;
-#[cfg(feature = "rpc")]
 mod rpc;
 mod shutdown;
 mod slots;

@@ -1,13 +1,10 @@
-//! One model on two "boards" over loopback, through llama.cpp's RPC backend (feature `rpc`):
+//! One model on two "boards" over loopback, through llama.cpp's RPC backend:
 //! a real `phi3d rpc-worker` process holds the tiny model's last layer and its output layer,
 //! and a `serve` with `--rpc-worker` holds the rest. Its greedy text is the text of a daemon
 //! that holds every layer; the status and metrics say where each layer lives; a worker killed
 //! mid-reply ends that reply with UNAVAILABLE and stops the daemon (for its supervisor to
 //! restart), and a daemon started while the worker is away waits, NOT_SERVING, until it is
 //! back; `rpc-worker` refuses addresses off loopback unless their link is named.
-//!
-//! Built only with `--features rpc` (and `GGML_RPC=ON`; see deploy/README.md): `.ci/run` builds
-//! and runs these in their own target folder.
 
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
@@ -41,9 +38,12 @@ impl Worker {
                 Ok(())
             });
         }
-        let child = command.spawn().expect("start phi3d rpc-worker");
+        let mut child = command.spawn().expect("start phi3d rpc-worker");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(endpoint).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("rpc-worker exited ({status}) before it listened; `phi3d rpc-worker` run by hand says why");
+            }
             assert!(Instant::now() < deadline, "rpc-worker did not listen on {endpoint}");
             std::thread::sleep(Duration::from_millis(20));
         }

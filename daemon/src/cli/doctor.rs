@@ -138,7 +138,7 @@ fn cpu(report: &mut Report, config: &Config) {
 /// The RPC workers: whether this build can use them and whether each answers.
 fn rpc(report: &mut Report, config: &Config) {
     if config.rpc_workers.is_empty() {
-        if cfg!(feature = "rpc") {
+        if crate::engine::rpc::available() {
             report.line(Level::Note, "rpc", "built with llama.cpp's RPC backend; no rpc_workers configured");
         }
         return;

@@ -1,6 +1,6 @@
 //! `phi3d rpc-worker`: llama.cpp's RPC server for this board's devices, so that a `serve` on
-//! another board places some of a model's layers here (its `rpc_workers`). Needs a build with
-//! the `rpc` feature.
+//! another board places some of a model's layers here (its `rpc_workers`). Needs a llama.cpp
+//! with the RPC backend (a build from source; not the portable packages).
 //!
 //! llama.cpp's RPC protocol has no authentication and no encryption, and llama.cpp calls its
 //! server a proof of concept for trusted networks: whoever reaches the port can make this

@@ -31,7 +31,7 @@ pub struct EngineConfig {
     /// Layers offloaded to the GPU; only a build with a GPU backend has one to offload to.
     pub gpu_layers: u32,
     /// llama.cpp RPC workers (`host:port`) the last layers are placed on, and how many layers
-    /// (`None`: an even share); only a build with the `rpc` feature has the backend.
+    /// (`None`: an even share); the portable builds have no RPC backend.
     pub rpc_workers: Vec<String>,
     pub rpc_layers: Option<u32>,
     pub queue_size: u32,

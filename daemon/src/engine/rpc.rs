@@ -1,8 +1,8 @@
 //! llama.cpp's RPC backend: one model spread over several boards. `serve` connects to the
 //! `rpc_workers` and places the last `rpc_layers` layers on their devices; `phi3d rpc-worker`
-//! serves this board's devices to such a daemon. Only a build with the `rpc` feature (llama.cpp
-//! configured with `GGML_RPC=ON`) has the backend; the placement arithmetic and the reachability
-//! probe are here in every build, so that the config, `doctor` and the status speak of it alike.
+//! serves this board's devices to such a daemon. A build from source has the backend
+//! (.cargo/config.toml configures llama.cpp with `GGML_RPC=ON`); the portable builds leave it out,
+//! and [`available`] says at run time which this is.
 //!
 //! llama.cpp's RPC client aborts the whole process when a worker stops answering (it asserts
 //! on every reply). phi3d turns that abort into an engine failure: [`on_worker_lost`] installs
@@ -163,37 +163,14 @@ pub fn wait_until_reachable(
     Ok(())
 }
 
-#[cfg(feature = "rpc")]
 pub use backend::{available, connect, on_worker_lost, serve_devices};
 
-/// Without the `rpc` feature there is no backend to connect to.
-#[cfg(not(feature = "rpc"))]
-pub fn connect(_endpoints: &[String]) -> Result<Vec<WorkerDevice>, String> {
-    Err(NOT_BUILT.into())
-}
+/// Why a build whose llama.cpp has no RPC backend refuses `rpc_workers` and `rpc-worker`.
+pub const NOT_BUILT: &str = "this phi3d's llama.cpp has no RPC backend (the portable builds and their packages \
+    leave it out); build phi3d from source on this board with `cargo build --release`, whose .cargo/config.toml \
+    turns it on (in a target folder built before that setting, `cargo clean --release -p llama-cpp-sys-2` first; \
+    deploy/README.md, \"One model on several boards\")";
 
-/// Without the `rpc` feature no abort comes from the backend.
-#[cfg(not(feature = "rpc"))]
-pub fn on_worker_lost(_workers: &[String], _lost: impl Fn(String) + Send + Sync + 'static) {}
-
-/// Without the `rpc` feature the backend is never there.
-#[cfg(not(feature = "rpc"))]
-pub fn available() -> bool {
-    false
-}
-
-/// Without the `rpc` feature there is no server to run.
-#[cfg(not(feature = "rpc"))]
-pub fn serve_devices(_endpoint: &str, _threads: usize, _cache_dir: Option<&std::path::Path>) -> Result<(), String> {
-    Err(NOT_BUILT.into())
-}
-
-/// Why a build without the feature refuses `rpc_workers` and `rpc-worker`.
-pub const NOT_BUILT: &str = "this phi3d was built without llama.cpp's RPC backend; build it with \
-    `GGML_RPC=ON GGML_RPC_RDMA=OFF cargo build --release --features rpc` (after `cargo clean -p llama-cpp-sys-2` \
-    if a build with the feature ran once without GGML_RPC=ON; deploy/README.md, \"One model on several boards\")";
-
-#[cfg(feature = "rpc")]
 mod backend {
     //! The FFI: llama-cpp-sys-2 has no bindings for ggml-rpc.h, so its two entry points are
     //! taken from the RPC backend's registry entry by name, as llama.cpp's own tools do.
@@ -231,7 +208,7 @@ mod backend {
         Ok(function)
     }
 
-    /// Whether this llama.cpp has the RPC backend (the build set GGML_RPC=ON).
+    /// Whether this llama.cpp has the RPC backend (its build set GGML_RPC=ON).
     pub fn available() -> bool {
         entry_point(c"ggml_backend_rpc_add_server").is_ok()
     }

@@ -4,14 +4,14 @@
 //! sides alternating, and the medians printed with the ratio split/local. Loopback carries the
 //! activations without a wire, so this is the protocol's and the hand-over's cost; a real link
 //! adds its round trip (twice per token: there and back) and its transfer time. The worker gets
-//! as many threads as the daemon: the two compute in turn, never at once. Needs a build with
-//! the `rpc` feature (deploy/README.md, "One model on several boards").
+//! as many threads as the daemon: the two compute in turn, never at once (deploy/README.md,
+//! "One model on several boards").
 
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
+use anyhow::ensure;
 
 use super::{METRICS, Setup, free_port, median, run_phi3d_with};
 
@@ -26,12 +26,6 @@ impl Drop for Worker {
 }
 
 pub async fn run(setup: &Setup, runs: usize) -> anyhow::Result<()> {
-    if !cfg!(feature = "rpc") {
-        bail!(
-            "rpc-split needs a build with llama.cpp's RPC backend: GGML_RPC=ON GGML_RPC_RDMA=OFF \
-             cargo bench -p phi3d --features rpc --bench serving -- --scenarios rpc-split"
-        );
-    }
     let endpoint = free_port()?.to_string();
     let worker = Worker(
         Command::new(&setup.phi3d)
