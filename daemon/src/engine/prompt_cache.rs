@@ -70,36 +70,39 @@ pub struct Placement {
 /// Chooses a free slot for `prompt`; `None` when every slot is busy. `min_chunk` is the
 /// shortest run reused past a changed span (0: the common prefix only).
 pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>], min_chunk: usize) -> Option<Placement> {
-    let plan_for = |sequence: &CachedSequence<'_>| match sequence.role {
-        Role::Fixed => ReusePlan::prefix_only(reuse::plan(sequence.tokens, prompt, 0, 0).prefix),
-        Role::FreeSlot(_) | Role::Entry | Role::InRam(_) => {
-            reuse::plan(sequence.tokens, prompt, min_chunk, sequence.movable_from)
-        }
+    // Each sequence is planned once (a plan walks the prompt); the choices below read them.
+    let plans: Vec<ReusePlan> = sequences
+        .iter()
+        .map(|sequence| match sequence.role {
+            Role::Fixed => ReusePlan::prefix_only(reuse::plan(sequence.tokens, prompt, 0, 0).prefix),
+            Role::FreeSlot(_) | Role::Entry | Role::InRam(_) => {
+                reuse::plan(sequence.tokens, prompt, min_chunk, sequence.movable_from)
+            }
+        })
+        .collect();
+    let free_slots = || {
+        sequences.iter().zip(&plans).filter_map(|(sequence, plan)| match sequence.role {
+            Role::FreeSlot(free) => Some((free, sequence, plan)),
+            _ => None,
+        })
     };
     // A free slot whose cache is mostly this prompt is taken for it. Reusing a sliver of a
     // long cached sequence would throw the rest away instead (it would become an entry, but
     // crowd the others).
-    let own = sequences
-        .iter()
-        .filter_map(|sequence| match sequence.role {
-            Role::FreeSlot(free) => Some((free, sequence.tokens.len(), plan_for(sequence))),
-            _ => None,
-        })
-        .filter(|(_, held, plan)| plan.total() > 0 && plan.total() * 2 >= *held)
+    let own = free_slots()
+        .filter(|(_, sequence, plan)| plan.total() > 0 && plan.total() * 2 >= sequence.tokens.len())
         .max_by_key(|(free, _, plan)| (plan.total(), free.last_used));
     // The best reuse another sequence offers a slot `except` does not hold itself.
     let best_elsewhere = |except: usize| {
         sequences
             .iter()
-            .filter(|sequence| !matches!(sequence.role, Role::FreeSlot(free) if free.index == except))
-            .map(|sequence| {
-                let plan = plan_for(sequence);
-                match sequence.role {
-                    Role::Entry if !plan.chunks.is_empty() => (Source::Take(sequence.seq_id), plan),
-                    Role::InRam(k) => (Source::Restore(k), plan),
-                    // Another idle slot's cells stay its own: only its prefix is shared.
-                    _ => (Source::Copy(sequence.seq_id), ReusePlan::prefix_only(plan.prefix)),
-                }
+            .zip(&plans)
+            .filter(|(sequence, _)| !matches!(sequence.role, Role::FreeSlot(free) if free.index == except))
+            .map(|(sequence, plan)| match sequence.role {
+                Role::Entry if !plan.chunks.is_empty() => (Source::Take(sequence.seq_id), plan.clone()),
+                Role::InRam(k) => (Source::Restore(k), plan.clone()),
+                // Another idle slot's cells stay its own: only its prefix is shared.
+                _ => (Source::Copy(sequence.seq_id), ReusePlan::prefix_only(plan.prefix)),
             })
             // At equal reuse, what is already in the KV cache: restoring costs a copy.
             .max_by_key(|(source, plan)| (plan.total(), !matches!(source, Source::Restore(_))))
@@ -107,21 +110,16 @@ pub fn place(prompt: &[LlamaToken], sequences: &[CachedSequence<'_>], min_chunk:
     if let Some((free, _, plan)) = own
         && best_elsewhere(free.index).is_none_or(|(_, other)| other.total() <= plan.total())
     {
-        return Some(Placement { slot: free.index, plan, source: Source::Own });
+        return Some(Placement { slot: free.index, plan: plan.clone(), source: Source::Own });
     }
     // Otherwise the slot whose cache is least likely to be wanted again (empty first, then
     // least recently used), with the best reuse found anywhere brought into it.
-    let (target, kept) = sequences
-        .iter()
-        .filter_map(|sequence| match sequence.role {
-            Role::FreeSlot(free) => Some((free, sequence)),
-            _ => None,
-        })
-        .min_by_key(|(free, sequence)| (!sequence.tokens.is_empty(), free.last_used))
-        .map(|(free, sequence)| (free.index, plan_for(sequence)))?;
+    let (target, kept) = free_slots()
+        .min_by_key(|(free, sequence, _)| (!sequence.tokens.is_empty(), free.last_used))
+        .map(|(free, _, plan)| (free.index, plan))?;
     Some(match best_elsewhere(target) {
         Some((source, plan)) if plan.total() > kept.total() => Placement { slot: target, plan, source },
-        _ => Placement { slot: target, plan: kept, source: Source::Own },
+        _ => Placement { slot: target, plan: kept.clone(), source: Source::Own },
     })
 }
 

@@ -98,6 +98,28 @@ pub struct Worker<'m> {
     threads_set: (u32, u32),
     idle_cores: IdleCores,
     decode_rate: DecodeRate,
+    /// Tasks ended so far: an ending is what frees a slot's cells and lowers the active count
+    /// (a rejected draft frees a few cells for a step only).
+    ended: u64,
+    /// The task at the head of the queue that did not fit, and `ended` then.
+    refused: Option<Refusal>,
+}
+
+/// A queued task that did not fit: it is not placed again until a task has ended since.
+struct Refusal {
+    request_id: String,
+    enqueued_at: Instant,
+    ended: u64,
+}
+
+impl Refusal {
+    fn of(task: &Task, ended: u64) -> Refusal {
+        Refusal { request_id: task.request_id.clone(), enqueued_at: task.enqueued_at, ended }
+    }
+
+    fn holds(&self, task: &Task, ended: u64) -> bool {
+        self.request_id == task.request_id && self.enqueued_at == task.enqueued_at && self.ended == ended
+    }
 }
 
 /// A prefix decoded at start-up into a sequence of its own, never evicted.
@@ -173,6 +195,8 @@ pub fn run(
         context_threads,
         idle_cores: IdleCores::default(),
         decode_rate: DecodeRate::default(),
+        ended: 0,
+        refused: None,
     };
     if let Err(err) = worker.warm_up() {
         tracing::error!("{err}");
@@ -355,11 +379,18 @@ impl Worker<'_> {
                 }
             } else {
                 match self.queue.try_pop() {
+                    // Placing a prompt walks every cached sequence: a task that waits for cells
+                    // is placed again only once something could have freed them.
+                    Some(task) if self.refused.as_ref().is_some_and(|refused| refused.holds(&task, self.ended)) => {
+                        self.queue.push_front(task);
+                        return true;
+                    }
                     Some(task) => task,
                     None => return true,
                 }
             };
             if let Err(task) = self.try_start(task) {
+                self.refused = Some(Refusal::of(&task, self.ended));
                 self.queue.push_front(task);
                 return true;
             }
@@ -603,6 +634,7 @@ impl Worker<'_> {
     /// known, is cleared.
     fn fail(&mut self, index: usize, error: EngineError) {
         let Some(ending) = self.slots[index].fail(error) else { return };
+        self.ended += 1;
         self.truncate(index, 0);
         self.clear_parked(index);
         self.publish();
@@ -659,6 +691,7 @@ impl Worker<'_> {
     /// its own finished request as still active.
     fn finish(&mut self, index: usize, reason: StopReason) {
         if let Some(ending) = self.slots[index].finish(reason) {
+            self.ended += 1;
             // A task cancelled while reading its prompt may not have reached every parked chunk.
             self.clear_parked(index);
             self.publish();
