@@ -348,6 +348,8 @@ pub enum Quantization {
     Q4_0,
     /// `Q4_K_M`: llama.cpp's mixed K-quant preset (mostly Q4_K, some Q6_K).
     Q4KM,
+    /// `Q8_0`: 8.5 bits per weight in blocks of 32; twice Q4's bytes per token, little compute.
+    Q8_0,
 }
 
 /// Quantizes `src` into `dst` (atomically, see [`temp_beside`]) with llama.cpp's own quantizer,
@@ -372,6 +374,7 @@ pub fn quantize(src: &Path, dst: &Path, quantization: Quantization) -> anyhow::R
     params.ftype = match quantization {
         Quantization::Q4_0 => llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q4_0,
         Quantization::Q4KM => llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q4_K_M,
+        Quantization::Q8_0 => llama_cpp_sys_2::LLAMA_FTYPE_MOSTLY_Q8_0,
     };
     // SAFETY: both paths are NUL-terminated and outlive the call; params is a valid struct.
     let rc =

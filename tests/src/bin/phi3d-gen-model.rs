@@ -44,6 +44,8 @@ enum Quant {
     Q4_0,
     #[value(name = "q4_k_m")]
     Q4KM,
+    #[value(name = "q8_0")]
+    Q8_0,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             let (quantization, name) = match quant {
                 Quant::Q4_0 => (Quantization::Q4_0, "q4_0"),
                 Quant::Q4KM => (Quantization::Q4KM, "q4_k_m"),
+                Quant::Q8_0 => (Quantization::Q8_0, "q8_0"),
             };
             println!("quantizing to {name} with llama.cpp (it logs each tensor to stderr)");
             model_gen::quantize(f16.path(), &args.out, quantization)?;
