@@ -208,9 +208,12 @@ mod backend {
         Ok(function)
     }
 
-    /// Whether this llama.cpp has the RPC backend (its build set GGML_RPC=ON).
+    /// Whether this llama.cpp has the RPC backend (its build set GGML_RPC=ON). Asked once: a
+    /// config reload asks again while the engine may be registering workers with llama.cpp's
+    /// registry, which has no lock.
     pub fn available() -> bool {
-        entry_point(c"ggml_backend_rpc_add_server").is_ok()
+        static AVAILABLE: OnceLock<bool> = OnceLock::new();
+        *AVAILABLE.get_or_init(|| entry_point(c"ggml_backend_rpc_add_server").is_ok())
     }
 
     /// Connects to each worker and registers its devices with llama.cpp: the workers' devices,

@@ -98,14 +98,16 @@ pub struct Worker<'m> {
     threads_set: (u32, u32),
     idle_cores: IdleCores,
     decode_rate: DecodeRate,
-    /// Tasks ended so far: an ending is what frees a slot's cells and lowers the active count
-    /// (a rejected draft frees a few cells for a step only).
+    /// Tasks ended and idle caches evicted wholesale so far: what frees cells and lowers the
+    /// active count (a rejected draft frees a few cells for a step only).
     ended: u64,
     /// The task at the head of the queue that did not fit, and `ended` then.
     refused: Option<Refusal>,
 }
 
-/// A queued task that did not fit: it is not placed again until a task has ended since.
+/// A queued task that did not fit: it is not placed again until a task has ended since, unless
+/// a busy slot is still reading its prompt (that prompt's growing prefix may be what the task
+/// reuses, so it may need fewer cells each step).
 struct Refusal {
     request_id: String,
     enqueued_at: Instant,
@@ -381,7 +383,10 @@ impl Worker<'_> {
                 match self.queue.try_pop() {
                     // Placing a prompt walks every cached sequence: a task that waits for cells
                     // is placed again only once something could have freed them.
-                    Some(task) if self.refused.as_ref().is_some_and(|refused| refused.holds(&task, self.ended)) => {
+                    Some(task)
+                        if self.refused.as_ref().is_some_and(|refused| refused.holds(&task, self.ended))
+                            && !self.slots.iter().any(Slot::is_reading) =>
+                    {
                         self.queue.push_front(task);
                         return true;
                     }
@@ -569,6 +574,8 @@ impl Worker<'_> {
                         // Every idle cache that holds cells of its own goes; retry if any did.
                         let before = self.cells.used();
                         self.make_room(usize::MAX, &[]);
+                        // What a waiting task kept for its reuse may be gone: place it again.
+                        self.ended += 1;
                         if self.cells.used() < before {
                             continue;
                         }
