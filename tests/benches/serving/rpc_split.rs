@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{bail, ensure};
 
 use super::{METRICS, Setup, free_port, median, run_phi3d_with};
 
@@ -27,7 +27,7 @@ impl Drop for Worker {
 
 pub async fn run(setup: &Setup, runs: usize) -> anyhow::Result<()> {
     let endpoint = free_port()?.to_string();
-    let worker = Worker(
+    let mut worker = Worker(
         Command::new(&setup.phi3d)
             .args(["rpc-worker", "--listen", &endpoint, "--threads", &setup.threads.to_string()])
             .stdin(Stdio::null())
@@ -37,6 +37,9 @@ pub async fn run(setup: &Setup, runs: usize) -> anyhow::Result<()> {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(&endpoint).is_err() {
+        if let Some(status) = worker.0.try_wait()? {
+            bail!("phi3d rpc-worker exited ({status}) before it listened; run it by hand to see why");
+        }
         ensure!(Instant::now() < deadline, "phi3d rpc-worker did not listen on {endpoint}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
