@@ -98,8 +98,8 @@ pub struct Worker<'m> {
     threads_set: (u32, u32),
     idle_cores: IdleCores,
     decode_rate: DecodeRate,
-    /// Tasks ended and idle caches evicted wholesale so far: what frees cells and lowers the
-    /// active count (a rejected draft frees a few cells for a step only).
+    /// Tasks ended and caches evicted so far: what frees cells and lowers the active count (a
+    /// rejected draft frees a few cells for a step only).
     ended: u64,
     /// The task at the head of the queue that did not fit, and `ended` then.
     refused: Option<Refusal>,
@@ -506,6 +506,8 @@ impl Worker<'_> {
             let holders: Vec<CacheHolder> = slots.chain(entries).collect();
             let Some(victim) = schedule::victim(&holders, keep) else { return false };
             tracing::debug!(tokens = holders[victim].tokens, "evicting a cached prompt");
+            // Cells were freed, and a waiting task may have kept this cache for its reuse.
+            self.ended += 1;
             match victim.checked_sub(self.slots.len()) {
                 None => {
                     let slot = &self.slots[victim];
@@ -574,8 +576,6 @@ impl Worker<'_> {
                         // Every idle cache that holds cells of its own goes; retry if any did.
                         let before = self.cells.used();
                         self.make_room(usize::MAX, &[]);
-                        // What a waiting task kept for its reuse may be gone: place it again.
-                        self.ended += 1;
                         if self.cells.used() < before {
                             continue;
                         }
